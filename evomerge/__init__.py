@@ -1,0 +1,3 @@
+"""evomerge: evolve model-merge recipes."""
+
+__version__ = "0.1.0"
