@@ -1,0 +1,273 @@
+"""The merge-method registry: one explicit dict, variants as data.
+
+Every method is a :class:`Method`: its parameters (with defaults, valid ranges and a default
+search range), whether it needs a base model, how many other models it takes, and ``run`` — an
+adapter from resolved parameters to the method's pure function. The engine and the search space
+read only this registry, so a method added here is mergeable and searchable everywhere.
+
+Parameter names and defaults are mergekit's. Extensions (documented in the README):
+``rescale_mode`` (``l1`` = mergekit, ``keep_prob`` = the DARE/DELLA papers).
+``int8_mask`` is accepted for compatibility and ignored (it only saves memory in mergekit).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Callable, Literal, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from evomerge.methods.interpolate import linear, nearswap, nuslerp, passthrough, slerp
+from evomerge.methods.model_stock import model_stock
+from evomerge.methods.sce import sce
+from evomerge.methods.task_arithmetic import generalized_task_arithmetic
+
+Scope = Literal["global", "model"]
+BaseUse = Literal["required", "optional", "unused"]
+
+
+@dataclass(frozen=True)
+class Param:
+    """One method parameter. ``low``/``high`` bound valid values (``None`` = unbounded);
+    ``search`` is the default range the search space uses for it."""
+
+    name: str
+    scope: Scope
+    kind: type = float
+    default: Any = None
+    required: bool = False
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    search: tuple[float, float] | None = None
+    choices: tuple[str, ...] = ()
+    doc: str = ""
+
+    def check(self, value: Any) -> str | None:
+        """Return why ``value`` is invalid, or None."""
+        if self.kind is bool:
+            return None if isinstance(value, bool) else "expected true or false"
+        if self.kind is str:
+            return None if value in self.choices else f"expected one of {', '.join(self.choices)}"
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return "expected a number"
+        if not math.isfinite(value):
+            return "expected a finite number"
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return f"expected {self.interval()}"
+        if self.high is not None and (value > self.high or (self.high_open and value == self.high)):
+            return f"expected {self.interval()}"
+        return None
+
+    def interval(self) -> str:
+        lo = "-inf" if self.low is None else f"{self.low:g}"
+        hi = "inf" if self.high is None else f"{self.high:g}"
+        return f"a value in {'(' if self.low_open or self.low is None else '['}{lo}, {hi}{')' if self.high_open or self.high is None else ']'}"
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    run: Callable[..., Tensor]  # run(base, tensors, params, generators) -> Tensor
+    params: tuple[Param, ...]
+    base: BaseUse
+    min_models: int  # number of models besides the base
+    max_models: int | None
+    stochastic: bool = False
+    reference: str = ""
+    summary: str = ""
+    extra_checks: tuple[Callable[[Mapping[str, Any]], str | None], ...] = field(default=())
+
+    def param(self, name: str) -> Param | None:
+        return next((p for p in self.params if p.name == name), None)
+
+    @property
+    def global_params(self) -> tuple[Param, ...]:
+        return tuple(p for p in self.params if p.scope == "global")
+
+    @property
+    def model_params(self) -> tuple[Param, ...]:
+        return tuple(p for p in self.params if p.scope == "model")
+
+
+# --------------------------------------------------------------------------- parameters
+def _weight(required: bool = True) -> Param:
+    return Param("weight", "model", required=required, search=(0.0, 1.0),
+                 doc="relative (normalize) or absolute weight of the model")
+
+
+DENSITY = Param("density", "model", default=1.0, low=0.0, high=1.0, low_open=True,
+                search=(0.1, 1.0), doc="fraction of the task vector kept")
+GAMMA = Param("gamma", "model", default=0.01, low=0.0, high=1.0, high_open=True,
+              search=(0.0, 0.1), doc="fraction of largest-magnitude outliers dropped")
+EPSILON = Param("epsilon", "model", default=0.15, low=0.0, high=0.5, high_open=True,
+                search=(0.01, 0.2), doc="spread of keep probabilities around density")
+LAMBDA = Param("lambda", "global", default=1.0, search=(0.5, 1.5),
+               doc="scale of the merged task vector")
+INT8_MASK = Param("int8_mask", "global", kind=bool, default=False,
+                  doc="accepted for mergekit compatibility; no effect")
+RESCALE_MODE = Param("rescale_mode", "global", kind=str, default="l1", choices=("l1", "keep_prob"),
+                     doc="l1: keep the delta's L1 norm (mergekit); keep_prob: divide by keep probability (papers)")
+
+
+def _normalize(default: bool) -> Param:
+    return Param("normalize", "global", kind=bool, default=default,
+                 doc="divide by the sum of the weights")
+
+
+def _rescale(default: bool) -> Param:
+    return Param("rescale", "global", kind=bool, default=default,
+                 doc="rescale sparsified task vectors (see rescale_mode)")
+
+
+def _della_bounds(params: Mapping[str, Any]) -> str | None:
+    for i, (d, e) in enumerate(zip(params["density"], params["epsilon"])):
+        if d < 1 and not (0 < d - e and d + e < 1):
+            return (f"epsilon={e:g} with density={d:g} (model {i + 1}) gives keep probabilities "
+                    f"outside (0, 1); need 0 < density - epsilon and density + epsilon < 1")
+    return None
+
+
+# --------------------------------------------------------------------------- adapters
+def _run_gta(base, tensors, p, generators, *, sparsifier, consensus):
+    return generalized_task_arithmetic(
+        base,
+        tensors,
+        weights=p["weight"],
+        densities=p.get("density"),
+        gammas=p.get("gamma"),
+        epsilons=p.get("epsilon"),
+        sparsifier=sparsifier,
+        consensus=consensus,
+        normalize=p["normalize"],
+        rescale=p["rescale"],
+        rescale_mode=p["rescale_mode"],
+        lambda_=p["lambda"],
+        generators=generators,
+    )
+
+
+def _gta(name, *, sparsifier, consensus, normalize, rescale, reference, summary) -> Method:
+    model_params = [_weight(), DENSITY]
+    if sparsifier == "magnitude_outliers":
+        model_params.append(GAMMA)
+    if sparsifier == "della_magprune":
+        model_params.append(EPSILON)
+    return Method(
+        name=name,
+        run=partial(_run_gta, sparsifier=sparsifier, consensus=consensus),
+        params=(*model_params, _normalize(normalize), _rescale(rescale), LAMBDA, RESCALE_MODE, INT8_MASK),
+        base="required",
+        min_models=1,
+        max_models=None,
+        stochastic=sparsifier in ("random", "della_magprune"),
+        reference=reference,
+        summary=summary,
+        extra_checks=(_della_bounds,) if sparsifier == "della_magprune" else (),
+    )
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in [
+        Method(
+            name="linear",
+            run=lambda base, xs, p, g: linear(xs, weights=p["weight"], normalize=p["normalize"]),
+            params=(_weight(), _normalize(True)),
+            base="unused", min_models=1, max_models=None,
+            reference="https://arxiv.org/abs/2203.05482", summary="weighted average (model soup)",
+        ),
+        Method(
+            name="slerp",
+            run=lambda base, xs, p, g: slerp(base, xs[0], t=p["t"]),
+            params=(Param("t", "global", required=True, low=0.0, high=1.0, search=(0.0, 1.0),
+                          doc="0 = base model, 1 = the other model"),),
+            base="required", min_models=1, max_models=1,
+            reference="https://en.wikipedia.org/wiki/Slerp", summary="spherical interpolation of two models",
+        ),
+        Method(
+            name="nuslerp",
+            run=lambda base, xs, p, g: nuslerp(xs, weights=p["weight"], base=base,
+                                               row_wise=p["nuslerp_row_wise"], flatten=p["nuslerp_flatten"]),
+            params=(_weight(),
+                    Param("nuslerp_row_wise", "global", kind=bool, default=False, doc="slerp rows, not columns"),
+                    Param("nuslerp_flatten", "global", kind=bool, default=True, doc="slerp whole tensors")),
+            base="optional", min_models=2, max_models=2,
+            summary="slerp of two models (or their task vectors) with t = w2 / (w1 + w2)",
+        ),
+        Method(
+            name="nearswap",
+            run=lambda base, xs, p, g: nearswap(base, xs[0], t=p["t"]),
+            params=(Param("t", "global", required=True, low=0.0, search=(0.0, 0.01),
+                          doc="distance below which the other model's value is taken"),),
+            base="required", min_models=1, max_models=1,
+            reference="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
+            summary="take the other model where it is close to the base",
+        ),
+        _gta("task_arithmetic", sparsifier=None, consensus=None, normalize=False, rescale=False,
+             reference="https://arxiv.org/abs/2212.04089", summary="base + weighted sum of task vectors"),
+        _gta("ties", sparsifier="magnitude", consensus="sum", normalize=True, rescale=False,
+             reference="https://arxiv.org/abs/2306.01708", summary="trim by magnitude, elect signs, disjoint mean"),
+        _gta("dare_ties", sparsifier="random", consensus="sum", normalize=False, rescale=True,
+             reference="https://arxiv.org/abs/2311.03099", summary="random drop and rescale, then TIES sign election"),
+        _gta("dare_linear", sparsifier="random", consensus=None, normalize=False, rescale=True,
+             reference="https://arxiv.org/abs/2311.03099", summary="random drop and rescale, then task arithmetic"),
+        _gta("breadcrumbs", sparsifier="magnitude_outliers", consensus=None, normalize=False, rescale=False,
+             reference="https://arxiv.org/abs/2312.06795", summary="drop smallest entries and largest outliers"),
+        _gta("breadcrumbs_ties", sparsifier="magnitude_outliers", consensus="sum", normalize=False, rescale=False,
+             reference="https://arxiv.org/abs/2312.06795", summary="breadcrumbs with TIES sign election"),
+        _gta("della", sparsifier="della_magprune", consensus="sum", normalize=True, rescale=True,
+             reference="https://arxiv.org/abs/2406.11617", summary="magnitude-ranked random drop, sign election"),
+        _gta("della_linear", sparsifier="della_magprune", consensus=None, normalize=False, rescale=True,
+             reference="https://arxiv.org/abs/2406.11617", summary="magnitude-ranked random drop, task arithmetic"),
+        Method(
+            name="model_stock",
+            run=lambda base, xs, p, g: model_stock(base, xs, filter_wise=p["filter_wise"]),
+            params=(Param("filter_wise", "global", kind=bool, default=False, doc="one angle per row"),),
+            base="required", min_models=2, max_models=None,
+            reference="https://arxiv.org/abs/2403.19522", summary="average pulled to the base by the task-vector angle",
+        ),
+        Method(
+            name="sce",
+            run=lambda base, xs, p, g: sce(base, xs, select_topk=p["select_topk"]),
+            params=(Param("select_topk", "global", default=1.0, low=0.0, high=1.0, low_open=True,
+                          search=(0.1, 1.0), doc="fraction of highest-variance positions kept"),
+                    INT8_MASK),
+            base="required", min_models=1, max_models=None,
+            reference="https://arxiv.org/abs/2408.07990", summary="select by variance, weight by energy, erase sign conflicts",
+        ),
+        Method(
+            name="passthrough",
+            run=lambda base, xs, p, g: passthrough(xs, scale=p["scale"][0]),
+            params=(Param("scale", "model", default=None, search=(0.5, 1.5), doc="multiply the tensor"),),
+            base="unused", min_models=1, max_models=1,
+            summary="copy tensors unchanged (frankenmerge slices)",
+        ),
+    ]
+}
+
+
+def get_method(name: str) -> Method:
+    from evomerge.errors import ConfigError
+
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ConfigError(
+            f"merge_method: unknown method {name!r}; expected one of {', '.join(sorted(METHODS))}"
+        ) from None
+
+
+def run_method(
+    method: Method,
+    base: Tensor | None,
+    tensors: Sequence[Tensor],
+    params: Mapping[str, Any],
+    generators: Sequence[torch.Generator | None] | None = None,
+) -> Tensor:
+    """Apply ``method`` with fully resolved params (globals as scalars, per-model as lists)."""
+    return method.run(base, list(tensors), dict(params), generators)

@@ -1,0 +1,114 @@
+"""Interpolating methods: linear (model soup), slerp, nuslerp, nearswap, passthrough.
+
+Pure functions, tensors in, tensor out; they compute in the dtype they are given (the engine
+hands them float32 by default).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+SLERP_DOT_THRESHOLD = 0.9995  # |cos| above this: vectors are treated as colinear -> lerp
+SLERP_NORM_EPS = 1e-8
+
+
+def linear(tensors: Sequence[Tensor], *, weights: Sequence[float], normalize: bool = True) -> Tensor:
+    """Model soup: ``sum_i w_i x_i``, divided by ``sum_i w_i`` when ``normalize``.
+
+    A weight sum of (almost) zero is not divided by (mergekit would return inf/NaN).
+    """
+    stacked = torch.stack(list(tensors), dim=0)  # (n_models, *shape)
+    w = torch.tensor(list(weights), dtype=stacked.dtype, device=stacked.device)
+    w = w.reshape((len(tensors),) + (1,) * (stacked.dim() - 1))
+    out = (stacked * w).sum(dim=0)
+    if normalize:
+        total = float(sum(weights))
+        if abs(total) >= 1e-8:
+            out = out / total
+    return out
+
+
+def slerp(base: Tensor, other: Tensor, *, t: float) -> Tensor:
+    """Spherical interpolation between ``base`` (t=0) and ``other`` (t=1) over the whole tensor
+    flattened; falls back to linear interpolation when the two directions are nearly colinear
+    (``|cos| > 0.9995``), as mergekit does."""
+    u0 = _unit(base)
+    u1 = _unit(other)
+    dot = float((u0 * u1).sum())
+    if abs(dot) > SLERP_DOT_THRESHOLD:
+        return (1 - t) * base + t * other
+    theta0 = math.acos(dot)
+    sin0 = math.sin(theta0)
+    s0 = math.sin(theta0 - theta0 * t) / sin0
+    s1 = math.sin(theta0 * t) / sin0
+    return s0 * base + s1 * other
+
+
+def _unit(x: Tensor) -> Tensor:
+    norm = float(torch.linalg.vector_norm(x))
+    return x / norm if norm > SLERP_NORM_EPS else x
+
+
+def nuslerp(
+    tensors: Sequence[Tensor],
+    *,
+    weights: Sequence[float],
+    base: Tensor | None = None,
+    row_wise: bool = False,
+    flatten: bool = True,
+) -> Tensor:
+    """mergekit's NuSLERP: slerp between two models with ``t = w_1 / (w_0 + w_1)``.
+
+    With ``base`` it interpolates the task vectors ``x_i - base`` and adds the base back.
+    ``flatten`` treats the tensor as one vector; otherwise each row (``row_wise``, dim 0) or each
+    column (dim -1, the default) is interpolated on its own.
+    """
+    if len(tensors) != 2:
+        raise ValueError("nuslerp merges exactly two models")
+    total = float(weights[0]) + float(weights[1])
+    t = 0.5 if abs(total) < 1e-6 else float(weights[1]) / total
+    v0, v1 = tensors
+    if base is not None:
+        v0, v1 = v0 - base, v1 - base
+    out = _nuslerp_vectors(t, v0, v1, dim=0 if row_wise else -1, flatten=flatten)
+    return out if base is None else base + out
+
+
+def _nuslerp_vectors(t: float, v0: Tensor, v1: Tensor, *, dim: int, flatten: bool) -> Tensor:
+    shape = v0.shape
+    if flatten:
+        v0, v1 = v0.reshape(-1), v1.reshape(-1)  # (N,)
+    elif dim != -1:
+        v0, v1 = v0.transpose(dim, -1), v1.transpose(dim, -1)  # vectors along the last dim
+    n0 = v0 / torch.linalg.vector_norm(v0, dim=-1, keepdim=True).clamp(min=1e-7)
+    n1 = v1 / torch.linalg.vector_norm(v1, dim=-1, keepdim=True).clamp(min=1e-7)
+    cos = (n0 * n1).sum(dim=-1, keepdim=True).clamp(-1, 1)  # (..., 1)
+    theta = torch.acos(cos)
+    sin = torch.sin(theta)
+    colinear = sin.abs() < 1e-8  # (..., 1)
+    safe_sin = torch.where(colinear, torch.ones_like(sin), sin)
+    spherical = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / safe_sin
+    out = torch.where(colinear, (1 - t) * v0 + t * v1, spherical)
+    if not flatten and dim != -1:
+        out = out.transpose(dim, -1)
+    return out.reshape(shape)
+
+
+def nearswap(base: Tensor, other: Tensor, *, t: float) -> Tensor:
+    """NearSwap: take ``other`` where it is close to ``base``; per element the weight of
+    ``other`` is ``clamp(t / |base - other|, 0, 1)`` (distances below 1e-6 count as 1e-6)."""
+    dist = (base - other).abs().clamp(min=1e-6)
+    w = (t / dist).clamp(0, 1)
+    return w * other + (1 - w) * base
+
+
+def passthrough(tensors: Sequence[Tensor], *, scale: float | None = None) -> Tensor:
+    """Copy one model's tensor (frankenmerge slices), optionally multiplied by ``scale``."""
+    if len(tensors) != 1:
+        raise ValueError("passthrough takes exactly one tensor per output tensor")
+    x = tensors[0]
+    return x if scale is None or scale == 1 else x * scale

@@ -1,0 +1,37 @@
+"""Model Stock (Jang et al. 2024, arXiv 2403.19522)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+
+def model_stock(base: Tensor, tensors: Sequence[Tensor], *, filter_wise: bool = False) -> Tensor:
+    """Move from the average of the fine-tunes back towards the base by the paper's ratio
+    ``t = N cos(theta) / (1 + (N - 1) cos(theta))``, where ``theta`` is the angle between the
+    fine-tunes' task vectors (with more than two fine-tunes: the mean of the pairwise cosines, as
+    mergekit does). ``filter_wise`` computes one angle per row instead of one per tensor.
+    """
+    if len(tensors) < 2:
+        raise ValueError("model_stock needs at least two fine-tuned models besides the base")
+    shape = base.shape
+    if filter_wise:
+        w0 = base.unsqueeze(0) if base.dim() == 1 else base  # (rows, cols)
+        ws = [x.unsqueeze(0) if x.dim() == 1 else x for x in tensors]
+    else:
+        w0 = base.reshape(-1)  # (N,)
+        ws = [x.reshape(-1) for x in tensors]
+    offsets = [w - w0 for w in ws]
+    cosines = []
+    for i in range(len(offsets)):
+        for j in range(i + 1, len(offsets)):
+            a, b = offsets[i], offsets[j]
+            norms = torch.linalg.vector_norm(a, dim=-1) * torch.linalg.vector_norm(b, dim=-1)
+            cosines.append(((a * b).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
+    cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)  # (rows, 1) or (1,)
+    n = len(ws)
+    t = (n * cos) / (1 + (n - 1) * cos)
+    w_avg = sum(ws) / n
+    return (t * w_avg + (1 - t) * w0).reshape(shape)
