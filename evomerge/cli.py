@@ -81,3 +81,127 @@ def merge(recipe: Path, out_dir: Path, device: str, seed: int | None, overwrite:
         if bar is not None:
             bar.close()
     click.echo(f"wrote {path}")
+
+
+def _trial_line(r) -> str:
+    if r.state == "FAIL":
+        return f"trial {r.number:>4}  FAILED  {r.seconds:6.1f}s  {r.error}"
+    tag = f" [{r.baseline}]" if r.baseline else ""
+    best = f"best {r.best:.4f} (#{r.best_number})" if r.best is not None else ""
+    return f"trial {r.number:>4}  {r.fitness:.4f}  {r.seconds:6.1f}s  {best}{tag}  {r.summary}".rstrip()
+
+
+@main.command()
+@click.argument("config", type=click.Path(path_type=Path))
+@click.option("--trials", type=int, default=None, help="Run until this many trials count (default: budget.trials).")
+@click.option("--fresh", is_flag=True, help="Delete the existing study of this name and start over.")
+@click.option("--fork", is_flag=True, help="If the config changed, start a new study beside the old one.")
+@click.option("--storage", default=None, help="Optuna storage URL (default sqlite:///runs/<study>.db).")
+@click.option("--study", "study_name", default=None, help="Override the config's study name.")
+@click.option("--device", default=None, help="Override the config's device.")
+@friendly_errors
+def search(config: Path, trials: int | None, fresh: bool, fork: bool, storage: str | None,
+           study_name: str | None, device: str | None) -> None:
+    """Search merge recipes for CONFIG; run it again to resume."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from evomerge.config import SearchConfig
+    from evomerge.search import run_search
+
+    cfg = SearchConfig.load(config, storage=storage, study=study_name, device=device)
+    if fresh and fork:
+        raise click.UsageError("--fresh and --fork exclude each other")
+    console = Console(stderr=True)
+    progress = Progress(TextColumn("[bold]search"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[best]}"), TimeElapsedColumn(), TextColumn("eta"),
+                        TimeRemainingColumn(), console=console, transient=True)
+    task_id = None
+
+    def on_start(info: dict) -> None:
+        nonlocal task_id
+        verb = "created" if info["created"] else "resuming"
+        console.print(f"{verb} study [bold]{info['study']}[/] in {info['storage']} "
+                      f"({info['dimensions']} dimensions, {info['done']}/{info['total']} trials done)")
+        progress.start()
+        task_id = progress.add_task("search", total=info["total"], completed=info["done"], best="")
+
+    def on_trial(r) -> None:
+        progress.console.print(_trial_line(r), soft_wrap=True, highlight=False)
+        best = f"best {r.best:.4f}" if r.best is not None else ""
+        progress.update(task_id, completed=r.done, best=best)
+
+    try:
+        result = run_search(cfg, fresh=fresh, fork=fork, trials=trials, on_trial=on_trial, on_start=on_start)
+    finally:
+        progress.stop()
+    state = "stopped" if result.interrupted else "done"
+    best = (f"best trial {result.best_number}: {result.best_fitness:.4f}"
+            if result.best_number is not None else "no completed trial")
+    click.echo(f"{state}: {result.completed} trials in study {result.study_name}; {best}")
+    if result.best_number is not None:
+        click.echo(f"export it: evomerge export --study {result.study_name} --storage {result.storage_url} -o best.yml")
+
+
+def _study_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = click.option("--storage", default=None, help="Storage URL (default sqlite:///runs/<study>.db).")(fn)
+    fn = click.option("--study", "study_name", required=True, help="Study name.")(fn)
+    return fn
+
+
+def _load_study(study_name: str, storage: str | None):
+    from evomerge.search import load_existing_study
+
+    url = storage or f"sqlite:///{Path('runs', study_name + '.db').resolve()}"
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
+        from evomerge.errors import ConfigError
+
+        raise ConfigError(f"--storage: {url.removeprefix('sqlite:///')} does not exist (pass --storage URL)")
+    return load_existing_study(study_name, url)
+
+
+@main.command()
+@_study_options
+@click.option("--trial", "number", type=int, default=None, help="Trial number (default: the best).")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("best.yml"), show_default=True)
+@click.option("--merge", "merge_dir", type=click.Path(path_type=Path), default=None, help="Also build the model here.")
+@click.option("--device", default="cpu", show_default=True)
+@friendly_errors
+def export(study_name: str, storage: str | None, number: int | None, output: Path, merge_dir: Path | None,
+           device: str) -> None:
+    """Write a trial's recipe as mergekit YAML (and optionally build it)."""
+    from evomerge.engine import merge_to_dir
+    from evomerge.export import export_recipe
+
+    study = _load_study(study_name, storage)
+    path, recipe, trial = export_recipe(study, output, number)
+    click.echo(f"wrote {path} (trial {trial.number})")
+    if merge_dir is not None:
+        merge_to_dir(recipe, merge_dir, device=device)
+        click.echo(f"wrote {merge_dir}")
+
+
+@main.command()
+@_study_options
+@click.option("--top", type=int, default=10, show_default=True)
+@friendly_errors
+def status(study_name: str, storage: str | None, top: int) -> None:
+    """Print a study's leaderboard (best trials and the parents' baselines)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from evomerge.search import leaderboard
+
+    study = _load_study(study_name, storage)
+    rows = leaderboard(study, top)
+    states: dict[str, int] = {}
+    for t in study.get_trials(deepcopy=False):
+        states[t.state.name] = states.get(t.state.name, 0) + 1
+    table = Table(title=f"study {study.study_name}: " + ", ".join(f"{v} {k.lower()}" for k, v in sorted(states.items())))
+    tasks = sorted({k for r in rows for k in r["scores"]})
+    for col in ["trial", "fitness", *tasks, "method", "seconds", "note"]:
+        table.add_column(col, justify="right" if col not in ("method", "note") else "left")
+    for r in rows:
+        table.add_row(str(r["number"]), f"{r['fitness']:.4f}", *[f"{r['scores'].get(t, float('nan')):.4f}" for t in tasks],
+                      r["method"] or "", f"{r['seconds']:.1f}" if r["seconds"] else "", r["baseline"] or "")
+    Console().print(table)

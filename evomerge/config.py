@@ -1,0 +1,242 @@
+"""The search config: the only YAML reader for `evomerge search`. Frozen pydantic models, unknown
+keys refused, every error one line naming the field.
+
+Paths (models, ``fitness.include_path``, ``storage`` SQLite files) are relative to the config
+file's folder; a model that is not a local folder is taken as a Hugging Face hub id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from evomerge.errors import ConfigError
+from evomerge.methods import METHODS, get_method
+from evomerge.recipe import DTYPES, format_validation_error
+
+SAMPLERS = ("cmaes", "tpe", "random", "qmc", "nsga2")
+MULTI_OBJECTIVE_SAMPLERS = ("nsga2", "tpe", "random", "qmc")
+_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MergeSpace(_Strict):
+    """What to search: the method(s), which knobs and in which ranges, at which granularity."""
+
+    method: Union[str, list[str]] = "task_arithmetic"
+    # knob -> [low, high] (or null for the method's default search range)
+    search: dict[str, Union[tuple[float, float], None]] = Field(default_factory=lambda: {"weight": None})
+    # knob -> value for all models, or {model name: value}
+    fixed: dict[str, Any] = Field(default_factory=dict)
+    layer_groups: Union[int, Literal["full"]] = 1
+    split_attn_mlp: bool = False
+    random_seed: int = 0
+
+    @property
+    def methods(self) -> list[str]:
+        return [self.method] if isinstance(self.method, str) else list(self.method)
+
+    @model_validator(mode="after")
+    def _check(self) -> "MergeSpace":
+        methods = self.methods
+        if not methods:
+            raise ValueError("method: give a method name or a non-empty list of them")
+        for name in methods:
+            if name not in METHODS:
+                raise ValueError(f"method: unknown method {name!r}; expected one of {', '.join(sorted(METHODS))}")
+            if name == "passthrough":
+                raise ValueError("method: passthrough has nothing to search in parameter space (frankenmerge search is a separate stage)")
+        for knob, rng in self.search.items():
+            specs = [get_method(m).param(knob) for m in methods]
+            if all(s is None for s in specs):
+                raise ValueError(f"search.{knob}: not a parameter of {', '.join(methods)}")
+            spec = next(s for s in specs if s is not None)
+            if spec.kind is not float:
+                raise ValueError(f"search.{knob}: only numeric knobs are searched; set it under 'fixed'")
+            if rng is not None:
+                lo, hi = rng
+                if not (math.isfinite(lo) and math.isfinite(hi)) or lo >= hi:
+                    raise ValueError(f"search.{knob}: expected [low, high] with low < high, got [{lo}, {hi}]")
+                for v in (lo, hi):
+                    problem = spec.check(v)
+                    if problem:
+                        raise ValueError(f"search.{knob}: range end {v:g} is invalid ({problem})")
+            elif spec.search is None:
+                raise ValueError(f"search.{knob}: has no default range; give [low, high]")
+        for knob in self.fixed:
+            if knob in self.search:
+                raise ValueError(f"fixed.{knob}: is also searched; keep it in one place")
+            if all(get_method(m).param(knob) is None for m in methods):
+                raise ValueError(f"fixed.{knob}: not a parameter of {', '.join(methods)}")
+        if isinstance(self.layer_groups, int) and self.layer_groups < 1:
+            raise ValueError("layer_groups: expected a positive integer or 'full'")
+        return self
+
+
+class FitnessTask(_Strict):
+    task: str
+    metric: str = "acc"
+    weight: float = 1.0
+    split: str | None = "validation"  # which split the search scores on (None: the task's own choice)
+
+
+class Fitness(_Strict):
+    kind: Literal["lm_eval"] = "lm_eval"
+    tasks: list[FitnessTask] = Field(min_length=1)
+    include_path: list[str] = Field(default_factory=list)
+    objective: Literal["sum", "multi"] = "sum"
+    limit: float | None = None
+    num_fewshot: int | None = None
+    apply_chat_template: bool = False
+    batch_size: int = 32
+
+    @field_validator("include_path", mode="before")
+    @classmethod
+    def _listify(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+
+class Sampler(_Strict):
+    name: Literal["cmaes", "tpe", "random", "qmc", "nsga2"] = "cmaes"
+    sigma0: float = Field(0.25, gt=0, le=1)
+    popsize: int | None = Field(None, ge=2)
+    baselines: bool = True  # enqueue each source alone and the uniform merge first
+
+
+class Budget(_Strict):
+    trials: int = Field(50, ge=1)
+    timeout_s: float | None = None  # per trial; a slower trial fails (recorded) and the search goes on
+
+
+class SearchConfig(_Strict):
+    study: str
+    storage: str | None = None
+    seed: int = 0
+    base_model: str | None = None
+    models: dict[str, str] = Field(min_length=1)
+    merge: MergeSpace = Field(default_factory=MergeSpace)
+    fitness: Fitness
+    sampler: Sampler = Field(default_factory=Sampler)
+    budget: Budget = Field(default_factory=Budget)
+    device: str = "cpu"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    root: Path = Field(default=Path("."), exclude=True)  # the config file's folder
+
+    @field_validator("study")
+    @classmethod
+    def _study_name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", v):
+            raise ValueError("expected letters, digits, '_', '-' or '.'")
+        return v
+
+    @field_validator("models")
+    @classmethod
+    def _model_names(cls, v: dict[str, str]) -> dict[str, str]:
+        for name in v:
+            if not _NAME.match(name):
+                raise ValueError(f"model name {name!r}: expected a short identifier (letters, digits, _)")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> "SearchConfig":
+        for name in self.merge.methods:
+            method = METHODS[name]
+            if method.base == "required" and not self.base_model:
+                raise ValueError(f"base_model: merge method {name} needs a base model")
+            n = len(self.models)
+            if n < method.min_models or (method.max_models is not None and n > method.max_models):
+                raise ValueError(f"models: {name} takes {method.min_models}"
+                                 f"{'' if method.max_models == method.min_models else '+' if method.max_models is None else f'-{method.max_models}'}"
+                                 f" model(s) besides the base, got {n}")
+            for p in method.params:
+                if p.required and p.name not in self.merge.search and p.name not in self.merge.fixed:
+                    raise ValueError(f"merge.search: {name} needs '{p.name}'; search it or set it under merge.fixed")
+        if self.fitness.objective == "multi" and self.sampler.name not in MULTI_OBJECTIVE_SAMPLERS:
+            raise ValueError(f"sampler.name: {self.sampler.name} is single-objective; use one of "
+                             f"{', '.join(MULTI_OBJECTIVE_SAMPLERS)} with objective: multi")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype: expected one of {', '.join(DTYPES)}")
+        return self
+
+    # ----------------------------------------------------------------- derived
+    def resolve(self, ref: str) -> str:
+        """A model/path reference relative to the config's folder (hub ids unchanged)."""
+        p = Path(ref).expanduser()
+        if p.is_absolute():
+            return str(p)
+        local = (self.root / p).resolve()
+        if local.exists() or ref.startswith((".", "/")) or ref.count("/") != 1:
+            return str(local)
+        return ref
+
+    @property
+    def storage_url(self) -> str:
+        if self.storage is None:
+            return f"sqlite:///{(self.root / 'runs' / f'{self.study}.db').resolve()}"
+        if self.storage.startswith("sqlite:///") and not self.storage.startswith("sqlite:////"):
+            rel = self.storage.removeprefix("sqlite:///")
+            return f"sqlite:///{(self.root / rel).resolve()}"
+        return self.storage
+
+    @property
+    def include_paths(self) -> list[str]:
+        return [str((self.root / p).resolve()) for p in self.fitness.include_path]
+
+    @property
+    def source_refs(self) -> dict[str, str]:
+        return {name: self.resolve(ref) for name, ref in self.models.items()}
+
+    @property
+    def base_ref(self) -> str | None:
+        return self.resolve(self.base_model) if self.base_model else None
+
+    def search_relevant(self) -> dict[str, Any]:
+        """The parts whose change makes an existing study's trials incomparable."""
+        return {
+            "base_model": self.base_ref,
+            "models": self.source_refs,
+            "merge": self.merge.model_dump(mode="json"),
+            "fitness": {**self.fitness.model_dump(mode="json", exclude={"batch_size"}), "include_path": self.include_paths},
+            "sampler": self.sampler.model_dump(mode="json"),
+            "seed": self.seed,
+            "dtype": self.dtype,
+        }
+
+    def fingerprint(self) -> str:
+        blob = json.dumps(self.search_relevant(), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    @classmethod
+    def load(cls, path: str | Path, **overrides: Any) -> "SearchConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" (line {mark.line + 1})" if mark else ""
+            raise ConfigError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+        return cls.from_dict(data, root=path.resolve().parent, source=str(path), **overrides)
+
+    @classmethod
+    def from_dict(cls, data: Any, *, root: Path = Path("."), source: str = "config", **overrides: Any) -> "SearchConfig":
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a mapping of config keys")
+        data = {**data, **{k: v for k, v in overrides.items() if v is not None}, "root": root}
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            raise ConfigError(f"{source}: {format_validation_error(e)}") from None
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None

@@ -1,0 +1,379 @@
+"""The search: an Optuna study (the single source of truth, resumable) driven by ask/tell.
+
+Everything needed to resume lives in the study: the config and its fingerprint in the study's
+user attrs; each trial's recipe, per-task scores, timing, owner process and failure reason in
+the trial's user attrs; the CMA-ES state in trial system attrs (see ``samplers``). Running the
+same command again continues the study.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import optuna
+from optuna.distributions import FloatDistribution
+from optuna.trial import TrialState
+
+from evomerge.config import SearchConfig
+from evomerge.errors import ConfigError, EvomergeError
+
+log = logging.getLogger(__name__)
+
+ATTR_CONFIG = "evomerge:config"
+ATTR_FINGERPRINT = "evomerge:fingerprint"
+ATTR_SPACE = "evomerge:space"
+ATTR_RECIPE = "evomerge:recipe"
+ATTR_BASELINE = "evomerge:baseline"
+ATTR_SCORES = "evomerge:scores"
+ATTR_SECONDS = "evomerge:seconds"
+ATTR_ERROR = "evomerge:error"
+ATTR_INTERRUPTED = "evomerge:interrupted"
+ATTR_OWNER = "evomerge:owner"
+
+
+# --------------------------------------------------------------------------- storage and study
+def storage_for(url: str) -> optuna.storages.BaseStorage:
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None)
+    except Exception as e:  # SQLAlchemy errors: bad URL, server down, missing driver
+        raise ConfigError(f"storage: cannot open {url}: {str(e).splitlines()[0]}") from None
+
+
+def load_existing_study(name: str, storage_url: str) -> optuna.Study:
+    storage = storage_for(storage_url)
+    names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+    if name not in names:
+        known = f"; studies there: {', '.join(names)}" if names else ""
+        raise ConfigError(f"--study: no study named {name!r} in {storage_url}{known}")
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def directions(config: SearchConfig) -> list[str]:
+    if config.fitness.objective == "multi":
+        return ["maximize"] * len(config.fitness.tasks)
+    return ["maximize"]
+
+
+def open_study(config: SearchConfig, sampler: optuna.samplers.BaseSampler, *, fresh: bool = False,
+               fork: bool = False) -> tuple[optuna.Study, bool]:
+    """Create the study or resume it. Returns ``(study, created)``. A study whose search-relevant
+    config differs is refused unless ``fresh`` (delete and restart) or ``fork`` (new study)."""
+    storage = storage_for(config.storage_url)
+    name = config.study
+    existing = {s.study_name: s for s in optuna.get_all_study_summaries(storage)}
+    if name in existing and fresh:
+        optuna.delete_study(study_name=name, storage=storage)
+        log.info("deleted study %s (--fresh)", name)
+        del existing[name]
+    if name in existing:
+        attrs = existing[name].user_attrs
+        if attrs.get(ATTR_FINGERPRINT) != config.fingerprint():
+            if not fork:
+                raise ConfigError(
+                    f"study {name!r} in {config.storage_url} was made with a different config "
+                    f"({_config_diff(attrs.get(ATTR_CONFIG), config.search_relevant())}); "
+                    "run with --fork to start a new study beside it, or --fresh to replace it")
+            k = 1
+            while f"{name}.fork{k}" in existing:
+                k += 1
+            name = f"{name}.fork{k}"
+            log.info("config changed: forking into study %s", name)
+        else:
+            study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+            return study, False
+    study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, directions=directions(config))
+    study.set_user_attr(ATTR_CONFIG, config.search_relevant())
+    study.set_user_attr(ATTR_FINGERPRINT, config.fingerprint())
+    return study, True
+
+
+def _config_diff(old: Any, new: dict[str, Any]) -> str:
+    if not isinstance(old, dict):
+        return "no evomerge config recorded"
+    changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    return "changed: " + ", ".join(changed) if changed else "different fingerprint"
+
+
+def _owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def fail_stale_trials(study: optuna.Study) -> int:
+    """Trials left RUNNING by a process of this host that no longer exists (kill -9, power
+    loss) are marked FAILED and interrupted, so their candidates are evaluated again."""
+    host = socket.gethostname()
+    n = 0
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        owner = t.user_attrs.get(ATTR_OWNER, "")
+        h, _, pid = owner.rpartition(":")
+        if h == host and pid.isdigit() and not _pid_alive(int(pid)) and int(pid) != os.getpid():
+            study._storage.set_trial_user_attr(t._trial_id, ATTR_INTERRUPTED, True)
+            study._storage.set_trial_user_attr(t._trial_id, ATTR_ERROR, "interrupted (its process died)")
+            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            n += 1
+    if n:
+        log.info("marked %d trial(s) of a dead process as interrupted", n)
+    return n
+
+
+def counted(study: optuna.Study) -> int:
+    """Trials that count toward the budget: completed, or failed for a reason of their own."""
+    return sum(1 for t in study.get_trials(deepcopy=False)
+               if t.state == TrialState.COMPLETE
+               or (t.state == TrialState.FAIL and not t.user_attrs.get(ATTR_INTERRUPTED)))
+
+
+# --------------------------------------------------------------------------- samplers
+def make_sampler(config: SearchConfig, bounds: dict[str, tuple[float, float]]) -> optuna.samplers.BaseSampler:
+    s = config.sampler
+    if s.name == "cmaes":
+        from evomerge.samplers import PyCmaSampler
+
+        space = {k: FloatDistribution(lo, hi) for k, (lo, hi) in bounds.items()}
+        return PyCmaSampler(space, seed=config.seed, sigma0=s.sigma0, popsize=s.popsize)
+    if s.name == "tpe":
+        return optuna.samplers.TPESampler(seed=config.seed, multivariate=True)
+    if s.name == "random":
+        return optuna.samplers.RandomSampler(seed=config.seed)
+    if s.name == "qmc":
+        return optuna.samplers.QMCSampler(seed=config.seed, scramble=True)
+    if s.name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=config.seed, population_size=s.popsize or 20)
+    raise ConfigError(f"sampler.name: unknown sampler {s.name!r}")
+
+
+# --------------------------------------------------------------------------- the loop
+@dataclass
+class TrialReport:
+    number: int
+    state: str  # "COMPLETE" / "FAIL"
+    fitness: float | None
+    values: dict[str, float]
+    seconds: float
+    summary: str
+    baseline: str | None
+    error: str | None
+    best: float | None
+    best_number: int | None
+    done: int
+    total: int
+
+
+@dataclass
+class SearchResult:
+    study_name: str
+    storage_url: str
+    completed: int
+    best_number: int | None
+    best_fitness: float | None
+    interrupted: bool = False
+    reports: list[TrialReport] = field(default_factory=list)
+
+
+class _StopFlag:
+    """First Ctrl-C: finish and record the trial in flight, then stop. Second: abort it."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> "_StopFlag":
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread
+            self._previous = None
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("stopping after the trial in flight is recorded (Ctrl-C again to abort it)")
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def enqueue_baselines(study: optuna.Study, config: SearchConfig) -> None:
+    for name in config.models:
+        study.enqueue_trial({}, user_attrs={ATTR_BASELINE: name})
+    if len(config.models) > 1:
+        study.enqueue_trial({}, user_attrs={ATTR_BASELINE: "uniform"})
+
+
+def summarize(space: Any, params: dict[str, float]) -> str:
+    """Key params in one short string: the method and each knob's mean per model."""
+    if not params:
+        return ""
+    parts = []
+    if len(space.methods) > 1:
+        parts.append(space.method_of(params).name)
+    by: dict[tuple[str, str | None], list[float]] = {}
+    for d in space.dims:
+        by.setdefault((d.knob, d.model), []).append(params[d.name])
+    for (knob, model), vals in by.items():
+        label = f"{model}.{knob}" if model else knob
+        parts.append(f"{label}={sum(vals) / len(vals):.2f}")
+    return " ".join(parts)
+
+
+def run_search(config: SearchConfig, *, fresh: bool = False, fork: bool = False, trials: int | None = None,
+               on_trial: Callable[[TrialReport], None] | None = None,
+               on_start: Callable[[dict[str, Any]], None] | None = None) -> SearchResult:
+    """Run (or resume) the study until ``trials`` (default: the config's budget) count."""
+    from evomerge.checkpoint import Checkpoint
+    from evomerge.engine import TORCH_DTYPES
+    from evomerge.evaluate import LmEvalFitness
+    from evomerge.space import build_space
+    from evomerge.workspace import Workspace
+
+    total = trials if trials is not None else config.budget.trials
+    refs = config.source_refs
+    template = config.base_ref or next(iter(refs.values()))
+    with Checkpoint.open(template) as ck:
+        num_layers = ck.num_layers
+    space = build_space(config, num_layers)
+    sampler = make_sampler(config, space.bounds())
+    study, created = open_study(config, sampler, fresh=fresh, fork=fork)
+    if created:
+        study.set_user_attr(ATTR_SPACE, {k: list(v) for k, v in space.bounds().items()})
+        if config.sampler.baselines:
+            enqueue_baselines(study, config)
+    fail_stale_trials(study)
+    distributions = {k: FloatDistribution(lo, hi) for k, (lo, hi) in space.bounds().items()}
+
+    fitness = LmEvalFitness(config.fitness, config.include_paths)
+    all_refs = list(refs.values()) + ([config.base_ref] if config.base_ref else [])
+    workspace = Workspace(all_refs, template=template, device=config.device, dtype=TORCH_DTYPES[config.dtype])
+    multi = config.fitness.objective == "multi"
+    if on_start:
+        on_start({"study": study.study_name, "storage": config.storage_url, "created": created,
+                  "dimensions": len(distributions), "done": counted(study), "total": total,
+                  "workspace": workspace.describe()})
+    result = SearchResult(study.study_name, config.storage_url, 0, None, None)
+    try:
+        with _StopFlag() as stop:
+            while counted(study) < total and not stop.requested:
+                report = _run_one(study, space, distributions, workspace, fitness, multi, total)
+                result.reports.append(report)
+                if on_trial:
+                    on_trial(report)
+            result.interrupted = stop.requested and counted(study) < total
+    finally:
+        workspace.close()
+    result.completed = counted(study)
+    best = best_trial(study)
+    if best is not None:
+        result.best_number, result.best_fitness = best.number, trial_fitness(best)
+    return result
+
+
+def _run_one(study: optuna.Study, space: Any, distributions: dict[str, FloatDistribution], workspace: Any,
+             fitness: Any, multi: bool, total: int) -> TrialReport:
+    trial = study.ask()
+    trial.set_user_attr(ATTR_OWNER, _owner())
+    baseline = trial.user_attrs.get(ATTR_BASELINE)
+    start = time.perf_counter()
+    params: dict[str, float] = {}
+    try:
+        if baseline == "uniform":
+            recipe = space.uniform_recipe()
+        elif baseline:
+            recipe = space.parent_recipe(baseline)
+        else:
+            params = {name: trial.suggest_float(name, d.low, d.high) for name, d in distributions.items()}
+            recipe = space.decode(params)
+        trial.set_user_attr(ATTR_RECIPE, recipe.to_dict())
+        workspace.load(recipe)
+        score = fitness.score(workspace.model, workspace.tokenizer)
+    except KeyboardInterrupt:
+        trial.set_user_attr(ATTR_INTERRUPTED, True)
+        trial.set_user_attr(ATTR_ERROR, "interrupted (Ctrl-C)")
+        study.tell(trial, state=TrialState.FAIL)
+        raise
+    except (EvomergeError, RuntimeError, ValueError, FloatingPointError, MemoryError) as e:
+        seconds = time.perf_counter() - start
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        trial.set_user_attr(ATTR_ERROR, reason)
+        trial.set_user_attr(ATTR_SECONDS, seconds)
+        study.tell(trial, state=TrialState.FAIL)
+        _free_cuda()
+        best = best_trial(study)
+        return TrialReport(trial.number, "FAIL", None, {}, seconds, summarize(space, params), baseline, reason,
+                           trial_fitness(best) if best else None, best.number if best else None,
+                           counted(study), total)
+    seconds = time.perf_counter() - start
+    trial.set_user_attr(ATTR_SCORES, score.values)
+    trial.set_user_attr(ATTR_SECONDS, seconds)
+    study.tell(trial, score.objectives if multi else score.fitness)
+    best = best_trial(study)
+    return TrialReport(trial.number, "COMPLETE", score.fitness, score.values, seconds, summarize(space, params),
+                       baseline, None, trial_fitness(best) if best else None, best.number if best else None,
+                       counted(study), total)
+
+
+def _free_cuda() -> None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # pragma: no cover
+        pass
+
+
+# --------------------------------------------------------------------------- reading studies
+def trial_fitness(t: optuna.trial.FrozenTrial) -> float | None:
+    if t.state != TrialState.COMPLETE or t.values is None:
+        return None
+    return float(sum(t.values)) if len(t.values) > 1 else float(t.values[0])
+
+
+def best_trial(study: optuna.Study, include_baselines: bool = True) -> optuna.trial.FrozenTrial | None:
+    """The completed trial with the highest fitness (sum of objectives for multi-objective studies)."""
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if include_baselines or not t.user_attrs.get(ATTR_BASELINE)]
+    if not done:
+        return None
+    return max(done, key=lambda t: (trial_fitness(t), -t.number))
+
+
+def leaderboard(study: optuna.Study, top: int = 10) -> list[dict[str, Any]]:
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        if t.state not in (TrialState.COMPLETE, TrialState.FAIL):
+            continue
+        rows.append({
+            "number": t.number,
+            "state": t.state.name,
+            "fitness": trial_fitness(t),
+            "scores": t.user_attrs.get(ATTR_SCORES, {}),
+            "seconds": t.user_attrs.get(ATTR_SECONDS),
+            "baseline": t.user_attrs.get(ATTR_BASELINE),
+            "method": (t.user_attrs.get(ATTR_RECIPE) or {}).get("merge_method"),
+            "error": t.user_attrs.get(ATTR_ERROR),
+        })
+    complete = sorted((r for r in rows if r["fitness"] is not None), key=lambda r: (-r["fitness"], r["number"]))
+    baselines = [r for r in complete if r["baseline"]]
+    best = [r for r in complete if not r["baseline"]][:top]
+    return best + [b for b in baselines if b not in best]
