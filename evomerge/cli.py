@@ -109,6 +109,9 @@ def search(config: Path, trials: int | None, fresh: bool, fork: bool, storage: s
     from evomerge.config import SearchConfig
     from evomerge.search import run_search
 
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     cfg = SearchConfig.load(config, storage=storage, study=study_name, device=device)
     if fresh and fork:
         raise click.UsageError("--fresh and --fork exclude each other")

@@ -13,6 +13,7 @@ a slice, as mergekit does), or a list of ``{filter, value}`` entries: the first 
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any, Iterator, Union
 
@@ -209,6 +210,8 @@ def format_validation_error(e: ValidationError) -> str:
         msg = "unknown key"
     elif err["type"] == "missing":
         msg = "required key missing"
+    if loc and re.match(r"^[A-Za-z_][\w.]*: ", msg):  # a model validator naming a field inside loc
+        return f"{loc}.{msg}"
     return f"{loc}: {msg}" if loc else msg
 
 

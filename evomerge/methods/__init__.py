@@ -152,7 +152,7 @@ def _run_gta(base, tensors, p, generators, *, sparsifier, consensus):
 
 
 def _gta(name, *, sparsifier, consensus, normalize, rescale, reference, summary) -> Method:
-    model_params = [_weight(), DENSITY]
+    model_params = [_weight()] + ([DENSITY] if sparsifier else [])
     if sparsifier == "magnitude_outliers":
         model_params.append(GAMMA)
     if sparsifier == "della_magprune":

@@ -1,0 +1,285 @@
+"""Search: config errors, the named space and decode, the study loop (baselines, resume, refusal of
+a changed config, fork/fresh), kill -9 recovery, and export -> merge reproducing evaluated weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from conftest import load_state
+
+from evomerge.cli import main
+from evomerge.config import SearchConfig
+from evomerge.errors import ConfigError
+from evomerge.search import ATTR_BASELINE, ATTR_RECIPE, counted, load_existing_study, run_search
+from evomerge.space import build_space, layer_groups
+
+
+@pytest.fixture(scope="session")
+def tiny_task(tmp_path_factory) -> Path:
+    """An lm-eval multiple-choice task over local JSONL (dev and test splits)."""
+    root = tmp_path_factory.mktemp("tasks")
+    for split, offset in (("dev", 0), ("test", 5)):
+        with open(root / f"{split}.jsonl", "w") as f:
+            for i in range(6):
+                a, b = (i + offset) % 10, (2 * i + offset) % 7
+                f.write(json.dumps({"q": f"{a} plus {b}", "choices": [str(x) for x in range(8)], "label": (a + b) % 8}) + "\n")
+    (root / "tiny_mc.yaml").write_text(textwrap.dedent(f"""
+        task: tiny_mc
+        dataset_path: json
+        dataset_kwargs:
+          data_files:
+            validation: {root / 'dev.jsonl'}
+            test: {root / 'test.jsonl'}
+        output_type: multiple_choice
+        validation_split: validation
+        test_split: test
+        doc_to_text: "{{{{q}}}} ="
+        doc_to_target: label
+        doc_to_choice: choices
+        metric_list:
+          - metric: acc
+            aggregation: mean
+            higher_is_better: true
+        """))
+    return root
+
+
+def config_dict(tiny_models, tiny_task, tmp_path, **merge) -> dict:
+    return {
+        "study": "t",
+        "storage": f"sqlite:///{tmp_path / 'study.db'}",
+        "seed": 0,
+        "base_model": str(tiny_models["base"]),
+        "models": {"a": str(tiny_models["a"]), "b": str(tiny_models["b"])},
+        "merge": {"method": "ties", "search": {"weight": [0, 1], "density": [0.3, 1]}, "layer_groups": 2, **merge},
+        "fitness": {"include_path": str(tiny_task), "tasks": [{"task": "tiny_mc", "metric": "acc"}], "batch_size": 64},
+        "sampler": {"name": "random"},
+        "budget": {"trials": 5},
+    }
+
+
+def write_config(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+# --------------------------------------------------------------------------- config errors
+CONFIG_ERRORS = [
+    ({"merge": {"method": "tie"}}, "merge.method: unknown method 'tie'"),
+    ({"merge": {"method": "ties", "search": {"density": [0.2, 1]}}}, "needs 'weight'"),
+    ({"merge": {"method": "ties", "search": {"weight": [1, 0]}}}, "search.weight: expected [low, high] with low < high"),
+    ({"merge": {"method": "ties", "search": {"weight": None, "density": [0, 1]}}}, "search.density: range end 0 is invalid"),
+    ({"merge": {"method": "ties", "search": {"weight": None, "t": [0, 1]}}}, "search.t: not a parameter of ties"),
+    ({"merge": {"method": "ties", "search": {"weight": None, "normalize": [0, 1]}}}, "only numeric knobs"),
+    ({"merge": {"method": "ties", "search": {"weight": None}, "layer_groups": 0}}, "layer_groups"),
+    ({"sampler": {"name": "cmaes"}, "fitness": {"tasks": [{"task": "x"}, {"task": "y"}], "objective": "multi"}}, "sampler.name: cmaes is single-objective"),
+    ({"sampler": {"name": "annealing"}}, "sampler.name"),
+    ({"budget": {"trials": 0}}, "budget.trials"),
+    ({"models": {"2bad": "x"}}, "model name '2bad'"),
+    ({"fitness": {"tasks": []}}, "fitness.tasks"),
+    ({"colour": "blue"}, "colour: unknown key"),
+    ({"merge": {"method": "slerp", "search": {"t": None}}}, "slerp takes 1 model(s) besides the base, got 2"),
+]
+
+
+@pytest.mark.parametrize("change, message", CONFIG_ERRORS, ids=[m for _, m in CONFIG_ERRORS])
+def test_malformed_configs_get_one_line(tiny_models, tiny_task, tmp_path, change, message):
+    data = {**config_dict(tiny_models, tiny_task, tmp_path), **change}
+    path = write_config(tmp_path / "c.yml", data)
+    result = CliRunner().invoke(main, ["search", str(path)])
+    assert result.exit_code == 1
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_unknown_task_and_metric(tiny_models, tiny_task, tmp_path):
+    data = config_dict(tiny_models, tiny_task, tmp_path)
+    data["fitness"]["tasks"] = [{"task": "no_such_task_xyz"}]
+    result = CliRunner().invoke(main, ["search", str(write_config(tmp_path / "c.yml", data))])
+    assert result.exit_code == 1 and "unknown task 'no_such_task_xyz'" in result.stderr
+
+
+# --------------------------------------------------------------------------- space
+def test_layer_groups_cover_every_layer_once():
+    for n in (1, 2, 5, 32):
+        for spec in (1, 2, 3, 4, 7, "full"):
+            groups = layer_groups(n, spec)
+            assert [layer for g in groups for layer in g] == list(range(n))
+            assert max(map(len, groups)) - min(map(len, groups)) <= 1
+
+
+def test_space_names_and_decode_round_trip(tiny_models, tiny_task, tmp_path):
+    cfg = SearchConfig.from_dict(config_dict(tiny_models, tiny_task, tmp_path, layer_groups="full", split_attn_mlp=True))
+    space = build_space(cfg, num_layers=4)
+    assert space.names[:4] == ["L00.attn.a.weight", "L00.attn.b.weight", "L00.attn.a.density", "L00.attn.b.density"]
+    assert len(space.names) == 4 * 2 * 2 * 2 == len(set(space.names))
+    params = {name: 0.31 + 0.01 * i for i, name in enumerate(space.names)}
+    recipe = space.decode(params)
+    assert recipe.merge_method == "ties" and recipe.base_model == str(tiny_models["base"])
+    # the per-layer values come back out of the recipe through the engine's own resolution
+    from evomerge.recipe import evaluate
+
+    for m in recipe.models:
+        name = "a" if m.model == str(tiny_models["a"]) else "b"
+        for layer in range(4):
+            t = layer / 3
+            for part, tensor in (("attn", f"model.layers.{layer}.self_attn.q_proj.weight"),
+                                 ("mlp", f"model.layers.{layer}.mlp.up_proj.weight")):
+                for knob in ("weight", "density"):
+                    got = evaluate(m.parameters[knob], tensor, t)
+                    assert got == pytest.approx(params[f"L{layer:02d}.{part}.{name}.{knob}"], abs=1e-12)
+    # a decoded recipe is a valid mergekit recipe and survives YAML
+    from evomerge.recipe import Recipe
+
+    assert Recipe.from_dict(yaml.safe_load(recipe.to_yaml())) == recipe
+
+
+def test_method_choice_dimension(tiny_models, tiny_task, tmp_path):
+    cfg = SearchConfig.from_dict(config_dict(tiny_models, tiny_task, tmp_path, method=["ties", "dare_linear", "task_arithmetic"]))
+    space = build_space(cfg, num_layers=2)
+    assert space.bounds()["method"] == (0.0, 3.0)
+    params = {k: 0.5 for k in space.bounds()}
+    for value, name in ((0.2, "ties"), (1.9, "dare_linear"), (2.99, "task_arithmetic"), (3.0, "task_arithmetic")):
+        recipe = space.decode({**params, "method": value})
+        assert recipe.merge_method == name
+        has_density = "density" in (recipe.models[0].parameters or {})
+        assert has_density == (name != "task_arithmetic")
+
+
+# --------------------------------------------------------------------------- the loop
+def test_search_records_baselines_resumes_and_refuses_changed_config(tiny_models, tiny_task, tmp_path):
+    cfg = SearchConfig.from_dict(config_dict(tiny_models, tiny_task, tmp_path))
+    seen = []
+    result = run_search(cfg, trials=4, on_trial=seen.append)
+    assert result.completed == 4 and [r.number for r in seen] == [0, 1, 2, 3]
+    assert [r.baseline for r in seen[:3]] == ["a", "b", "uniform"] and seen[3].baseline is None
+    assert all(r.state == "COMPLETE" and 0 <= r.fitness <= 1 for r in seen)
+
+    # resume: the same config continues to the new total, keeping the first trials
+    result = run_search(cfg, trials=6)
+    study = load_existing_study("t", cfg.storage_url)
+    assert result.completed == 6 == counted(study)
+    assert [t.number for t in study.trials] == list(range(6))
+    assert [t.user_attrs.get(ATTR_BASELINE) for t in study.trials[:3]] == ["a", "b", "uniform"]
+
+    # a changed search-relevant part is refused; --fork starts a new study; --fresh replaces it
+    changed = SearchConfig.from_dict(config_dict(tiny_models, tiny_task, tmp_path, layer_groups=1))
+    with pytest.raises(ConfigError, match="different config .*merge.*--fork"):
+        run_search(changed, trials=1)
+    forked = run_search(changed, trials=1, fork=True)
+    assert forked.study_name == "t.fork1"
+    assert len(load_existing_study("t", cfg.storage_url).trials) == 6
+    fresh = run_search(changed, trials=1, fresh=True)
+    study = load_existing_study("t", cfg.storage_url)
+    assert fresh.study_name == "t" and counted(study) == 1
+    assert study.user_attrs["evomerge:fingerprint"] == changed.fingerprint() != cfg.fingerprint()
+
+    # a change that is not search-relevant (batch size, budget) resumes
+    relaxed = config_dict(tiny_models, tiny_task, tmp_path, layer_groups=1)
+    relaxed["fitness"]["batch_size"] = 8
+    relaxed["budget"] = {"trials": 99}
+    assert run_search(SearchConfig.from_dict(relaxed), trials=2).completed == 2
+
+
+def test_failed_trial_is_recorded_and_search_goes_on(tiny_models, tiny_task, tmp_path):
+    data = config_dict(tiny_models, tiny_task, tmp_path, method="della",
+                       search={"weight": [0, 1], "density": [0.3, 0.9]}, fixed={"epsilon": 0.25})
+    data["sampler"] = {"name": "random", "baselines": False}
+    cfg = SearchConfig.from_dict(data)
+    reports = []
+    run_search(cfg, trials=6, on_trial=reports.append)
+    failed = [r for r in reports if r.state == "FAIL"]
+    assert failed, "densities below 0.25 or above 0.75 make epsilon invalid and must fail"
+    assert all("keep probabilities" in r.error for r in failed)
+    study = load_existing_study("t", cfg.storage_url)
+    assert counted(study) == 6 and any(t.state.name == "COMPLETE" for t in study.trials)
+
+
+def test_export_then_merge_rebuilds_the_evaluated_weights(tiny_models, tiny_task, tmp_path):
+    data = config_dict(tiny_models, tiny_task, tmp_path, method="dare_ties")
+    data["sampler"] = {"name": "random", "baselines": False}
+    cfg = SearchConfig.from_dict(data)
+    run_search(cfg, trials=2)
+    study = load_existing_study("t", cfg.storage_url)
+    out = tmp_path / "best.yml"
+    result = CliRunner().invoke(main, ["export", "--study", "t", "--storage", cfg.storage_url, "--trial", "1", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    exported = yaml.safe_load(out.read_text())
+    assert exported == study.trials[1].user_attrs[ATTR_RECIPE] and exported["random_seed"] == 0
+    merged = tmp_path / "merged"
+    assert CliRunner().invoke(main, ["merge", str(out), str(merged)]).exit_code == 0
+
+    # the evaluated model: the workspace after loading that trial's recipe
+    from evomerge.recipe import Recipe
+    from evomerge.workspace import Workspace
+
+    refs = [str(tiny_models[k]) for k in ("base", "a", "b")]
+    ws = Workspace(refs, template=refs[0])
+    ws.load(Recipe.from_dict(study.trials[1].user_attrs[ATTR_RECIPE]))
+    live = ws.state_dict()
+    ws.close()
+    written = load_state(merged)
+    assert set(written) == set(live)
+    for name, tensor in written.items():
+        assert torch.equal(tensor, live[name]), name
+
+
+def test_status_and_export_errors(tiny_models, tiny_task, tmp_path):
+    cfg = SearchConfig.from_dict(config_dict(tiny_models, tiny_task, tmp_path))
+    run_search(cfg, trials=3)
+    result = CliRunner().invoke(main, ["status", "--study", "t", "--storage", cfg.storage_url])
+    assert result.exit_code == 0 and "uniform" in result.output and "tiny_mc" in result.output
+    result = CliRunner().invoke(main, ["export", "--study", "nope", "--storage", cfg.storage_url])
+    assert result.exit_code == 1 and "no study named 'nope'" in result.stderr
+    result = CliRunner().invoke(main, ["export", "--study", "t", "--storage", cfg.storage_url, "--trial", "42"])
+    assert result.exit_code == 1 and "has no trial 42" in result.stderr
+
+
+@pytest.mark.slow
+def test_sigkill_mid_search_then_resume_keeps_completed_trials(tiny_models, tiny_task, tmp_path):
+    data = config_dict(tiny_models, tiny_task, tmp_path)
+    data["sampler"] = {"name": "cmaes", "popsize": 4}
+    data["budget"] = {"trials": 9}
+    path = write_config(tmp_path / "c.yml", data)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "evomerge", "search", str(path)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    storage = data["storage"]
+    deadline = time.time() + 240
+    done_before = 0
+    while time.time() < deadline:
+        time.sleep(0.5)
+        try:
+            study = optuna.load_study(study_name="t", storage=storage)
+            done_before = sum(t.state.name == "COMPLETE" for t in study.trials)
+        except Exception:
+            continue
+        if done_before >= 5:
+            break
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    study = optuna.load_study(study_name="t", storage=storage)
+    completed = {t.number: t.values for t in study.trials if t.state.name == "COMPLETE"}
+    assert len(completed) >= 5
+
+    result = subprocess.run([sys.executable, "-m", "evomerge", "search", str(path)], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    study = optuna.load_study(study_name="t", storage=storage)
+    after = {t.number: t.values for t in study.trials if t.state.name == "COMPLETE"}
+    assert all(after[n] == v for n, v in completed.items())  # nothing completed was lost
+    assert counted(study) == 9
+    assert not [t for t in study.trials if t.state.name == "RUNNING"]
