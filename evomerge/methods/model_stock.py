@@ -32,6 +32,8 @@ def model_stock(base: Tensor, tensors: Sequence[Tensor], *, filter_wise: bool = 
             cosines.append(((a * b).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
     cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)  # (rows, 1) or (1,)
     n = len(ws)
-    t = (n * cos) / (1 + (n - 1) * cos)
+    denom = 1 + (n - 1) * cos
+    # anti-aligned task vectors make the ratio blow up: fall back to the base there (as mergekit 0.1.5)
+    t = torch.where(denom.abs() < 1e-6, torch.zeros_like(cos), (n * cos) / torch.where(denom.abs() < 1e-6, torch.ones_like(denom), denom))
     w_avg = sum(ws) / n
     return (t * w_avg + (1 - t) * w0).reshape(shape)
