@@ -19,16 +19,17 @@ SLERP_NORM_EPS = 1e-8
 def linear(tensors: Sequence[Tensor], *, weights: Sequence[float], normalize: bool = True) -> Tensor:
     """Model soup: ``sum_i w_i x_i``, divided by ``sum_i w_i`` when ``normalize``.
 
-    A weight sum of (almost) zero is not divided by (mergekit would return inf/NaN).
+    A weight sum of (almost) zero is not divided by (mergekit would return inf/NaN). The terms
+    are added in model order and the division is a multiplication by ``1 / sum`` (computed in
+    float64), so every implementation rounds identically.
     """
-    stacked = torch.stack(list(tensors), dim=0)  # (n_models, *shape)
-    w = torch.tensor(list(weights), dtype=stacked.dtype, device=stacked.device)
-    w = w.reshape((len(tensors),) + (1,) * (stacked.dim() - 1))
-    out = (stacked * w).sum(dim=0)
+    out = tensors[0] * float(weights[0])
+    for x, w in zip(tensors[1:], weights[1:]):
+        out = out + x * float(w)
     if normalize:
-        total = float(sum(weights))
-        if abs(total) >= 1e-8:
-            out = out / total
+        total = float(sum(float(w) for w in weights))
+        if abs(total) >= 1e-8 and total != 1.0:
+            out = out * (1.0 / total)
     return out
 
 
@@ -36,16 +37,22 @@ def slerp(base: Tensor, other: Tensor, *, t: float) -> Tensor:
     """Spherical interpolation between ``base`` (t=0) and ``other`` (t=1) over the whole tensor
     flattened; falls back to linear interpolation when the two directions are nearly colinear
     (``|cos| > 0.9995``), as mergekit does."""
-    u0 = _unit(base)
-    u1 = _unit(other)
-    dot = float((u0 * u1).sum())
+    c0, c1 = slerp_coefficients(slerp_dot(base, other), t)
+    return base * c0 + other * c1
+
+
+def slerp_dot(base: Tensor, other: Tensor) -> float:
+    """The cosine between the two tensors (flattened): slerp's only reduction."""
+    return float((_unit(base) * _unit(other)).sum())
+
+
+def slerp_coefficients(dot: float, t: float) -> tuple[float, float]:
+    """``(c0, c1)`` with ``slerp = base * c0 + other * c1``."""
     if abs(dot) > SLERP_DOT_THRESHOLD:
-        return (1 - t) * base + t * other
+        return 1 - t, t
     theta0 = math.acos(dot)
     sin0 = math.sin(theta0)
-    s0 = math.sin(theta0 - theta0 * t) / sin0
-    s1 = math.sin(theta0 * t) / sin0
-    return s0 * base + s1 * other
+    return math.sin(theta0 - theta0 * t) / sin0, math.sin(theta0 * t) / sin0
 
 
 def _unit(x: Tensor) -> Tensor:
@@ -80,10 +87,27 @@ def nuslerp(
 
 def _nuslerp_vectors(t: float, v0: Tensor, v1: Tensor, *, dim: int, flatten: bool) -> Tensor:
     shape = v0.shape
+    v0, v1 = nuslerp_view(v0, dim, flatten), nuslerp_view(v1, dim, flatten)
+    out = nuslerp_combine(t, v0, v1, *nuslerp_angles(v0, v1))
+    return nuslerp_unview(out, shape, dim, flatten)
+
+
+def nuslerp_view(v: Tensor, dim: int, flatten: bool) -> Tensor:
+    """The tensor as vectors along its last dimension (the whole tensor when ``flatten``)."""
     if flatten:
-        v0, v1 = v0.reshape(-1), v1.reshape(-1)  # (N,)
-    elif dim != -1:
-        v0, v1 = v0.transpose(dim, -1), v1.transpose(dim, -1)  # vectors along the last dim
+        return v.reshape(-1)  # (N,)
+    return v.transpose(dim, -1) if dim != -1 else v
+
+
+def nuslerp_unview(out: Tensor, shape: torch.Size, dim: int, flatten: bool) -> Tensor:
+    if not flatten and dim != -1:
+        out = out.transpose(dim, -1)
+    return out.reshape(shape)
+
+
+def nuslerp_angles(v0: Tensor, v1: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(theta, safe_sin, colinear)`` per vector (shape ``(..., 1)``): everything of nuslerp that
+    does not depend on ``t``."""
     n0 = v0 / torch.linalg.vector_norm(v0, dim=-1, keepdim=True).clamp(min=1e-7)
     n1 = v1 / torch.linalg.vector_norm(v1, dim=-1, keepdim=True).clamp(min=1e-7)
     cos = (n0 * n1).sum(dim=-1, keepdim=True).clamp(-1, 1)  # (..., 1)
@@ -91,11 +115,19 @@ def _nuslerp_vectors(t: float, v0: Tensor, v1: Tensor, *, dim: int, flatten: boo
     sin = torch.sin(theta)
     colinear = sin.abs() < 1e-8  # (..., 1)
     safe_sin = torch.where(colinear, torch.ones_like(sin), sin)
-    spherical = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / safe_sin
-    out = torch.where(colinear, (1 - t) * v0 + t * v1, spherical)
-    if not flatten and dim != -1:
-        out = out.transpose(dim, -1)
-    return out.reshape(shape)
+    return theta, safe_sin, colinear
+
+
+def nuslerp_coefficients(t: float, theta: Tensor) -> tuple[Tensor, Tensor]:
+    """``(sin((1 - t) theta), sin(t theta))`` per vector."""
+    return torch.sin((1 - t) * theta), torch.sin(t * theta)
+
+
+def nuslerp_combine(t: float, v0: Tensor, v1: Tensor, theta: Tensor, safe_sin: Tensor, colinear: Tensor) -> Tensor:
+    """The elementwise half of nuslerp (the order of operations is part of the contract)."""
+    a, b = nuslerp_coefficients(t, theta)
+    spherical = (v0 * a + v1 * b) / safe_sin
+    return torch.where(colinear, v0 * (1 - t) + v1 * t, spherical)
 
 
 def nearswap(base: Tensor, other: Tensor, *, t: float) -> Tensor:

@@ -17,6 +17,14 @@ def model_stock(base: Tensor, tensors: Sequence[Tensor], *, filter_wise: bool = 
     if len(tensors) < 2:
         raise ValueError("model_stock needs at least two fine-tuned models besides the base")
     shape = base.shape
+    t = model_stock_ratio(base, tensors, filter_wise=filter_wise)
+    w0 = base.unsqueeze(0) if filter_wise and base.dim() == 1 else (base if filter_wise else base.reshape(-1))
+    ws = [x.unsqueeze(0) if filter_wise and x.dim() == 1 else (x if filter_wise else x.reshape(-1)) for x in tensors]
+    return model_stock_combine(t, w0, ws).reshape(shape)
+
+
+def model_stock_ratio(base: Tensor, tensors: Sequence[Tensor], *, filter_wise: bool = False) -> Tensor:
+    """The interpolation ratio ``t``: shape ``(1,)``, or ``(rows, 1)`` with ``filter_wise``."""
     if filter_wise:
         w0 = base.unsqueeze(0) if base.dim() == 1 else base  # (rows, cols)
         ws = [x.unsqueeze(0) if x.dim() == 1 else x for x in tensors]
@@ -34,6 +42,15 @@ def model_stock(base: Tensor, tensors: Sequence[Tensor], *, filter_wise: bool = 
     n = len(ws)
     denom = 1 + (n - 1) * cos
     # anti-aligned task vectors make the ratio blow up: fall back to the base there (as mergekit 0.1.5)
-    t = torch.where(denom.abs() < 1e-6, torch.zeros_like(cos), (n * cos) / torch.where(denom.abs() < 1e-6, torch.ones_like(denom), denom))
-    w_avg = sum(ws) / n
-    return (t * w_avg + (1 - t) * w0).reshape(shape)
+    small = denom.abs() < 1e-6
+    return torch.where(small, torch.zeros_like(cos), (n * cos) / torch.where(small, torch.ones_like(denom), denom))
+
+
+def model_stock_combine(t: Tensor, w0: Tensor, ws: Sequence[Tensor]) -> Tensor:
+    """``t * mean(ws) + (1 - t) * w0`` (elementwise; models summed in order, the mean a
+    multiplication by ``1 / n``)."""
+    acc = ws[0]
+    for w in ws[1:]:
+        acc = acc + w
+    w_avg = acc * (1.0 / len(ws)) if len(ws) != 1 else acc
+    return t * w_avg + (1 - t) * w0

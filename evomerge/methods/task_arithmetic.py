@@ -34,26 +34,66 @@ _RESCALE_EPS = 1e-7  # below this norm a masked delta is returned unscaled (as m
 
 
 # --------------------------------------------------------------------------- masks
+def top_k_mask(values: Tensor, k: int) -> Tensor:
+    """Bool mask of the ``k`` largest entries of ``values``, ties broken by flat index (lower
+    index first): exactly the first ``k`` entries of a *stable* descending sort, so the result is
+    deterministic on every device (``torch.topk`` alone picks arbitrarily among ties).
+
+    Equivalently ``descending_ranks(values) < k``; the workspace (#6) uses cached ranks, the engine
+    this function (one ``topk`` plus a scan over the entries tied with the k-th value).
+    """
+    flat = values.reshape(-1)
+    n = flat.numel()
+    if k <= 0:
+        return torch.zeros(values.shape, dtype=torch.bool, device=values.device)
+    if k >= n:
+        return torch.ones(values.shape, dtype=torch.bool, device=values.device)
+    thr = torch.topk(flat, k, largest=True, sorted=False).values.min()  # the k-th largest value
+    above = flat > thr
+    tied = flat == thr
+    room = k - above.sum()  # how many of the tied entries are kept (0-dim, no host sync)
+    keep = above | (tied & (torch.cumsum(tied, 0) <= room))
+    return keep.reshape(values.shape)
+
+
+def descending_ranks(values: Tensor) -> Tensor:
+    """Each entry's position (int64) in the stable descending order of ``values`` (value desc,
+    flat index asc): ``top_k_mask(values, k) == (descending_ranks(values) < k)`` for every k."""
+    flat = values.reshape(-1)
+    order = torch.sort(flat, descending=True, stable=True).indices
+    ranks = torch.empty_like(order)
+    ranks[order] = torch.arange(flat.numel(), device=flat.device)
+    return ranks.reshape(values.shape)
+
+
 def magnitude_mask(delta: Tensor, density: float) -> Tensor:
-    """Keep the ``int(density * N)`` entries of largest magnitude (TIES' trim step).
+    """Keep the ``int(density * N)`` entries of largest magnitude (TIES' trim step); among equal
+    magnitudes the lower flat index is kept (see :func:`top_k_mask`).
 
     Returns a mask of ``delta``'s dtype. ``density >= 1`` keeps everything; when
     ``int(density * N)`` is 0 nothing is kept (mergekit aborts in that case).
     """
-    n = delta.numel()
     if density >= 1:
         return torch.ones_like(delta)
-    k = int(density * n)
-    mask = torch.zeros_like(delta)
-    if k > 0:
-        idx = torch.topk(delta.abs().reshape(-1), k, largest=True, sorted=False).indices
-        mask.view(-1)[idx] = 1
-    return mask
+    return top_k_mask(delta.abs(), int(density * delta.numel())).to(delta.dtype)
+
+
+def breadcrumbs_counts(n: int, density: float, gamma: float) -> tuple[int, int]:
+    """``(n_top, n_bot)``: how many largest-magnitude outliers and smallest entries breadcrumbs
+    drops from ``n`` entries so that ``int(density * n)`` remain."""
+    keep = int(density * n)
+    n_top = int(gamma * n)
+    n_bot = n - keep - n_top
+    if n_bot < 0:  # not enough room: trim fewer outliers
+        n_top += n_bot
+        n_bot = 0
+    return n_top, n_bot
 
 
 def breadcrumbs_mask(delta: Tensor, density: float, gamma: float) -> Tensor:
     """Model Breadcrumbs: drop the ``gamma`` fraction of largest-magnitude outliers, then the
-    smallest entries, so ``int(density * N)`` entries remain.
+    smallest entries, so ``int(density * N)`` entries remain (the entries of descending magnitude
+    rank ``n_top <= r < N - n_bot``; ties by flat index, as :func:`top_k_mask`).
 
     If ``density + gamma > 1`` fewer outliers are dropped so the density is met (as mergekit).
     Unlike mergekit 0.1.x, ``int(gamma * N) == 0`` drops *no* outlier instead of the whole tensor.
@@ -62,16 +102,12 @@ def breadcrumbs_mask(delta: Tensor, density: float, gamma: float) -> Tensor:
     n = delta.numel()
     if density >= 1:
         return torch.ones_like(delta)
-    keep = int(density * n)
-    n_top = int(gamma * n)
-    n_bot = n - keep - n_top
-    if n_bot < 0:  # not enough room: trim fewer outliers
-        n_top += n_bot
-        n_bot = 0
-    order = torch.argsort(delta.abs().reshape(-1), descending=False)  # (N,) smallest first
-    mask = torch.zeros_like(delta)
-    mask.view(-1)[order[n_bot : n - n_top]] = 1
-    return mask
+    n_top, n_bot = breadcrumbs_counts(n, density, gamma)
+    mag = delta.abs()
+    keep = top_k_mask(mag, n - n_bot)
+    if n_top > 0:
+        keep = keep & ~top_k_mask(mag, n_top)
+    return keep.to(delta.dtype)
 
 
 def bernoulli_mask(delta: Tensor, density: float, generator: torch.Generator | None) -> Tensor:
@@ -82,20 +118,38 @@ def bernoulli_mask(delta: Tensor, density: float, generator: torch.Generator | N
     return torch.bernoulli(probs, generator=generator)
 
 
+def della_row_ranks(delta: Tensor) -> Tensor:
+    """Ascending magnitude rank (int64) of each entry within its row (dim 1; a 1-D tensor is one
+    row), ties by position (a stable sort), shaped like ``delta``."""
+    rows = delta.unsqueeze(0) if delta.dim() < 2 else delta  # (rows, cols, ...)
+    n = rows.shape[1]
+    order = torch.sort(rows.abs(), dim=1, stable=True).indices
+    shape = [1] * rows.dim()
+    shape[1] = n
+    ramp = torch.arange(n, device=delta.device).reshape(shape).expand_as(order)
+    ranks = torch.empty_like(order).scatter_(1, order, ramp)
+    return ranks.reshape(delta.shape)
+
+
+def della_probs_from_ranks(ranks: Tensor, n: int, density: float, epsilon: float,
+                           dtype: torch.dtype = torch.float32) -> Tensor:
+    """``(density - epsilon) + rank * 2 epsilon / (n - 1)``, as ``rank * step + low`` (two
+    roundings in ``dtype``; the workspace's fused kernels compute exactly this)."""
+    step = 2 * epsilon / (n - 1)
+    return ranks.to(dtype) * step + (density - epsilon)
+
+
 def della_keep_probs(delta: Tensor, density: float, epsilon: float) -> Tensor:
     """DELLA's MagPrune keep probabilities: within each row (dim 1; 1-D tensors are one row),
-    rank entries by magnitude and spread the probabilities linearly over
+    rank entries by magnitude (ties by position) and spread the probabilities linearly over
     ``[density - epsilon, density + epsilon]``, larger magnitude -> more likely kept.
 
     A row of one entry gets ``density`` (mergekit would produce NaN there).
     """
-    rows = delta.unsqueeze(0) if delta.dim() < 2 else delta  # (rows, cols, ...)
-    n = rows.shape[1]
+    n = delta.shape[1] if delta.dim() >= 2 else delta.shape[0]
     if n < 2:
         return torch.full_like(delta, density)
-    ranks = rows.abs().argsort(dim=1).argsort(dim=1).to(delta.dtype)  # 0 .. n-1 along dim 1
-    probs = (density - epsilon) + (ranks / (n - 1)) * (2 * epsilon)
-    return probs.reshape(delta.shape)
+    return della_probs_from_ranks(della_row_ranks(delta), n, density, epsilon, delta.dtype)
 
 
 def della_mask(
@@ -111,11 +165,14 @@ def della_mask(
 
 def rescale_l1(delta: Tensor, masked: Tensor) -> Tensor:
     """Scale ``masked`` so its L1 norm equals ``delta``'s (mergekit's ``rescale``)."""
-    before = delta.abs().sum()
-    after = masked.abs().sum()
-    if before < _RESCALE_EPS or after < _RESCALE_EPS:
-        return masked
-    return masked * (before / after)
+    return masked * l1_scale(delta.abs().sum(), masked.abs().sum())
+
+
+def l1_scale(before: Tensor, after: Tensor) -> Tensor:
+    """The L1 rescale factor ``before / after`` as a 0-dim tensor; 1 when either norm is below
+    1e-7 (then the masked delta is returned unscaled, as mergekit does). No host sync."""
+    small = (before < _RESCALE_EPS) | (after < _RESCALE_EPS)
+    return torch.where(small, torch.ones_like(before), before / torch.where(small, torch.ones_like(after), after))
 
 
 def sparsify(
@@ -152,10 +209,21 @@ def sparsify(
         return rescale_l1(delta, masked)
     if probs is None:  # deterministic masks have no keep probability: fall back to L1
         return rescale_l1(delta, masked)
+    if isinstance(probs, float):
+        return masked * (1.0 / probs)  # a multiply, not a division by a Python scalar (same on every device)
     return masked / probs
 
 
 # --------------------------------------------------------------------------- consensus
+def sequential_sum(tensors: Sequence[Tensor]) -> Tensor:
+    """``((t0 + t1) + t2) + ...``: sums across models in a fixed order, so every implementation
+    (the engine, the workspace's chunked and fused kernels) rounds identically."""
+    acc = tensors[0]
+    for t in tensors[1:]:
+        acc = acc + t
+    return acc
+
+
 def sign_consensus(weighted: Tensor, method: Consensus = "sum") -> Tensor:
     """TIES sign election over stacked weighted deltas ``(n_models, *shape)``.
 
@@ -163,13 +231,58 @@ def sign_consensus(weighted: Tensor, method: Consensus = "sum") -> Tensor:
     their signs. Ties go to +. Returns a mask of ``weighted``'s dtype, 1 where a delta agrees
     with the elected sign (zeros never agree).
     """
-    signs = weighted.sign()
-    score = weighted.sum(dim=0) if method == "sum" else signs.sum(dim=0)  # (*shape)
-    elected = torch.where(score >= 0, 1.0, -1.0).to(weighted.dtype)
-    return (signs == elected).to(weighted.dtype)
+    return torch.stack(sign_agreement(list(weighted.unbind(0)), method), dim=0)
+
+
+def sign_agreement(weighted: Sequence[Tensor], method: Consensus = "sum") -> list[Tensor]:
+    """:func:`sign_consensus` on a list of per-model tensors; returns one 0/1 mask per model."""
+    signs = [w.sign() for w in weighted]
+    score = sequential_sum(weighted if method == "sum" else signs)
+    elected = torch.where(score >= 0, 1.0, -1.0).to(weighted[0].dtype)
+    return [(s == elected).to(weighted[0].dtype) for s in signs]
 
 
 # --------------------------------------------------------------------------- the merge
+def mix_task_vectors(
+    base: Tensor,
+    sparse: Sequence[Tensor],
+    weights: Sequence[float],
+    *,
+    consensus: Consensus | None = None,
+    normalize: bool = False,
+    lambda_: float = 1.0,
+) -> Tensor:
+    """``base + lambda * mix(w_i * sparse_i)``: the elementwise half of
+    :func:`generalized_task_arithmetic` (sparsified task vectors in, merged tensor out).
+
+    The order of operations is part of the contract: the workspace reproduces it exactly.
+    """
+    weighted = [d * float(w) for d, w in zip(sparse, weights)]
+    if consensus is not None:
+        agree = sign_agreement(weighted, consensus)
+        mixed = sequential_sum([x * a for x, a in zip(weighted, agree)])
+        if normalize:
+            divisor = sequential_sum([a * float(w) for a, w in zip(agree, weights)])
+            divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+            mixed = mixed / divisor
+    else:
+        mixed = sequential_sum(weighted)
+        if normalize:
+            total = linear_total(weights)
+            if total != 1.0:
+                mixed = mixed * (1.0 / total)
+    if lambda_ != 1:
+        mixed = mixed * float(lambda_)
+    return base + mixed
+
+
+def linear_total(weights: Sequence[float]) -> float:
+    """The divisor of a normalized, consensus-free mix: the sum of the weights (in float64),
+    or 1 where it is (almost) zero."""
+    total = float(sum(float(w) for w in weights))
+    return 1.0 if abs(total) < 1e-8 else total
+
+
 def generalized_task_arithmetic(
     base: Tensor,
     tensors: Sequence[Tensor],
@@ -214,22 +327,4 @@ def generalized_task_arithmetic(
                 generator=generators[i],
             )
         deltas.append(d)
-    stacked = torch.stack(deltas, dim=0)  # (n_models, *shape)
-    w = torch.tensor(list(weights), dtype=stacked.dtype, device=stacked.device)
-    w = w.reshape((n,) + (1,) * base.dim())  # (n_models, 1, ...)
-    weighted = stacked * w
-
-    if consensus is not None:
-        mask = sign_consensus(weighted, consensus)
-        mixed = (weighted * mask).sum(dim=0)
-        divisor = (w * mask).sum(dim=0)
-        divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
-    else:
-        mixed = weighted.sum(dim=0)
-        divisor = w.sum(dim=0)
-        divisor = torch.where(divisor.abs() < 1e-8, torch.ones_like(divisor), divisor)
-    if normalize:
-        mixed = mixed / divisor
-    if lambda_ != 1:
-        mixed = mixed * lambda_
-    return base + mixed
+    return mix_task_vectors(base, deltas, weights, consensus=consensus, normalize=normalize, lambda_=lambda_)
