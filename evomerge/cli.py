@@ -137,7 +137,8 @@ def search(config: Path, trials: int | None, fresh: bool, fork: bool, storage: s
     try:
         result = run_search(cfg, fresh=fresh, fork=fork, trials=trials, on_trial=on_trial, on_start=on_start)
     finally:
-        progress.stop()
+        if task_id is not None:
+            progress.stop()
     state = "stopped" if result.interrupted else "done"
     best = (f"best trial {result.best_number}: {result.best_fitness:.4f}"
             if result.best_number is not None else "no completed trial")

@@ -127,7 +127,7 @@ def _resolve_params(method: Method, recipe: Recipe, out_slice: OutputSlice, tens
     for check in method.extra_checks:
         problem = check(params)
         if problem:
-            raise ConfigError(f"{tensor}: {problem}")
+            raise MergeError(f"{tensor}: {problem}")
     return params
 
 

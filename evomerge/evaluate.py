@@ -144,11 +144,16 @@ class LmEvalFitness:
                 fewshot_as_multiturn=self.fitness.apply_chat_template,
                 verbosity="ERROR",
             )
-        values = {}
-        for spec in self.fitness.tasks:
-            values[spec.task] = metric_value(results["results"], spec.task, spec.metric)
-        fitness = sum(spec.weight * values[spec.task] for spec in self.fitness.tasks)
-        return Score(values, float(fitness), [values[s.task] for s in self.fitness.tasks])
+        objectives = [metric_value(results["results"], spec.task, spec.metric) for spec in self.fitness.tasks]
+        values = dict(zip(self.labels, objectives))
+        fitness = sum(spec.weight * v for spec, v in zip(self.fitness.tasks, objectives))
+        return Score(values, float(fitness), objectives)
+
+    @property
+    def labels(self) -> list[str]:
+        """One name per fitness entry: the task, or ``task.metric`` when a task is listed twice."""
+        names = [t.task for t in self.fitness.tasks]
+        return [t.task if names.count(t.task) == 1 else f"{t.task}.{t.metric}" for t in self.fitness.tasks]
 
 
 @contextlib.contextmanager

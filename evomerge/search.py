@@ -254,17 +254,21 @@ def run_search(config: SearchConfig, *, fresh: bool = False, fork: bool = False,
         num_layers = ck.num_layers
     space = build_space(config, num_layers)
     sampler = make_sampler(config, space.bounds())
-    study, created = open_study(config, sampler, fresh=fresh, fork=fork)
+    # validate tasks and models before a study is created, so a bad config leaves nothing behind
+    fitness = LmEvalFitness(config.fitness, config.include_paths)
+    all_refs = list(refs.values()) + ([config.base_ref] if config.base_ref else [])
+    workspace = Workspace(all_refs, template=template, device=config.device, dtype=TORCH_DTYPES[config.dtype])
+    try:
+        study, created = open_study(config, sampler, fresh=fresh, fork=fork)
+    except BaseException:
+        workspace.close()
+        raise
     if created:
         study.set_user_attr(ATTR_SPACE, {k: list(v) for k, v in space.bounds().items()})
         if config.sampler.baselines:
             enqueue_baselines(study, config)
     fail_stale_trials(study)
     distributions = {k: FloatDistribution(lo, hi) for k, (lo, hi) in space.bounds().items()}
-
-    fitness = LmEvalFitness(config.fitness, config.include_paths)
-    all_refs = list(refs.values()) + ([config.base_ref] if config.base_ref else [])
-    workspace = Workspace(all_refs, template=template, device=config.device, dtype=TORCH_DTYPES[config.dtype])
     multi = config.fitness.objective == "multi"
     if on_start:
         on_start({"study": study.study_name, "storage": config.storage_url, "created": created,
@@ -306,6 +310,10 @@ def _run_one(study: optuna.Study, space: Any, distributions: dict[str, FloatDist
         trial.set_user_attr(ATTR_RECIPE, recipe.to_dict())
         workspace.load(recipe)
         score = fitness.score(workspace.model, workspace.tokenizer)
+    except ConfigError as e:  # a problem with the config, not with this candidate: stop here
+        trial.set_user_attr(ATTR_ERROR, str(e))
+        study.tell(trial, state=TrialState.FAIL)
+        raise
     except KeyboardInterrupt:
         trial.set_user_attr(ATTR_INTERRUPTED, True)
         trial.set_user_attr(ATTR_ERROR, "interrupted (Ctrl-C)")

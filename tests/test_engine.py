@@ -241,5 +241,5 @@ def test_plan_errors(four):
         plan_merge(r, open_sources(r))
     r = recipe({"merge_method": "della", "base_model": str(four["base"]),
                 "models": [{"model": str(four["a"]), "parameters": {"weight": 1, "density": [0.5, 0.9], "epsilon": 0.15}}]})
-    with pytest.raises(ConfigError, match="keep probabilities outside"):
+    with pytest.raises(MergeError, match="keep probabilities outside"):
         plan_merge(r, open_sources(r))

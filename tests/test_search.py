@@ -52,6 +52,9 @@ def tiny_task(tmp_path_factory) -> Path:
           - metric: acc
             aggregation: mean
             higher_is_better: true
+          - metric: acc_norm
+            aggregation: mean
+            higher_is_better: true
         """))
     return root
 
@@ -110,6 +113,10 @@ def test_unknown_task_and_metric(tiny_models, tiny_task, tmp_path):
     data["fitness"]["tasks"] = [{"task": "no_such_task_xyz"}]
     result = CliRunner().invoke(main, ["search", str(write_config(tmp_path / "c.yml", data))])
     assert result.exit_code == 1 and "unknown task 'no_such_task_xyz'" in result.stderr
+    data["fitness"]["tasks"] = [{"task": "tiny_mc", "metric": "f1"}]
+    result = CliRunner().invoke(main, ["search", str(write_config(tmp_path / "c.yml", data))])
+    assert result.exit_code == 1 and "metric: 'f1' not reported; available: acc, acc_norm" in result.stderr
+    assert len(load_existing_study("t", data["storage"]).trials) == 3  # stopped at once, baselines waiting
 
 
 # --------------------------------------------------------------------------- space
@@ -283,3 +290,36 @@ def test_sigkill_mid_search_then_resume_keeps_completed_trials(tiny_models, tiny
     assert all(after[n] == v for n, v in completed.items())  # nothing completed was lost
     assert counted(study) == 9
     assert not [t for t in study.trials if t.state.name == "RUNNING"]
+
+
+def _params_sequence(storage: str) -> list[dict]:
+    study = optuna.load_study(study_name="t", storage=storage)
+    return [t.params for t in study.trials if t.state.name == "COMPLETE"]
+
+
+def test_resumed_cmaes_search_continues_the_same_run(tiny_models, tiny_task, tmp_path):
+    data = config_dict(tiny_models, tiny_task, tmp_path)
+    data["sampler"] = {"name": "cmaes", "popsize": 3}
+    run_search(SearchConfig.from_dict(data), trials=6)   # baselines + 3 CMA trials (one generation)
+    run_search(SearchConfig.from_dict(data), trials=8)   # resumed in a new sampler/workspace
+    data_b = {**data, "storage": f"sqlite:///{tmp_path / 'uninterrupted.db'}"}
+    run_search(SearchConfig.from_dict(data_b), trials=8)
+    resumed, straight = _params_sequence(data["storage"]), _params_sequence(data_b["storage"])
+    assert len(resumed) == len(straight) == 8
+    assert resumed == straight
+    assert resumed[3] != resumed[4]  # real candidates, not a repeated point
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "qmc", "nsga2"])
+def test_every_sampler_runs_with_baselines(tiny_models, tiny_task, tmp_path, sampler):
+    data = config_dict(tiny_models, tiny_task, tmp_path)
+    data["sampler"] = {"name": sampler, "popsize": 2} if sampler == "nsga2" else {"name": sampler}
+    if sampler == "nsga2":  # multi-objective: one objective per task
+        data["fitness"]["tasks"] = [{"task": "tiny_mc", "metric": "acc"}, {"task": "tiny_mc", "metric": "acc_norm", "weight": 0.5}]
+        data["fitness"]["objective"] = "multi"
+    reports = []
+    run_search(SearchConfig.from_dict(data), trials=6, on_trial=reports.append)
+    assert [r.state for r in reports] == ["COMPLETE"] * 6, [r.error for r in reports]
+    study = optuna.load_study(study_name="t", storage=data["storage"])
+    assert len(study.directions) == (2 if sampler == "nsga2" else 1)
+    assert all(len(t.params) == 8 for t in study.trials if not t.user_attrs.get(ATTR_BASELINE))
