@@ -1,31 +1,144 @@
 """A workspace per worker: one live model whose parameters are overwritten in place for each
-candidate recipe. Source tensors are read from disk once and kept on the device in the compute
-dtype; a candidate costs one pass of merge math, no re-instantiation and no disk.
+candidate recipe, at (close to) the cost of one pass over the inputs.
+
+What is kept between candidates (placed by :mod:`evomerge.planner` on the device, in pinned host
+memory, or left on disk / recomputed when memory is short):
+
+- every source tensor, in its stored dtype (lossless: the merge math upcasts exactly as the engine
+  does, and a task vector ``x - base`` is formed on the fly from ``x`` and ``base`` in the compute
+  dtype, bit-identical to the engine's);
+- everything that does not depend on a candidate's parameters, computed once:
+  magnitude ranks of each task vector (TIES, breadcrumbs: a density becomes one comparison
+  ``rank < k``, no topk/sort per candidate), DELLA's per-row ranks, SCE's variance ranks and
+  non-zero counts, the L1 norms of the task vectors (DARE/DELLA rescale), slerp's cosine, nuslerp's
+  angles, model_stock's ratio, SCE's energies at ``select_topk = 1``;
+- Bernoulli thresholds for the seeded masks (DARE, DELLA): for the engine's per-tensor generator
+  (same seed, same shape, same device) ``torch.bernoulli(p) == (p >= p*)`` for *every* probability
+  tensor ``p``, so a candidate's random mask is one comparison and identical to the engine's.
+
+A candidate then costs one pass (CPU: in cache-sized chunks, so intermediates stay in cache; CUDA:
+fused Triton kernels where available, see :mod:`evomerge.kernels`), plus a second pass only where
+the engine's semantics need a reduction over the *masked* tensor (L1 rescale of DARE/DELLA, SCE's
+energies below ``select_topk = 1``). Results equal ``evomerge merge`` for the same recipe:
+deterministic methods exactly, seeded ones identically on the same device.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
+from torch import Tensor
 
 from evomerge.checkpoint import Checkpoint
-from evomerge.engine import TensorRef, execute_task, plan_merge, resolve_device
+from evomerge.engine import TensorRef, TensorTask, plan_merge, resolve_device, tensor_seed
 from evomerge.errors import CheckpointError, MergeError
+from evomerge.methods import Method
+from evomerge.methods.interpolate import (
+    linear,
+    nearswap,
+    nuslerp_angles,
+    nuslerp_combine,
+    nuslerp_unview,
+    nuslerp_view,
+    passthrough,
+    slerp_coefficients,
+    slerp_dot,
+)
+from evomerge.methods.model_stock import model_stock_combine, model_stock_ratio
+from evomerge.methods.sce import sce_combine, sce_energy, sce_variance, sce_variance_mask, sce_weights_from_energy
+from evomerge.methods.task_arithmetic import (
+    bernoulli_mask,
+    breadcrumbs_counts,
+    breadcrumbs_mask,
+    della_keep_probs,
+    della_probs_from_ranks,
+    della_row_ranks,
+    descending_ranks,
+    l1_scale,
+    magnitude_mask,
+    mix_task_vectors,
+)
+from evomerge.planner import Item, MemoryPlan, make_plan
 from evomerge.recipe import Recipe
 
 log = logging.getLogger(__name__)
 
+GTA_KINDS: dict[str, tuple[str | None, str | None]] = {  # method -> (sparsifier, consensus)
+    "task_arithmetic": (None, None),
+    "ties": ("magnitude", "sum"),
+    "dare_ties": ("random", "sum"),
+    "dare_linear": ("random", None),
+    "breadcrumbs": ("magnitude_outliers", None),
+    "breadcrumbs_ties": ("magnitude_outliers", "sum"),
+    "della": ("della_magprune", "sum"),
+    "della_linear": ("della_magprune", None),
+}
+
+_F32_ONE_BITS = 0x3F800000  # the bit pattern of 1.0f
+
+
+def bernoulli_thresholds(seed: int, shape: Sequence[int], device: torch.device, *,
+                         verify: bool = True, force_search: bool = False) -> Tensor:
+    """``p*`` (float32, ``shape``) such that, for a generator ``torch.Generator(device).manual_seed(seed)``,
+    ``torch.bernoulli(p, generator=g) == (p >= p*)`` for every float32 probability tensor ``p`` of
+    this shape on ``device``.
+
+    ``torch.bernoulli`` draws one uniform per entry, independent of ``p``, and keeps the entry when
+    the uniform is below ``p`` (``<`` on CPU, ``<=`` on CUDA); the smallest float ``p`` that keeps
+    it is ``p*``. On CPU ``torch.rand`` draws the same uniforms (checked against one Bernoulli draw
+    unless ``verify`` is off); elsewhere, or if that check fails, ``p*`` is found by a bisection over
+    the float32 bit patterns of ``[0, 1]`` (31 Bernoulli draws).
+    """
+    shape = tuple(shape)
+
+    def gen() -> torch.Generator:
+        return torch.Generator(device=device).manual_seed(seed)
+
+    if device.type == "cpu" and not force_search:
+        u = torch.rand(shape, generator=gen(), device=device)
+        cand = torch.nextafter(u, torch.full((), float("inf")))
+        if not verify:
+            return cand
+        probe = torch.rand(shape, generator=torch.Generator(device=device).manual_seed(seed ^ 0x5EED), device=device)
+        if torch.equal(torch.bernoulli(probe, generator=gen()).bool(), probe >= cand):
+            return cand
+        log.warning("torch.rand and torch.bernoulli draw differently here; searching Bernoulli thresholds")
+    lo = torch.zeros(shape, dtype=torch.int32, device=device)
+    hi = torch.full(shape, _F32_ONE_BITS, dtype=torch.int32, device=device)
+    for _ in range(32):
+        if not bool((hi - lo > 1).any()):
+            break
+        mid = (lo + hi) >> 1
+        hit = torch.bernoulli(mid.view(torch.float32), generator=gen()).bool()
+        hi = torch.where(hit, mid, hi)
+        lo = torch.where(hit, lo, mid)
+    return hi.view(torch.float32)
+
+
+def _rank_dtype(n: int) -> torch.dtype:
+    return torch.int16 if n <= 32767 else torch.int32 if n <= 2**31 - 1 else torch.int64
+
 
 class Workspace:
     def __init__(self, refs: list[str], *, template: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                 compute_dtype: torch.dtype = torch.float32):
+                 compute_dtype: torch.dtype = torch.float32, memory_limit: int | None = None,
+                 host_memory_limit: int | None = None, chunk_elems: int | None = None,
+                 fused: bool | None = None, verbose: bool = False, model: Any = None):
         """``refs``: every model a candidate may read; ``template``: the model whose config,
-        architecture and tokenizer the live instance takes."""
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        architecture and tokenizer the live instance takes.
 
+        ``memory_limit``: bytes the workspace may keep on the device besides the live model (default:
+        what is free); ``host_memory_limit``: pinned host bytes for sources streamed to a GPU.
+        ``chunk_elems``: elements per chunk of the per-candidate pass (CPU default 256k, so the
+        intermediates stay in cache). ``fused``: use the fused CUDA kernels (default: on CUDA when
+        Triton is importable). ``verbose``: print the memory plan when it changes.
+        ``model``: an already built live model to use instead of loading the template's weights.
+        """
         self.device = resolve_device(device)
         self.dtype = dtype
         self.compute_dtype = compute_dtype
@@ -34,27 +147,60 @@ class Workspace:
         if len(arches) > 1:
             raise CheckpointError(f"models have different architectures: {', '.join(sorted(arches))}")
         tpl = self.sources[template]
-        self.model = AutoModelForCausalLM.from_pretrained(tpl.path, dtype=dtype).to(self.device).eval()
+        if model is None:
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(tpl.path, dtype=dtype)
+        self.model = model.to(self.device).eval()
         self.model.requires_grad_(False)
-        self.tokenizer = AutoTokenizer.from_pretrained(tpl.path)
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self._template_path = tpl.path
+        self._tokenizer: Any = None
         self.num_layers = tpl.num_layers
         self.params = dict(self.model.named_parameters())
         self.params.update({k: v for k, v in self.model.named_buffers() if k not in self.params})
-        self._cache: dict[TensorRef, torch.Tensor] = {}
+        self.chunk_elems = chunk_elems or (1 << 18 if self.device.type == "cpu" else 1 << 26)
+        self.verbose = verbose
+        self._memory_limit = memory_limit
+        self._host_memory_limit = host_memory_limit
+        self.memory: MemoryPlan | None = None
+        self._store: dict[Any, Any] = {}  # resident sources and caches, by key
+        self._small: dict[Any, Any] = {}  # per-tensor scalars and per-row vectors (not planned)
+        self._verified_numels: set[int] = set()
+        self._plans: dict[str, Any] = {}
         self.recipe: Recipe | None = None
+        self._out_dtype = dtype
+        self.last_load_seconds: float | None = None
+        self.kernels = None
+        if fused is None:
+            fused = self.device.type == "cuda" and compute_dtype == torch.float32
+        if fused:
+            try:
+                from evomerge import kernels
 
-    def fetch(self, ref: TensorRef) -> torch.Tensor:
-        tensor = self._cache.get(ref)
-        if tensor is None:
-            tensor = self.sources[ref[0]].get(ref[1], dtype=self.compute_dtype, device=self.device)
-            self._cache[ref] = tensor
-        return tensor
+                self.kernels = kernels.FusedKernels(self.device)
+            except Exception as e:  # noqa: BLE001 - no Triton: the eager path gives the same result
+                log.warning("fused kernels unavailable (%s: %s); using the eager path", type(e).__name__, e)
+
+    # ----------------------------------------------------------------- public API
+    @property
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(self._template_path)
+            if tok.pad_token is None:
+                tok.pad_token = tok.eos_token
+            self._tokenizer = tok
+        return self._tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, value: Any) -> None:
+        self._tokenizer = value
 
     @torch.no_grad()
     def load(self, recipe: Recipe) -> None:
         """Write the recipe's merged weights into the live model."""
+        start = time.perf_counter()
         plan = plan_merge(recipe, self.sources)
         if plan.num_layers != self.num_layers:
             raise MergeError(f"the recipe has {plan.num_layers} layers; this workspace holds {self.num_layers}")
@@ -62,25 +208,459 @@ class Workspace:
             target = self.params.get(task.out_name)
             if target is None:
                 raise MergeError(f"{task.out_name}: the model has no such parameter")
-            out = execute_task(task, plan.method, self.fetch, seed=recipe.seed, device=self.device,
-                               compute_dtype=self.compute_dtype)
-            if out.shape != target.shape:
-                raise MergeError(f"{task.out_name}: merged shape {tuple(out.shape)} != model's {tuple(target.shape)}")
-            target.copy_(out)
+        self.recipe = None
+        self._out_dtype = plan.out_dtype
+        self._prepare(plan, recipe.seed)
+        flags: list[Tensor] = []
+        for task in plan.tasks:
+            flags.append(self._run_task(task, plan.method, recipe.seed, self.params[task.out_name]))
+        ok = torch.stack(flags).cpu()  # the one host sync of a candidate
+        if not bool(ok.all()):
+            bad = plan.tasks[int((~ok).nonzero()[0, 0])].out_name
+            raise MergeError(f"{bad}: the merge produced non-finite values (NaN or inf)")
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         self.recipe = recipe
+        self.last_load_seconds = time.perf_counter() - start
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
+    def state_dict(self) -> dict[str, Tensor]:
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
     def close(self) -> None:
         for ck in self.sources.values():
             ck.close()
-        self._cache.clear()
+        self._store.clear()
+        self._small.clear()
 
     @property
     def template_path(self) -> Path:
-        return next(iter(self.sources.values())).path
+        return self._template_path
 
     def describe(self) -> dict[str, Any]:
         n = sum(p.numel() for p in self.model.parameters())
-        return {"device": str(self.device), "parameters": n, "sources": len(self.sources)}
+        out: dict[str, Any] = {"device": str(self.device), "parameters": n, "sources": len(self.sources),
+                               "fused_kernels": self.kernels is not None}
+        if self.memory is not None:
+            out["memory_plan"] = self.memory.summary()
+            out["placements"] = self.memory.counts()
+        return out
+
+    def memory_table(self) -> str:
+        return self.memory.table() if self.memory is not None else "memory plan: nothing loaded yet"
+
+    # ----------------------------------------------------------------- planning and caches
+    def _ensure_memory(self, plan: Any) -> MemoryPlan:
+        if self.memory is None:
+            largest = max(self._numel(t) for t in plan.tasks)
+            n_in = max(len(t.inputs) + (1 if t.base else 0) for t in plan.tasks)
+            item = torch.empty((), dtype=self.compute_dtype).element_size()
+            scratch = largest * item * (n_in + 6)
+            self.memory = make_plan(self.device, scratch=scratch, memory_limit=self._memory_limit,
+                                    host_memory_limit=self._host_memory_limit)
+        return self.memory
+
+    def _numel(self, task: TensorTask) -> int:
+        ref = task.base or task.inputs[0]
+        n = 1
+        for s in self.sources[ref[0]].shape(ref[1]):
+            n *= s
+        return n
+
+    def _rows(self, task: TensorTask) -> int | None:
+        """Rows kept of an embedding whose vocabularies differ (None: the full tensors)."""
+        if not task.is_embed:
+            return None
+        refs = ([task.base] if task.base else []) + list(task.inputs)
+        rows = {self.sources[m].shape(t)[0] for m, t in refs}
+        if len(rows) == 1:
+            return None
+        log.warning("%s: vocabulary sizes differ; keeping the first %d rows", task.out_name, min(rows))
+        return min(rows)
+
+    def _prepare(self, plan: Any, seed: int) -> None:
+        """Place (and load) every source and derived cache this plan needs."""
+        mem = self._ensure_memory(plan)
+        before = len(mem.items)
+        items: list[Item] = []
+        builders: dict[Any, Callable[[], Any]] = {}
+
+        def want(kind: str, key: Any, nbytes: int, label: str, build: Callable[[], Any]) -> None:
+            if key in mem.items:
+                return
+            items.append(Item(kind, key, nbytes, label))
+            builders[key] = build
+
+        method = plan.method
+        for task in plan.tasks:
+            rows = self._rows(task)
+            refs = ([task.base] if task.base else []) + list(task.inputs)
+            for ref in refs:
+                ck = self.sources[ref[0]]
+                numel = 1
+                for s in ck.shape(ref[1]):
+                    numel *= s
+                nbytes = numel * ck.dtype(ref[1]).itemsize
+                want("source", ("src", ref), nbytes, ref[0], lambda ref=ref: self._load_source(ref))
+            numel = 1
+            for s in self._shape(task, rows):
+                numel *= s
+            self._want_derived(task, method, seed, rows, numel, want)
+        mem.place_all(items)
+        for it in items:
+            if it.where in ("device", "host"):
+                self._store[it.key] = builders[it.key]()
+        if len(mem.items) != before:
+            log.info("%s", mem.table())
+            if self.verbose:
+                print(mem.table(), file=sys.stderr)
+
+    def _want_derived(self, task: TensorTask, method: Method, seed: int, rows: int | None, numel: int,
+                      want: Callable[..., None]) -> None:
+        name = method.name
+        p = task.params
+        base = task.base
+        if name in GTA_KINDS:
+            sparsifier, _ = GTA_KINDS[name]
+            if sparsifier is None:
+                return
+            for i, ref in enumerate(task.inputs):
+                if p["density"][i] >= 1:
+                    continue
+                if sparsifier in ("magnitude", "magnitude_outliers"):
+                    dt = _rank_dtype(numel)
+                    want("magnitude ranks", ("magrank", base, ref, rows), numel * dt.itemsize, ref[0],
+                         lambda ref=ref: self._build_magrank(base, ref, rows))
+                if sparsifier == "della_magprune":
+                    shape = self._shape(task, rows)
+                    ncols = shape[1] if len(shape) >= 2 else shape[0]
+                    if ncols >= 2:
+                        dt = _rank_dtype(ncols)
+                        want("row ranks", ("rowrank", base, ref, rows), numel * dt.itemsize, ref[0],
+                             lambda ref=ref: self._build_rowrank(base, ref, rows))
+                if sparsifier in ("random", "della_magprune") and self.compute_dtype == torch.float32:
+                    s = tensor_seed(seed, task.out_name, i)
+                    shape = self._shape(task, rows)
+                    want("bernoulli thresholds", ("pstar", s, shape), numel * 4, ref[0],
+                         lambda s=s, shape=shape: self._build_pstar(s, shape))
+        elif name == "sce" and p["select_topk"] < 1:
+            dt = _rank_dtype(numel)
+            want("variance ranks", ("varrank", base, task.inputs, rows), numel * dt.itemsize, "all models",
+                 lambda: self._build_varrank(base, task.inputs, rows))
+
+    def _shape(self, task: TensorTask, rows: int | None) -> tuple[int, ...]:
+        ref = task.base or task.inputs[0]
+        shape = tuple(self.sources[ref[0]].shape(ref[1]))
+        return shape if rows is None else (rows, *shape[1:])
+
+    def _load_source(self, ref: TensorRef) -> Tensor:
+        t = self.sources[ref[0]].get(ref[1])
+        where = self.memory.items[("src", ref)].where  # type: ignore[union-attr]
+        if where == "device":
+            return t.to(self.device)
+        return t.pin_memory() if self.device.type == "cuda" else t
+
+    def _src(self, ref: TensorRef, rows: int | None) -> Tensor:
+        """A source tensor on the device, in its stored dtype."""
+        t = self._store.get(("src", ref))
+        if t is None:
+            t = self.sources[ref[0]].get(ref[1])
+        if t.device != self.device:
+            t = t.to(self.device, non_blocking=True)
+        return t if rows is None else t[:rows]
+
+    def _cv(self, t: Tensor) -> Tensor:
+        return t.to(self.compute_dtype)
+
+    def _delta(self, base: TensorRef | None, ref: TensorRef, rows: int | None) -> Tensor:
+        x = self._cv(self._src(ref, rows))
+        return x if base is None else x - self._cv(self._src(base, rows))
+
+    def _build_magrank(self, base: TensorRef, ref: TensorRef, rows: int | None) -> Tensor:
+        d = self._delta(base, ref, rows)
+        return descending_ranks(d.abs()).to(_rank_dtype(d.numel()))
+
+    def _build_rowrank(self, base: TensorRef, ref: TensorRef, rows: int | None) -> Tensor:
+        d = self._delta(base, ref, rows)
+        ncols = d.shape[1] if d.dim() >= 2 else d.shape[0]
+        return della_row_ranks(d).to(_rank_dtype(ncols))
+
+    def _build_varrank(self, base: TensorRef, inputs: Sequence[TensorRef], rows: int | None) -> Tensor:
+        var = sce_variance(torch.stack([self._delta(base, r, rows) for r in inputs], dim=0))
+        self._small[("nnz", base, tuple(inputs), rows)] = int(torch.count_nonzero(var))
+        return descending_ranks(var).to(_rank_dtype(var.numel()))
+
+    def _build_pstar(self, seed: int, shape: tuple[int, ...]) -> Tensor:
+        numel = 1
+        for s in shape:
+            numel *= s
+        verify = numel not in self._verified_numels
+        out = bernoulli_thresholds(seed, shape, self.device, verify=verify)
+        self._verified_numels.add(numel)
+        return out
+
+    def _cached(self, key: Any) -> Tensor | None:
+        return self._store.get(key)
+
+    def _small_cache(self, key: Any, build: Callable[[], Any]) -> Any:
+        value = self._small.get(key)
+        if value is None:
+            value = build()
+            self._small[key] = value
+        return value
+
+    # ----------------------------------------------------------------- per-candidate work
+    def _chunks(self, numel: int) -> list[slice]:
+        step = max(1, self.chunk_elems)
+        return [slice(a, min(a + step, numel)) for a in range(0, numel, step)]
+
+    def _run_task(self, task: TensorTask, method: Method, seed: int, target: Tensor) -> Tensor:
+        rows = self._rows(task)
+        shape = self._shape(task, rows)
+        if tuple(target.shape) != shape:
+            raise MergeError(f"{task.out_name}: merged shape {shape} != model's {tuple(target.shape)}")
+        name = method.name
+        if self.kernels is not None:
+            flag = self.kernels.run(self, task, method, seed, target, rows)
+            if flag is not None:
+                return flag
+        if name in GTA_KINDS:
+            return self._gta(task, method, seed, target, rows)
+        if name == "sce":
+            return self._sce(task, target, rows)
+        if name == "model_stock":
+            return self._model_stock(task, target, rows)
+        if name == "nuslerp":
+            return self._nuslerp(task, target, rows)
+        p = task.params
+        if name == "linear":
+            xs = [self._src(r, rows).view(-1) for r in task.inputs]
+            return self._flat(target, lambda sl: linear([self._cv(x[sl]) for x in xs], weights=p["weight"],
+                                                          normalize=p["normalize"]))
+        if name == "passthrough":
+            x = self._src(task.inputs[0], rows).view(-1)
+            return self._flat(target, lambda sl: passthrough([self._cv(x[sl])], scale=p["scale"][0]))
+        if name == "slerp":
+            base, other = task.base, task.inputs[0]
+            dot = self._small_cache(("slerp", base, other, rows), lambda: slerp_dot(
+                self._cv(self._src(base, rows)), self._cv(self._src(other, rows))))
+            c0, c1 = slerp_coefficients(dot, p["t"])
+            b, x = self._src(base, rows).view(-1), self._src(other, rows).view(-1)
+            return self._flat(target, lambda sl: self._cv(b[sl]) * c0 + self._cv(x[sl]) * c1)
+        if name == "nearswap":
+            b, x = self._src(task.base, rows).view(-1), self._src(task.inputs[0], rows).view(-1)
+            return self._flat(target, lambda sl: nearswap(self._cv(b[sl]), self._cv(x[sl]), t=p["t"]))
+        raise MergeError(f"{name}: no workspace implementation")  # pragma: no cover - registry is covered by tests
+
+    def _round(self, out: Tensor, target: Tensor) -> Tensor:
+        """The engine writes ``out.to(plan.out_dtype)``; round through that dtype when the live
+        model's differs."""
+        od = self._out_dtype
+        return out.to(od) if od != out.dtype and od != target.dtype else out
+
+    def _flat(self, target: Tensor, chunk: Callable[[slice], Tensor]) -> Tensor:
+        """Compute the output chunk by chunk (elementwise methods) straight into ``target``."""
+        flat = target.view(-1)
+        oks = []
+        for sl in self._chunks(flat.numel()):
+            out = chunk(sl)
+            oks.append(torch.isfinite(out).all())
+            flat[sl].copy_(self._round(out, target))
+        return torch.stack(oks).all() if len(oks) > 1 else oks[0]
+
+    # GTA: task arithmetic, TIES, DARE, breadcrumbs, DELLA
+    def _gta(self, task: TensorTask, method: Method, seed: int, target: Tensor, rows: int | None) -> Tensor:
+        sparsifier, consensus = GTA_KINDS[method.name]
+        p = task.params
+        n = len(task.inputs)
+        base_ref = task.base
+        base = self._src(base_ref, rows)
+        shape = tuple(base.shape)
+        numel = base.numel()
+        b = base.view(-1)
+        xs = [self._src(r, rows).view(-1) for r in task.inputs]
+        cv = self._cv
+        gens: list[torch.Generator] | None = None
+
+        def gen(i: int) -> torch.Generator:
+            return torch.Generator(device=self.device).manual_seed(tensor_seed(seed, task.out_name, i))
+
+        # per model: mask(sl) -> Tensor|None, post(masked, sl) -> sparse chunk
+        masks: list[Callable[[slice], Tensor] | None] = [None] * n
+        probs_of: list[Any] = [None] * n
+        needs_l1 = [False] * n
+        for i, ref in enumerate(task.inputs):
+            density = p["density"][i] if sparsifier else 1.0
+            if sparsifier is None or density >= 1:
+                continue
+            full: Tensor | None = None
+            if sparsifier in ("magnitude", "magnitude_outliers"):
+                rank = self._cached(("magrank", base_ref, ref, rows))
+                if sparsifier == "magnitude":
+                    k = int(density * numel)
+                    if rank is not None:
+                        masks[i] = lambda sl, r=rank.view(-1), k=k: r[sl] < k
+                    else:
+                        full = magnitude_mask(self._delta(base_ref, ref, rows), density).view(-1)
+                else:
+                    n_top, n_bot = breadcrumbs_counts(numel, density, p["gamma"][i])
+                    hi = numel - n_bot
+                    if rank is not None:
+                        masks[i] = lambda sl, r=rank.view(-1), lo=n_top, hi=hi: (r[sl] >= lo) & (r[sl] < hi)
+                    else:
+                        full = breadcrumbs_mask(self._delta(base_ref, ref, rows), density, p["gamma"][i]).view(-1)
+            elif sparsifier == "random":
+                pstar = self._cached(("pstar", tensor_seed(seed, task.out_name, i), shape))
+                probs_of[i] = density
+                if pstar is not None:
+                    masks[i] = lambda sl, ps=pstar.view(-1), d=density: ps[sl] <= d
+                else:
+                    full = bernoulli_mask(self._delta(base_ref, ref, rows), density, gen(i)).view(-1)
+            else:  # della_magprune
+                eps = p["epsilon"][i]
+                ncols = shape[1] if len(shape) >= 2 else shape[0]
+                rank = self._cached(("rowrank", base_ref, ref, rows))
+                pstar = self._cached(("pstar", tensor_seed(seed, task.out_name, i), shape))
+                if ncols < 2:
+                    probs_fn = lambda sl, d=density: torch.full((sl.stop - sl.start,), d, dtype=self.compute_dtype,  # noqa: E731
+                                                                device=self.device)
+                elif rank is not None:
+                    probs_fn = lambda sl, r=rank.view(-1), d=density, e=eps, c=ncols: della_probs_from_ranks(  # noqa: E731
+                        r[sl], c, d, e, self.compute_dtype)
+                else:
+                    pf = della_keep_probs(self._delta(base_ref, ref, rows), density, eps).view(-1)
+                    probs_fn = lambda sl, pf=pf: pf[sl]  # noqa: E731
+                probs_of[i] = probs_fn
+                if pstar is not None:
+                    masks[i] = lambda sl, ps=pstar.view(-1), pf=probs_fn: pf(sl) >= ps[sl]
+                else:
+                    probs_full = probs_fn(slice(0, numel))
+                    full = torch.bernoulli(probs_full.view(shape), generator=gen(i)).view(-1)
+            if full is not None:
+                masks[i] = lambda sl, f=full: f[sl]
+            needs_l1[i] = bool(p["rescale"]) and (p["rescale_mode"] == "l1" or sparsifier in ("magnitude", "magnitude_outliers"))
+
+        def masked(i: int, sl: slice) -> Tensor:
+            d = cv(xs[i][sl]) - cv(b[sl])
+            m = masks[i]
+            return d if m is None else d * m(sl)
+
+        # phase 1: L1 rescale factors need the sum over the whole masked task vector
+        scales: list[Tensor | None] = [None] * n
+        for i, ref in enumerate(task.inputs):
+            if masks[i] is None or not needs_l1[i]:
+                continue
+            before = self._small_cache(("l1", base_ref, ref, rows),
+                                       lambda ref=ref: self._delta(base_ref, ref, rows).abs().sum())
+            buf = torch.empty(numel, dtype=self.compute_dtype, device=self.device)
+            for sl in self._chunks(numel):
+                torch.abs(masked(i, sl), out=buf[sl])
+            scales[i] = l1_scale(before, buf.view(shape).sum())
+            del buf
+
+        def sparse(i: int, sl: slice) -> Tensor:
+            x = masked(i, sl)
+            if masks[i] is None or not p["rescale"]:
+                return x
+            if scales[i] is not None:
+                return x * scales[i]
+            pr = probs_of[i]
+            return x * (1.0 / pr) if isinstance(pr, float) else x / pr(sl)
+
+        weights = p["weight"]
+        normalize, lam = p["normalize"], p["lambda"]
+        return self._flat(target, lambda sl: mix_task_vectors(cv(b[sl]), [sparse(i, sl) for i in range(n)], weights,
+                                                              consensus=consensus, normalize=normalize, lambda_=lam))
+
+    def _sce(self, task: TensorTask, target: Tensor, rows: int | None) -> Tensor:
+        topk = task.params["select_topk"]
+        base_ref, inputs = task.base, task.inputs
+        base = self._src(base_ref, rows)
+        shape, numel = tuple(base.shape), base.numel()
+        b = base.view(-1)
+        xs = [self._src(r, rows).view(-1) for r in inputs]
+        cv = self._cv
+        n = len(inputs)
+        if topk >= 1:
+            energy = self._small_cache(("sce_energy", base_ref, inputs, rows), lambda: torch.stack(
+                [sce_energy(self._delta(base_ref, r, rows)) for r in inputs]))
+            weights = sce_weights_from_energy(energy)
+            return self._flat(target, lambda sl: sce_combine(cv(b[sl]), [cv(x[sl]) - cv(b[sl]) for x in xs], weights))
+        rank = self._cached(("varrank", base_ref, inputs, rows))
+        if rank is not None:
+            k = int(self._small[("nnz", base_ref, tuple(inputs), rows)] * topk)
+            r = rank.view(-1)
+            mask = lambda sl: r[sl] < k  # noqa: E731
+        else:
+            full = sce_variance_mask(torch.stack([self._delta(base_ref, x, rows) for x in inputs]), topk).view(-1)
+            mask = lambda sl: full[sl]  # noqa: E731
+        bufs = [torch.empty(numel, dtype=self.compute_dtype, device=self.device) for _ in range(n)]
+        for sl in self._chunks(numel):
+            m = mask(sl)
+            for i in range(n):
+                torch.mul(cv(xs[i][sl]) - cv(b[sl]), m, out=bufs[i][sl])
+        weights = sce_weights_from_energy(torch.stack([sce_energy(buf.view(shape)) for buf in bufs]))
+        return self._flat(target, lambda sl: sce_combine(cv(b[sl]), [buf[sl] for buf in bufs], weights))
+
+    def _model_stock(self, task: TensorTask, target: Tensor, rows: int | None) -> Tensor:
+        fw = task.params["filter_wise"]
+        base_ref, inputs = task.base, task.inputs
+        t = self._small_cache(("mstock", base_ref, inputs, rows, fw), lambda: model_stock_ratio(
+            self._cv(self._src(base_ref, rows)), [self._cv(self._src(r, rows)) for r in inputs], filter_wise=fw))
+        base = self._src(base_ref, rows)
+        xs = [self._src(r, rows) for r in inputs]
+        cv = self._cv
+        if not fw:
+            b, fx = base.view(-1), [x.view(-1) for x in xs]
+            return self._flat(target, lambda sl: model_stock_combine(t, cv(b[sl]), [cv(x[sl]) for x in fx]))
+        if base.dim() != 2:
+            w0 = base.unsqueeze(0) if base.dim() == 1 else base
+            ws = [x.unsqueeze(0) if x.dim() == 1 else x for x in xs]
+            out = model_stock_combine(t, cv(w0), [cv(w) for w in ws]).reshape(target.shape)
+            target.copy_(self._round(out, target))
+            return torch.isfinite(out).all()
+        ncols = base.shape[1]
+        per = max(1, self.chunk_elems // max(1, ncols))
+        oks = []
+        for r0 in range(0, base.shape[0], per):
+            sl = slice(r0, min(r0 + per, base.shape[0]))
+            out = model_stock_combine(t[sl], cv(base[sl]), [cv(x[sl]) for x in xs])
+            oks.append(torch.isfinite(out).all())
+            target[sl].copy_(self._round(out, target))
+        return torch.stack(oks).all()
+
+    def _nuslerp(self, task: TensorTask, target: Tensor, rows: int | None) -> Tensor:
+        p = task.params
+        w = p["weight"]
+        total = float(w[0]) + float(w[1])
+        t = 0.5 if abs(total) < 1e-6 else float(w[1]) / total
+        row_wise, flatten = p["nuslerp_row_wise"], p["nuslerp_flatten"]
+        dim = 0 if row_wise else -1
+        base_ref = task.base
+        r0, r1 = task.inputs
+        key = ("nuslerp", base_ref, r0, r1, rows, dim, flatten)
+
+        def angles() -> tuple[Tensor, Tensor, Tensor]:
+            v0, v1 = self._delta(base_ref, r0, rows), self._delta(base_ref, r1, rows)
+            return nuslerp_angles(nuslerp_view(v0, dim, flatten), nuslerp_view(v1, dim, flatten))
+
+        theta, safe_sin, colinear = self._small_cache(key, angles)
+        cv = self._cv
+        if flatten:
+            x0, x1 = self._src(r0, rows).view(-1), self._src(r1, rows).view(-1)
+            if base_ref is None:
+                return self._flat(target, lambda sl: nuslerp_combine(t, cv(x0[sl]), cv(x1[sl]), theta, safe_sin, colinear))
+            b = self._src(base_ref, rows).view(-1)
+
+            def chunk(sl: slice) -> Tensor:
+                bb = cv(b[sl])
+                return bb + nuslerp_combine(t, cv(x0[sl]) - bb, cv(x1[sl]) - bb, theta, safe_sin, colinear)
+
+            return self._flat(target, chunk)
+        v0, v1 = self._delta(base_ref, r0, rows), self._delta(base_ref, r1, rows)
+        shape = v0.shape
+        out = nuslerp_unview(nuslerp_combine(t, nuslerp_view(v0, dim, False), nuslerp_view(v1, dim, False),
+                                             theta, safe_sin, colinear), shape, dim, False)
+        if base_ref is not None:
+            out = self._cv(self._src(base_ref, rows)) + out
+        target.copy_(self._round(out, target))
+        return torch.isfinite(out).all()
