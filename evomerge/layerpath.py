@@ -38,6 +38,8 @@ import copy
 import json
 import logging
 import math
+import numbers
+import operator
 import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -65,6 +67,8 @@ log = logging.getLogger(__name__)
 MODELING_FILE = "modeling_evopath.py"
 """The name of the modeling file written next to a scaled export."""
 
+_HOOKS_FLAG = "_output_capturing_hooks_installed"  # transformers' per-model "hooks installed" flag
+
 # Hook dicts a shell starts without: forward/backward hooks are per module instance (the output
 # capturing hooks transformers installs, accelerate's device hooks) and must not run twice.
 _RESET_HOOKS = (
@@ -87,11 +91,17 @@ class Hop:
     scale: float = 1.0
 
     def __post_init__(self) -> None:
-        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0:
+        try:
+            layer = operator.index(self.layer)  # ints, numpy integers
+        except TypeError:
+            layer = -1
+        if isinstance(self.layer, bool) or layer < 0:
             raise ConfigError(f"hop layer must be a non-negative integer, got {self.layer!r}")
-        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or not math.isfinite(self.scale):
-            raise ConfigError(f"hop scale must be a finite number, got {self.scale!r}")
-        object.__setattr__(self, "scale", float(self.scale))
+        scale = self.scale
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+            raise ConfigError(f"hop scale must be a finite number, got {scale!r}")
+        object.__setattr__(self, "layer", int(layer))
+        object.__setattr__(self, "scale", float(scale))
 
 
 @dataclass(frozen=True)
@@ -175,6 +185,15 @@ def _scale_hook(scale: float):
     return hook
 
 
+def _same_device(actual: torch.device, wanted: torch.device) -> bool:
+    """``cuda`` (no index) means the current CUDA device."""
+    if actual.type != wanted.type:
+        return False
+    if wanted.index is None:
+        return actual.index in (None, torch.cuda.current_device() if wanted.type == "cuda" else actual.index)
+    return actual.index == wanted.index
+
+
 def _layer_signature(layer: nn.Module) -> list[tuple[str, tuple[int, ...], str]]:
     return [(n, tuple(t.shape), type(layer).__name__) for n, t in layer.state_dict().items()]
 
@@ -232,11 +251,13 @@ class LayerPathModel:
                 self.sources.append(SourceLayer(name, i))
                 self._layers.append(layer)
                 self._layer_types.append(types[i] if types and i < len(types) else None)
+        if SourceLayer(host, 0) not in self.sources:
+            raise ConfigError(f"host: model {host!r} has no decoder layers")
         self._check_compatible()
-        self._source_ptrs = {p.data_ptr() for inst in self.instances.values() for p in inst.parameters()}
         cfg = self.model.config
         self._original = (self._decoder.layers, cfg.num_hidden_layers, copy.copy(getattr(cfg, "layer_types", None)))
-        host_start = next(i for i, s in enumerate(self.sources) if s.model == host)
+        self._original_flags = [m.__dict__.get(_HOOKS_FLAG) for m in (self.model, self._decoder)]
+        host_start = self.sources.index(SourceLayer(host, 0))
         n_host = sum(1 for s in self.sources if s.model == host)
         self._path: list[Hop] = [Hop(host_start + i) for i in range(n_host)]
 
@@ -255,7 +276,7 @@ class LayerPathModel:
     def _load(self, name: str, value: nn.Module | str | Path, attn_implementation: str | None) -> nn.Module:
         if isinstance(value, nn.Module):
             first = next(value.parameters(), None)
-            if first is not None and (first.device != self.device or first.dtype != self.dtype):
+            if first is not None and (not _same_device(first.device, self.device) or first.dtype != self.dtype):
                 log.info("moving in-memory model %s to %s/%s", name, self.device, self.dtype)
                 value.to(device=self.device, dtype=self.dtype)
             return value
@@ -277,7 +298,7 @@ class LayerPathModel:
 
     def _check_compatible(self) -> None:
         host_cfg = self.model.config
-        ref_sig = _layer_signature(self._layers[self.sources.index(next(s for s in self.sources if s.model == self.host))])
+        ref_sig = _layer_signature(self._layers[self.sources.index(SourceLayer(self.host, 0))])
         for name in self.names:
             cfg = self.instances[name].config
             if cfg.model_type != host_cfg.model_type:
@@ -288,7 +309,7 @@ class LayerPathModel:
                 raise ConfigError(f"models.{src.model}: layer {src.index} has different tensors or shapes "
                                   f"than the host's layers")
             for p in layer.parameters():
-                if p.device != self.device:
+                if not _same_device(p.device, self.device):
                     raise ConfigError(f"models.{src.model}: layer {src.index} is on {p.device}, expected {self.device}")
 
     # ------------------------------------------------------------------ paths
@@ -312,10 +333,16 @@ class LayerPathModel:
         cfg.num_hidden_layers = len(hops)
         if getattr(cfg, "layer_types", None) is not None:
             cfg.layer_types = [self._layer_types[h.layer] or "full_attention" for h in hops]
-        # transformers installs output-capturing hooks once per model; the new shells need them again
-        if "_output_capturing_hooks_installed" in self.model.__dict__:
-            del self.model.__dict__["_output_capturing_hooks_installed"]
+            if isinstance(getattr(self._decoder, "has_sliding_layers", None), bool):  # Qwen2 & co. cache this
+                self._decoder.has_sliding_layers = "sliding_attention" in cfg.layer_types
+        self._reset_capturing_hooks()
         self._path = hops
+
+    def _reset_capturing_hooks(self) -> None:
+        """transformers installs its output-capturing hooks (``output_hidden_states``) once per model,
+        flagging the model that did; the new shells need them again."""
+        for module in (self.model, self._decoder):
+            module.__dict__.pop(_HOOKS_FLAG, None)
 
     def path(self) -> list[Hop]:
         """The current path (a copy)."""
@@ -328,8 +355,12 @@ class LayerPathModel:
         self.model.config.num_hidden_layers = n
         if types is not None:
             self.model.config.layer_types = types
-        if "_output_capturing_hooks_installed" in self.model.__dict__:
-            del self.model.__dict__["_output_capturing_hooks_installed"]
+            if isinstance(getattr(self._decoder, "has_sliding_layers", None), bool):
+                self._decoder.has_sliding_layers = "sliding_attention" in types
+        for module, flag in zip((self.model, self._decoder), self._original_flags):
+            module.__dict__.pop(_HOOKS_FLAG, None)
+            if flag is not None:  # the original layers still carry the hooks installed back then
+                module.__dict__[_HOOKS_FLAG] = flag
 
     def describe(self) -> str:
         """The path as text: ``a:0 a:1 b:1x0.9 ...``."""
@@ -399,7 +430,8 @@ class LayerPathModel:
             "---\nlibrary_name: transformers\ntags:\n- merge\n- evomerge\n- frankenmerge\n---\n"
             f"# Layer-path merge\n\nMade with evomerge: {len(self._path)} layers taken in this order from "
             f"the source models (embeddings, final norm and lm_head from `{self.host}`). The scale multiplies "
-            f"the hidden state entering the layer.\n{note}\n| hop | model | layer | scale |\n|---|---|---|---|\n{rows}\n"
+            f"the hidden state entering the layer.\n{note}\n"
+            f"| hop | model | layer | scale |\n|---|---|---|---|\n{rows}\n"
         )
 
     def export(self, out_dir: str | Path, *, overwrite: bool = False, model_card: str | None = None) -> Path:

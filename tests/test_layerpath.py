@@ -117,6 +117,11 @@ def test_repeated_layers_have_their_own_kv_cache_and_match_the_export(models, lp
     with torch.no_grad():
         out = lp.model(IDS, use_cache=True)
     assert len(out.past_key_values.layers) == 6
+    with torch.no_grad():
+        assert len(lp.model(IDS, output_hidden_states=True).hidden_states) == 7
+        lp.set_path([0, 1, 1, 2, 0, 3, 3])  # output-capturing hooks are reinstalled on the new shells
+        assert len(lp.model(IDS, output_hidden_states=True).hidden_states) == 8
+        lp.set_path([0, 1, 1, 2, 0, 3])
     cached, uncached = generate(lp.model, True), generate(lp.model, False)
     assert torch.equal(cached, uncached)
     ref, _ = copied_model(models, [("a", 0), ("a", 1), ("a", 1), ("a", 2), ("a", 0), ("a", 3)])
@@ -208,13 +213,35 @@ def test_in_memory_source_is_shared_not_copied(models, tmp_path):
         for (_, pm), pa, pb in zip(merged.named_parameters(), a.parameters(), b.parameters()):
             pm.copy_((pa + pb) / 2)
     merged_ptrs = {p.data_ptr() for p in merged.parameters()}
+    before = logits(merged)
+    with torch.no_grad():
+        assert len(merged(IDS, output_hidden_states=True).hidden_states) == 5  # hooks on the original layers
     lp = LayerPathModel({"merged": merged, "b": models["b"]}, host="merged")
     assert lp.model is merged and lp.tokenizer is None and len(lp.sources) == 8
     lp.set_path([0, 4, 1, 1, 7])
     assert {p.data_ptr() for p in lp.model.model.layers[:4].parameters()} <= merged_ptrs | {
         p.data_ptr() for p in lp._layers[4].parameters()}
+    with torch.no_grad():
+        assert len(merged(IDS, output_hidden_states=True).hidden_states) == 6
     out = lp.export(tmp_path / "mem")
     assert (out / "generation_config.json").is_file()
+    assert torch.equal(logits(load(out)), logits(lp.model))
+    lp.restore()
+    assert torch.equal(logits(merged), before)
+    with torch.no_grad():
+        assert len(merged(IDS, output_hidden_states=True).hidden_states) == 5
+
+
+def test_tied_embeddings_host(tmp_path):
+    tied = make_tiny_llama(tmp_path / "tied", seed=5, num_layers=3, tie_embeddings=True)
+    lp = LayerPathModel({"t": tied}, host="t")
+    lp.set_path([Hop(0), Hop(2), Hop(2), Hop(1)])
+    mat = lp.state_dict_materialized()
+    assert "lm_head.weight" not in mat and len([k for k in mat if k.endswith("q_proj.weight")]) == 4
+    recipe, warnings = lp.passthrough_recipe({"t": str(tied)})
+    assert warnings == [] and merge_in_memory(recipe).keys() == mat.keys()
+    out = lp.export(tmp_path / "out")
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
     assert torch.equal(logits(load(out)), logits(lp.model))
 
 
@@ -257,6 +284,9 @@ def test_errors(models, lp, tmp_path):
         lp.set_path([])
     with pytest.raises(ConfigError, match="finite"):
         Hop(0, float("nan"))
+    with pytest.raises(ConfigError, match="non-negative integer"):
+        Hop(1.5)
+    assert Hop(torch.tensor(3).numpy()[()], 2) == Hop(3, 2.0)  # numpy integers are fine
     with pytest.raises(ConfigError, match="host"):
         LayerPathModel(dict(models), host="c")
     wide = make_tiny_llama(tmp_path / "wide", seed=3, num_layers=2, hidden=48, heads=4, kv_heads=2)
