@@ -99,9 +99,11 @@ def _trial_line(r) -> str:
 @click.option("--storage", default=None, help="Optuna storage URL (default sqlite:///runs/<study>.db).")
 @click.option("--study", "study_name", default=None, help="Override the config's study name.")
 @click.option("--device", default=None, help="Override the config's device.")
+@click.option("--stage", "stage", type=click.Choice(["ps", "dfs"]), default=None,
+              help="Run one stage only (default: every stage of the config, in order).")
 @friendly_errors
 def search(config: Path, trials: int | None, fresh: bool, fork: bool, storage: str | None,
-           study_name: str | None, device: str | None) -> None:
+           study_name: str | None, device: str | None, stage: str | None) -> None:
     """Search merge recipes for CONFIG; run it again to resume."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -124,7 +126,10 @@ def search(config: Path, trials: int | None, fresh: bool, fork: bool, storage: s
     def on_start(info: dict) -> None:
         nonlocal task_id
         verb = "created" if info["created"] else "resuming"
-        console.print(f"{verb} study [bold]{info['study']}[/] in {info['storage']} "
+        if task_id is not None:
+            progress.stop()
+            progress.remove_task(task_id)
+        console.print(f"stage {info['stage']}: {verb} study [bold]{info['study']}[/] in {info['storage']} "
                       f"({info['dimensions']} dimensions, {info['done']}/{info['total']} trials done)")
         progress.start()
         task_id = progress.add_task("search", total=info["total"], completed=info["done"], best="")
@@ -135,7 +140,8 @@ def search(config: Path, trials: int | None, fresh: bool, fork: bool, storage: s
         progress.update(task_id, completed=r.done, best=best)
 
     try:
-        result = run_search(cfg, fresh=fresh, fork=fork, trials=trials, on_trial=on_trial, on_start=on_start)
+        result = run_search(cfg, fresh=fresh, fork=fork, trials=trials, on_trial=on_trial, on_start=on_start,
+                            stages=[stage] if stage else None)
     finally:
         if task_id is not None:
             progress.stop()
@@ -174,14 +180,13 @@ def _load_study(study_name: str, storage: str | None):
 def export(study_name: str, storage: str | None, number: int | None, output: Path, merge_dir: Path | None,
            device: str) -> None:
     """Write a trial's recipe as mergekit YAML (and optionally build it)."""
-    from evomerge.engine import merge_to_dir
-    from evomerge.export import export_recipe
+    from evomerge.export import build_trial_model, export_recipe
 
     study = _load_study(study_name, storage)
     path, recipe, trial = export_recipe(study, output, number)
     click.echo(f"wrote {path} (trial {trial.number})")
     if merge_dir is not None:
-        merge_to_dir(recipe, merge_dir, device=device)
+        build_trial_model(study, trial, recipe, merge_dir, device=device)
         click.echo(f"wrote {merge_dir}")
 
 

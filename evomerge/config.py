@@ -118,6 +118,30 @@ class Budget(_Strict):
     timeout_s: float | None = None  # per trial; a slower trial fails (recorded) and the search goes on
 
 
+class DfsSpace(_Strict):
+    """Stage ``dfs``: a path through the layers of the source models (and the PS winner)."""
+
+    models: list[str] | None = None  # default: "ps" (when stage ps runs first) and every source model
+    host: str | None = None  # embeddings, final norm, head, tokenizer (default: the first of models)
+    repeats: int = Field(3, ge=1, le=16)
+    scales: bool = True  # one input scale per slot (EvoLLM-JP-10B's input_scales)
+    scale_range: tuple[float, float] = (0.5, 1.5)
+    max_layers: int | None = Field(None, ge=1)  # longest path allowed (a parameter budget)
+    keep_first: bool = True  # the path starts with the host's first layer
+    keep_last: bool = True  # the path ends with the host's last layer
+    sampler: "Sampler" = Field(default_factory=lambda: Sampler())
+    budget: "Budget" = Field(default_factory=lambda: Budget())
+
+    @model_validator(mode="after")
+    def _check(self) -> "DfsSpace":
+        lo, hi = self.scale_range
+        if not (0 < lo < hi):
+            raise ValueError(f"scale_range: expected [low, high] with 0 < low < high, got [{lo}, {hi}]")
+        if self.sampler.name == "nsga2":
+            raise ValueError("sampler.name: the dfs stage is single-objective; use cmaes, tpe, random or qmc")
+        return self
+
+
 class SearchConfig(_Strict):
     study: str
     storage: str | None = None
@@ -128,6 +152,8 @@ class SearchConfig(_Strict):
     fitness: Fitness
     sampler: Sampler = Field(default_factory=Sampler)
     budget: Budget = Field(default_factory=Budget)
+    stages: list[Literal["ps", "dfs"]] = Field(default_factory=lambda: ["ps"], min_length=1)
+    dfs: DfsSpace = Field(default_factory=DfsSpace)
     device: str = "cpu"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     root: Path = Field(default=Path("."), exclude=True)  # the config file's folder
@@ -164,6 +190,19 @@ class SearchConfig(_Strict):
         if self.fitness.objective == "multi" and self.sampler.name not in MULTI_OBJECTIVE_SAMPLERS:
             raise ValueError(f"sampler.name: {self.sampler.name} is single-objective; use one of "
                              f"{', '.join(MULTI_OBJECTIVE_SAMPLERS)} with objective: multi")
+        if len(set(self.stages)) != len(self.stages) or (self.stages == ["dfs", "ps"]):
+            raise ValueError("stages: expected [ps], [dfs] or [ps, dfs]")
+        if "dfs" in self.stages:
+            names = self.dfs_models
+            for name in names:
+                if name != "ps" and name not in self.models:
+                    raise ValueError(f"dfs.models: {name!r} is not one of models ({', '.join(self.models)})")
+                if name == "ps" and "ps" not in self.stages:
+                    raise ValueError("dfs.models: 'ps' needs the ps stage before dfs (stages: [ps, dfs])")
+            if self.dfs.host is not None and self.dfs.host not in names:
+                raise ValueError(f"dfs.host: {self.dfs.host!r} is not one of dfs.models ({', '.join(names)})")
+            if self.fitness.objective == "multi":
+                raise ValueError("fitness.objective: the dfs stage needs a single objective (objective: sum)")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype: expected one of {', '.join(DTYPES)}")
         return self
@@ -178,6 +217,25 @@ class SearchConfig(_Strict):
         if local.exists() or ref.startswith((".", "/")) or ref.count("/") != 1:
             return str(local)
         return ref
+
+    @property
+    def dfs_models(self) -> list[str]:
+        if self.dfs.models is not None:
+            return list(self.dfs.models)
+        return (["ps"] if "ps" in self.stages else []) + list(self.models)
+
+    @property
+    def dfs_host(self) -> str:
+        return self.dfs.host or self.dfs_models[0]
+
+    def stage_study(self, stage: str) -> str:
+        """Stage ps keeps the study name; stage dfs gets ``<study>.dfs``."""
+        return self.study if stage == "ps" else f"{self.study}.dfs"
+
+    @property
+    def artifacts_dir(self) -> Path:
+        """Where stages leave files for each other (the PS winner for the dfs stage)."""
+        return (self.root / "runs" / self.study).resolve()
 
     @property
     def storage_url(self) -> str:
@@ -212,8 +270,20 @@ class SearchConfig(_Strict):
             "dtype": self.dtype,
         }
 
-    def fingerprint(self) -> str:
-        blob = json.dumps(self.search_relevant(), sort_keys=True)
+    def dfs_relevant(self) -> dict[str, Any]:
+        """What makes a dfs study's trials incomparable (the PS winner is recorded in the study)."""
+        return {
+            "models": {n: self.source_refs[n] for n in self.dfs_models if n != "ps"},
+            "dfs": self.dfs.model_dump(mode="json", exclude={"budget"}),
+            "dfs_models": self.dfs_models,
+            "host": self.dfs_host,
+            "fitness": {**self.fitness.model_dump(mode="json", exclude={"batch_size"}), "include_path": self.include_paths},
+            "seed": self.seed,
+            "dtype": self.dtype,
+        }
+
+    def fingerprint(self, stage: str = "ps") -> str:
+        blob = json.dumps(self.search_relevant() if stage == "ps" else self.dfs_relevant(), sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     @classmethod

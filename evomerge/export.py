@@ -11,7 +11,8 @@ from optuna.trial import TrialState
 
 from evomerge.errors import ConfigError
 from evomerge.recipe import Recipe
-from evomerge.search import ATTR_BASELINE, ATTR_RECIPE, ATTR_SCORES, best_trial, trial_fitness
+from evomerge.search import (ATTR_BASELINE, ATTR_DFS_HOST, ATTR_DFS_REFS, ATTR_DFS_SOURCES, ATTR_PATH, ATTR_RECIPE,
+                             ATTR_SCORES, best_trial, trial_fitness)
 
 
 def trial_recipe(study: optuna.Study, number: int | None = None) -> tuple[Recipe, optuna.trial.FrozenTrial]:
@@ -65,6 +66,38 @@ def write_atomic(path: str | Path, text: str) -> Path:
 
 
 def export_recipe(study: optuna.Study, out: str | Path, number: int | None = None) -> tuple[Path, Recipe, optuna.trial.FrozenTrial]:
+    """Write the trial's recipe. For a dfs trial it is a passthrough recipe, preceded by comments
+    on what mergekit cannot express (input scales, embeddings/head of the host)."""
     recipe, trial = trial_recipe(study, number)
-    path = write_atomic(out, recipe_header(study, trial) + recipe.to_yaml())
+    body = recipe.to_yaml()
+    if ATTR_PATH in trial.user_attrs:
+        from evomerge.layerpath import Hop, SourceLayer, annotated_yaml, passthrough_recipe
+
+        hops = [Hop(int(a), float(b)) for a, b in trial.user_attrs[ATTR_PATH]]
+        sources = [SourceLayer(m, int(i)) for m, i in study.user_attrs[ATTR_DFS_SOURCES]]
+        _, warnings = passthrough_recipe(hops, sources, study.user_attrs[ATTR_DFS_REFS],
+                                         dtype=recipe.dtype or "float32", host=study.user_attrs[ATTR_DFS_HOST])
+        body = annotated_yaml(recipe, warnings, hops)
+    path = write_atomic(out, recipe_header(study, trial) + body)
     return path, recipe, trial
+
+
+def build_trial_model(study: optuna.Study, trial: optuna.trial.FrozenTrial, recipe: Recipe, out: str | Path,
+                      *, device: str = "cpu", overwrite: bool = False) -> Path:
+    """Build exactly the model the trial evaluated: the recipe's merge, or for a dfs trial the
+    layer path materialised (with its input scales) from the recorded sources."""
+    if ATTR_PATH not in trial.user_attrs:
+        from evomerge.engine import merge_to_dir
+
+        return merge_to_dir(recipe, out, device=device, overwrite=overwrite)
+    import torch
+
+    from evomerge.engine import TORCH_DTYPES
+    from evomerge.layerpath import Hop, LayerPathModel
+
+    refs = study.user_attrs[ATTR_DFS_REFS]
+    names = list(dict.fromkeys(m for m, _ in study.user_attrs[ATTR_DFS_SOURCES]))
+    model = LayerPathModel({n: refs[n] for n in names}, host=study.user_attrs[ATTR_DFS_HOST], device=device,
+                           dtype=TORCH_DTYPES.get(recipe.dtype or "float32", torch.float32))
+    model.set_path([Hop(int(a), float(b)) for a, b in trial.user_attrs[ATTR_PATH]])
+    return model.export(out, overwrite=overwrite)

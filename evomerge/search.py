@@ -36,6 +36,12 @@ ATTR_SECONDS = "evomerge:seconds"
 ATTR_ERROR = "evomerge:error"
 ATTR_INTERRUPTED = "evomerge:interrupted"
 ATTR_OWNER = "evomerge:owner"
+ATTR_STAGE = "evomerge:stage"
+ATTR_PATH = "evomerge:path"  # dfs trials: [[source layer, scale], ...]
+ATTR_DFS_SOURCES = "evomerge:dfs_sources"  # dfs studies: [[model, layer index], ...]
+ATTR_DFS_REFS = "evomerge:dfs_refs"  # dfs studies: {model name: folder or hub id}
+ATTR_DFS_HOST = "evomerge:dfs_host"
+ATTR_PS_TRIAL = "evomerge:ps_trial"  # dfs studies: the ps trial whose model is the "ps" source
 
 
 # --------------------------------------------------------------------------- storage and study
@@ -64,11 +70,13 @@ def directions(config: SearchConfig) -> list[str]:
 
 
 def open_study(config: SearchConfig, sampler: optuna.samplers.BaseSampler, *, fresh: bool = False,
-               fork: bool = False) -> tuple[optuna.Study, bool]:
-    """Create the study or resume it. Returns ``(study, created)``. A study whose search-relevant
-    config differs is refused unless ``fresh`` (delete and restart) or ``fork`` (new study)."""
+               fork: bool = False, stage: str = "ps", name: str | None = None) -> tuple[optuna.Study, bool]:
+    """Create the stage's study or resume it. Returns ``(study, created)``. A study whose
+    search-relevant config differs is refused unless ``fresh`` (delete and restart) or ``fork``
+    (new study beside it)."""
     storage = storage_for(config.storage_url)
-    name = config.study
+    name = name or config.stage_study(stage)
+    relevant = config.search_relevant() if stage == "ps" else config.dfs_relevant()
     existing = {s.study_name: s for s in optuna.get_all_study_summaries(storage)}
     if name in existing and fresh:
         optuna.delete_study(study_name=name, storage=storage)
@@ -76,11 +84,11 @@ def open_study(config: SearchConfig, sampler: optuna.samplers.BaseSampler, *, fr
         del existing[name]
     if name in existing:
         attrs = existing[name].user_attrs
-        if attrs.get(ATTR_FINGERPRINT) != config.fingerprint():
+        if attrs.get(ATTR_FINGERPRINT) != config.fingerprint(stage):
             if not fork:
                 raise ConfigError(
                     f"study {name!r} in {config.storage_url} was made with a different config "
-                    f"({_config_diff(attrs.get(ATTR_CONFIG), config.search_relevant())}); "
+                    f"({_config_diff(attrs.get(ATTR_CONFIG), relevant)}); "
                     "run with --fork to start a new study beside it, or --fresh to replace it")
             k = 1
             while f"{name}.fork{k}" in existing:
@@ -90,9 +98,11 @@ def open_study(config: SearchConfig, sampler: optuna.samplers.BaseSampler, *, fr
         else:
             study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
             return study, False
-    study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, directions=directions(config))
-    study.set_user_attr(ATTR_CONFIG, config.search_relevant())
-    study.set_user_attr(ATTR_FINGERPRINT, config.fingerprint())
+    dirs = directions(config) if stage == "ps" else ["maximize"]
+    study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, directions=dirs)
+    study.set_user_attr(ATTR_CONFIG, relevant)
+    study.set_user_attr(ATTR_FINGERPRINT, config.fingerprint(stage))
+    study.set_user_attr(ATTR_STAGE, stage)
     return study, True
 
 
@@ -143,13 +153,14 @@ def counted(study: optuna.Study) -> int:
 
 
 # --------------------------------------------------------------------------- samplers
-def make_sampler(config: SearchConfig, bounds: dict[str, tuple[float, float]]) -> optuna.samplers.BaseSampler:
-    s = config.sampler
+def make_sampler(config: SearchConfig, bounds: dict[str, tuple[float, float]], sampler: Any = None,
+                 x0: dict[str, float] | None = None) -> optuna.samplers.BaseSampler:
+    s = sampler or config.sampler
     if s.name == "cmaes":
         from evomerge.samplers import PyCmaSampler
 
         space = {k: FloatDistribution(lo, hi) for k, (lo, hi) in bounds.items()}
-        return PyCmaSampler(space, seed=config.seed, sigma0=s.sigma0, popsize=s.popsize)
+        return PyCmaSampler(space, seed=config.seed, sigma0=s.sigma0, popsize=s.popsize, x0=x0)
     if s.name == "tpe":
         return optuna.samplers.TPESampler(seed=config.seed, multivariate=True)
     if s.name == "random":
@@ -214,11 +225,9 @@ class _StopFlag:
             signal.signal(signal.SIGINT, self._previous)
 
 
-def enqueue_baselines(study: optuna.Study, config: SearchConfig) -> None:
-    for name in config.models:
+def enqueue_baselines(study: optuna.Study, names: list[str]) -> None:
+    for name in names:
         study.enqueue_trial({}, user_attrs={ATTR_BASELINE: name})
-    if len(config.models) > 1:
-        study.enqueue_trial({}, user_attrs={ATTR_BASELINE: "uniform"})
 
 
 def summarize(space: Any, params: dict[str, float]) -> str:
@@ -237,54 +246,232 @@ def summarize(space: Any, params: dict[str, float]) -> str:
     return " ".join(parts)
 
 
-def run_search(config: SearchConfig, *, fresh: bool = False, fork: bool = False, trials: int | None = None,
-               on_trial: Callable[[TrialReport], None] | None = None,
-               on_start: Callable[[dict[str, Any]], None] | None = None) -> SearchResult:
-    """Run (or resume) the study until ``trials`` (default: the config's budget) count."""
-    from evomerge.checkpoint import Checkpoint
-    from evomerge.engine import TORCH_DTYPES
-    from evomerge.evaluate import LmEvalFitness
-    from evomerge.space import build_space
-    from evomerge.workspace import Workspace
+# --------------------------------------------------------------------------- stages
+class PsStage:
+    """Parameter space: a merge recipe per trial, written in place into one live model."""
 
-    total = trials if trials is not None else config.budget.trials
-    refs = config.source_refs
-    template = config.base_ref or next(iter(refs.values()))
-    with Checkpoint.open(template) as ck:
-        num_layers = ck.num_layers
-    space = build_space(config, num_layers)
-    sampler = make_sampler(config, space.bounds())
+    name = "ps"
+
+    def __init__(self, config: SearchConfig):
+        from evomerge.checkpoint import Checkpoint
+        from evomerge.space import build_space
+
+        self.config = config
+        self.template = config.base_ref or next(iter(config.source_refs.values()))
+        with Checkpoint.open(self.template) as ck:
+            num_layers = ck.num_layers
+        self.space = build_space(config, num_layers)
+        self.sampler_config = config.sampler
+        self.budget = config.budget.trials
+        self.workspace: Any = None
+
+    def bounds(self) -> dict[str, tuple[float, float]]:
+        return self.space.bounds()
+
+    def x0(self) -> dict[str, float] | None:
+        return None
+
+    def baselines(self) -> list[str]:
+        names = list(self.config.models)
+        return names + (["uniform"] if len(names) > 1 else [])
+
+    def open(self) -> None:
+        from evomerge.engine import TORCH_DTYPES
+        from evomerge.workspace import Workspace
+
+        refs = list(self.config.source_refs.values()) + ([self.config.base_ref] if self.config.base_ref else [])
+        self.workspace = Workspace(refs, template=self.template, device=self.config.device,
+                                   dtype=TORCH_DTYPES[self.config.dtype])
+
+    def prepare_study(self, study: optuna.Study) -> None:
+        study.set_user_attr(ATTR_SPACE, {k: list(v) for k, v in self.bounds().items()})
+
+    def candidate(self, params: dict[str, float], baseline: str | None) -> dict[str, Any]:
+        if baseline == "uniform":
+            recipe = self.space.uniform_recipe()
+        elif baseline:
+            recipe = self.space.parent_recipe(baseline)
+        else:
+            recipe = self.space.decode(params)
+        return {ATTR_RECIPE: recipe.to_dict()}
+
+    def load(self, record: dict[str, Any]) -> tuple[Any, Any]:
+        from evomerge.recipe import Recipe
+
+        self.workspace.load(Recipe.from_dict(record[ATTR_RECIPE]))
+        return self.workspace.model, self.workspace.tokenizer
+
+    def summarize(self, params: dict[str, float]) -> str:
+        return summarize(self.space, params)
+
+    def close(self) -> None:
+        if self.workspace is not None:
+            self.workspace.close()
+
+
+class DfsStage:
+    """Data-flow space: a path through source layers per trial, run without copying weights."""
+
+    name = "dfs"
+
+    def __init__(self, config: SearchConfig, refs: dict[str, str], ps_trial: int | None = None):
+        from evomerge.checkpoint import Checkpoint
+        from evomerge.dfs import DfsSpace
+        from evomerge.layerpath import SourceLayer
+
+        self.config = config
+        self.refs = refs  # dfs model name -> folder (the PS winner is a folder too)
+        self.ps_trial = ps_trial
+        sources = []
+        for name in config.dfs_models:
+            with Checkpoint.open(refs[name]) as ck:
+                sources += [SourceLayer(name, i) for i in range(ck.num_layers)]
+        d = config.dfs
+        self.space = DfsSpace(tuple(sources), config.dfs_host, d.repeats, d.scales, tuple(d.scale_range),
+                              d.max_layers, d.keep_first, d.keep_last)
+        self.sampler_config = d.sampler
+        self.budget = d.budget.trials
+        self.paths: Any = None
+
+    def bounds(self) -> dict[str, tuple[float, float]]:
+        return self.space.bounds()
+
+    def x0(self) -> dict[str, float] | None:
+        return self.space.x0()
+
+    def baselines(self) -> list[str]:
+        return [self.config.dfs_host]
+
+    def open(self) -> None:
+        from evomerge.engine import TORCH_DTYPES
+        from evomerge.layerpath import LayerPathModel
+
+        self.paths = LayerPathModel({n: self.refs[n] for n in self.config.dfs_models}, host=self.config.dfs_host,
+                                    device=self.config.device, dtype=TORCH_DTYPES[self.config.dtype])
+        if self.paths.tokenizer is not None and self.paths.tokenizer.pad_token is None:
+            self.paths.tokenizer.pad_token = self.paths.tokenizer.eos_token
+
+    def prepare_study(self, study: optuna.Study) -> None:
+        study.set_user_attr(ATTR_SPACE, {k: list(v) for k, v in self.bounds().items()})
+        study.set_user_attr(ATTR_DFS_SOURCES, [[s.model, s.index] for s in self.space.sources])
+        study.set_user_attr(ATTR_DFS_REFS, self.refs)
+        study.set_user_attr(ATTR_DFS_HOST, self.config.dfs_host)
+        if self.ps_trial is not None:
+            study.set_user_attr(ATTR_PS_TRIAL, self.ps_trial)
+
+    def candidate(self, params: dict[str, float], baseline: str | None) -> dict[str, Any]:
+        from evomerge.layerpath import passthrough_recipe
+
+        hops = self.space.host_path() if baseline else self.space.decode(params)
+        recipe, _ = passthrough_recipe(hops, self.space.sources, self.refs, dtype=self.config.dtype,
+                                       host=self.config.dfs_host)
+        return {ATTR_PATH: [[h.layer, h.scale] for h in hops], ATTR_RECIPE: recipe.to_dict()}
+
+    def load(self, record: dict[str, Any]) -> tuple[Any, Any]:
+        from evomerge.layerpath import Hop
+
+        self.paths.set_path([Hop(int(layer), float(scale)) for layer, scale in record[ATTR_PATH]])
+        return self.paths.model, self.paths.tokenizer
+
+    def summarize(self, params: dict[str, float]) -> str:
+        if not params:
+            return ""
+        hops = self.space.decode(params)
+        names = [f"{self.space.sources[h.layer].model}{self.space.sources[h.layer].index}" for h in hops]
+        shown = " ".join(names[:12]) + (" ..." if len(names) > 12 else "")
+        return f"{len(hops)} hops: {shown}"
+
+    def close(self) -> None:
+        if self.paths is not None:
+            self.paths.restore()
+
+
+# --------------------------------------------------------------------------- running stages
+def run_search(config: SearchConfig, *, fresh: bool = False, fork: bool = False, trials: int | None = None,
+               stages: list[str] | None = None, on_trial: Callable[[TrialReport], None] | None = None,
+               on_start: Callable[[dict[str, Any]], None] | None = None) -> SearchResult:
+    """Run (or resume) every configured stage in order; returns the last stage's result.
+
+    ``trials`` overrides the budget of the stage(s) run. The dfs stage searches over the best ps
+    trial's model, written once to ``runs/<study>/ps_trial<N>/`` and recorded in the dfs study."""
+    result: SearchResult | None = None
+    ps_name: str | None = None
+    for stage_name in stages or config.stages:
+        if stage_name == "ps":
+            stage: Any = PsStage(config)
+            result = _run_stage(config, stage, fresh=fresh, fork=fork, trials=trials, on_trial=on_trial,
+                                on_start=on_start)
+            ps_name = result.study_name
+            if result.interrupted:
+                return result
+        else:
+            stage = dfs_stage(config, ps_name or config.stage_study("ps"))
+            dfs_name = f"{ps_name}.dfs" if ps_name else None
+            result = _run_stage(config, stage, fresh=fresh, fork=fork, trials=trials, on_trial=on_trial,
+                                on_start=on_start, name=dfs_name)
+    assert result is not None
+    return result
+
+
+def dfs_stage(config: SearchConfig, ps_study: str) -> DfsStage:
+    """The dfs stage, with the PS winner (recorded in an existing dfs study, else the best ps
+    trial) materialised as a model folder."""
+    refs = {n: config.source_refs[n] for n in config.dfs_models if n != "ps"}
+    ps_trial = None
+    if "ps" in config.dfs_models:
+        from evomerge.engine import merge_to_dir
+        from evomerge.export import trial_recipe
+
+        storage = storage_for(config.storage_url)
+        names = {s.study_name: s for s in optuna.get_all_study_summaries(storage)}
+        if ps_study not in names:
+            raise ConfigError(f"stage dfs: no ps study {ps_study!r} yet; run the ps stage first")
+        recorded = names.get(f"{ps_study}.dfs")
+        study = optuna.load_study(study_name=ps_study, storage=storage)
+        number = recorded.user_attrs.get(ATTR_PS_TRIAL) if recorded is not None else None
+        recipe, trial = trial_recipe(study, number)
+        ps_trial = trial.number
+        folder = config.artifacts_dir / f"ps_trial{ps_trial}"
+        if not (folder / "config.json").exists():
+            log.info("writing the ps winner (trial %d) to %s", ps_trial, folder)
+            merge_to_dir(recipe, folder, device=config.device, overwrite=True)
+        refs = {"ps": str(folder), **refs}
+    return DfsStage(config, refs, ps_trial)
+
+
+def _run_stage(config: SearchConfig, stage: Any, *, fresh: bool, fork: bool, trials: int | None,
+               on_trial: Callable[[TrialReport], None] | None, on_start: Callable[[dict[str, Any]], None] | None,
+               name: str | None = None) -> SearchResult:
+    from evomerge.evaluate import LmEvalFitness
+
+    total = trials if trials is not None else stage.budget
+    bounds = stage.bounds()
+    sampler = make_sampler(config, bounds, stage.sampler_config, stage.x0())
     # validate tasks and models before a study is created, so a bad config leaves nothing behind
     fitness = LmEvalFitness(config.fitness, config.include_paths)
-    all_refs = list(refs.values()) + ([config.base_ref] if config.base_ref else [])
-    workspace = Workspace(all_refs, template=template, device=config.device, dtype=TORCH_DTYPES[config.dtype])
+    stage.open()
     try:
-        study, created = open_study(config, sampler, fresh=fresh, fork=fork)
-    except BaseException:
-        workspace.close()
-        raise
-    if created:
-        study.set_user_attr(ATTR_SPACE, {k: list(v) for k, v in space.bounds().items()})
-        if config.sampler.baselines:
-            enqueue_baselines(study, config)
-    fail_stale_trials(study)
-    distributions = {k: FloatDistribution(lo, hi) for k, (lo, hi) in space.bounds().items()}
-    multi = config.fitness.objective == "multi"
-    if on_start:
-        on_start({"study": study.study_name, "storage": config.storage_url, "created": created,
-                  "dimensions": len(distributions), "done": counted(study), "total": total,
-                  "workspace": workspace.describe()})
-    result = SearchResult(study.study_name, config.storage_url, 0, None, None)
-    try:
+        study, created = open_study(config, sampler, fresh=fresh, fork=fork, stage=stage.name, name=name)
+        if created:
+            stage.prepare_study(study)
+            if stage.sampler_config.baselines:
+                enqueue_baselines(study, stage.baselines())
+        fail_stale_trials(study)
+        distributions = {k: FloatDistribution(lo, hi) for k, (lo, hi) in bounds.items()}
+        multi = config.fitness.objective == "multi" and stage.name == "ps"
+        if on_start:
+            on_start({"study": study.study_name, "stage": stage.name, "storage": config.storage_url,
+                      "created": created, "dimensions": len(distributions), "done": counted(study), "total": total})
+        result = SearchResult(study.study_name, config.storage_url, 0, None, None)
         with _StopFlag() as stop:
             while counted(study) < total and not stop.requested:
-                report = _run_one(study, space, distributions, workspace, fitness, multi, total)
+                report = _run_one(study, stage, distributions, fitness, multi, total)
                 result.reports.append(report)
                 if on_trial:
                     on_trial(report)
             result.interrupted = stop.requested and counted(study) < total
     finally:
-        workspace.close()
+        stage.close()
     result.completed = counted(study)
     best = best_trial(study)
     if best is not None:
@@ -292,24 +479,21 @@ def run_search(config: SearchConfig, *, fresh: bool = False, fork: bool = False,
     return result
 
 
-def _run_one(study: optuna.Study, space: Any, distributions: dict[str, FloatDistribution], workspace: Any,
-             fitness: Any, multi: bool, total: int) -> TrialReport:
+def _run_one(study: optuna.Study, stage: Any, distributions: dict[str, FloatDistribution], fitness: Any,
+             multi: bool, total: int) -> TrialReport:
     trial = study.ask()
     trial.set_user_attr(ATTR_OWNER, _owner())
     baseline = trial.user_attrs.get(ATTR_BASELINE)
     start = time.perf_counter()
     params: dict[str, float] = {}
     try:
-        if baseline == "uniform":
-            recipe = space.uniform_recipe()
-        elif baseline:
-            recipe = space.parent_recipe(baseline)
-        else:
+        if not baseline:
             params = {name: trial.suggest_float(name, d.low, d.high) for name, d in distributions.items()}
-            recipe = space.decode(params)
-        trial.set_user_attr(ATTR_RECIPE, recipe.to_dict())
-        workspace.load(recipe)
-        score = fitness.score(workspace.model, workspace.tokenizer)
+        record = stage.candidate(params, baseline)
+        for key, value in record.items():
+            trial.set_user_attr(key, value)
+        model, tokenizer = stage.load(record)
+        score = fitness.score(model, tokenizer)
     except ConfigError as e:  # a problem with the config, not with this candidate: stop here
         trial.set_user_attr(ATTR_ERROR, str(e))
         study.tell(trial, state=TrialState.FAIL)
@@ -327,7 +511,7 @@ def _run_one(study: optuna.Study, space: Any, distributions: dict[str, FloatDist
         study.tell(trial, state=TrialState.FAIL)
         _free_cuda()
         best = best_trial(study)
-        return TrialReport(trial.number, "FAIL", None, {}, seconds, summarize(space, params), baseline, reason,
+        return TrialReport(trial.number, "FAIL", None, {}, seconds, stage.summarize(params), baseline, reason,
                            trial_fitness(best) if best else None, best.number if best else None,
                            counted(study), total)
     seconds = time.perf_counter() - start
@@ -335,7 +519,7 @@ def _run_one(study: optuna.Study, space: Any, distributions: dict[str, FloatDist
     trial.set_user_attr(ATTR_SECONDS, seconds)
     study.tell(trial, score.objectives if multi else score.fitness)
     best = best_trial(study)
-    return TrialReport(trial.number, "COMPLETE", score.fitness, score.values, seconds, summarize(space, params),
+    return TrialReport(trial.number, "COMPLETE", score.fitness, score.values, seconds, stage.summarize(params),
                        baseline, None, trial_fitness(best) if best else None, best.number if best else None,
                        counted(study), total)
 

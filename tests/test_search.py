@@ -323,3 +323,39 @@ def test_every_sampler_runs_with_baselines(tiny_models, tiny_task, tmp_path, sam
     study = optuna.load_study(study_name="t", storage=data["storage"])
     assert len(study.directions) == (2 if sampler == "nsga2" else 1)
     assert all(len(t.params) == 8 for t in study.trials if not t.user_attrs.get(ATTR_BASELINE))
+
+
+def test_two_stage_ps_then_dfs(tiny_models, tiny_task, tmp_path):
+    data = config_dict(tiny_models, tiny_task, tmp_path)
+    data["stages"] = ["ps", "dfs"]
+    data["dfs"] = {"repeats": 2, "sampler": {"name": "cmaes", "popsize": 3}, "budget": {"trials": 4}}
+    cfg = SearchConfig.from_dict(data, root=tmp_path)
+    reports = []
+    result = run_search(cfg, trials=4, on_trial=reports.append)
+    assert result.study_name == "t.dfs" and result.completed == 4
+    ps = load_existing_study("t", cfg.storage_url)
+    dfs = load_existing_study("t.dfs", cfg.storage_url)
+    ps_best = max((t for t in ps.trials if t.state.name == "COMPLETE"), key=lambda t: (t.value, -t.number))
+    assert dfs.user_attrs["evomerge:ps_trial"] == ps_best.number
+    # sources: the ps winner's 2 layers, then a's, then b's; 2 repeats -> 12 slots, with scales
+    assert [m for m, _ in dfs.user_attrs["evomerge:dfs_sources"]] == ["ps"] * 2 + ["a"] * 2 + ["b"] * 2
+    assert len(dfs.trials[1].params) == 2 * 12
+    # the baseline is the host's own path: the ps winner itself, with the same score
+    host = dfs.trials[0]
+    assert host.user_attrs[ATTR_BASELINE] == "ps" and host.user_attrs["evomerge:path"] == [[0, 1.0], [1, 1.0]]
+    assert host.value == pytest.approx(ps_best.value)
+    # resuming runs nothing new; a dfs trial exports to a passthrough recipe and an exact checkpoint
+    assert run_search(cfg, trials=4).completed == 4
+    trial = dfs.trials[-1]
+    out = tmp_path / "dfs.yml"
+    merged = tmp_path / "dfs_model"
+    result = CliRunner().invoke(main, ["export", "--study", "t.dfs", "--storage", cfg.storage_url, "--trial",
+                                       str(trial.number), "-o", str(out), "--merge", str(merged)])
+    assert result.exit_code == 0, result.output
+    exported = yaml.safe_load(out.read_text())
+    assert exported["merge_method"] == "passthrough"
+    hops = trial.user_attrs["evomerge:path"]
+    assert sum(s["sources"][0]["layer_range"][1] - s["sources"][0]["layer_range"][0] for s in exported["slices"]) == len(hops)
+    from transformers import AutoConfig
+
+    assert AutoConfig.from_pretrained(merged, trust_remote_code=True).num_hidden_layers == len(hops)
