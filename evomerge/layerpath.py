@@ -139,13 +139,11 @@ def _layers_prefix(model: nn.Module) -> str:
     raise ConfigError(f"{type(model).__name__}: decoder not found among its modules")  # pragma: no cover
 
 
-def _shell(module: nn.Module, *, config: Any, layer_idx: int) -> nn.Module:
+def _shell(module: nn.Module, *, config: Any, layer_idx: int, config_cls: type) -> nn.Module:
     """A new module tree of ``module``'s classes sharing its Parameter and buffer objects, with
-    ``layer_idx`` attributes set to ``layer_idx``, ``config`` attributes set to ``config``, and no
-    forward/backward hooks."""
-    from transformers import PretrainedConfig
-
-    if "forward" in module.__dict__ or hasattr(module, "_hf_hook"):
+    ``layer_idx`` attributes set to ``layer_idx``, ``config`` attributes (``config_cls``
+    instances) set to ``config``, and no forward/backward hooks."""
+    if "forward" in module.__dict__ or "_hf_hook" in module.__dict__:
         raise ConfigError(
             f"{type(module).__name__}: source layers with accelerate hooks (device_map / offloading) cannot be "
             "shared; load the sources onto one device"
@@ -156,7 +154,8 @@ def _shell(module: nn.Module, *, config: Any, layer_idx: int) -> nn.Module:
     state["_buffers"] = type(module._buffers)(module._buffers)
     state["_non_persistent_buffers_set"] = set(module._non_persistent_buffers_set)
     state["_modules"] = type(module._modules)(
-        (k, None if v is None else _shell(v, config=config, layer_idx=layer_idx)) for k, v in module._modules.items()
+        (k, None if v is None else _shell(v, config=config, layer_idx=layer_idx, config_cls=config_cls))
+        for k, v in module._modules.items()
     )
     for key in _RESET_HOOKS:
         if key in state:
@@ -166,7 +165,7 @@ def _shell(module: nn.Module, *, config: Any, layer_idx: int) -> nn.Module:
             state[key] = type(value)(value)
     if isinstance(state.get("layer_idx"), int) and not isinstance(state.get("layer_idx"), bool):
         state["layer_idx"] = layer_idx
-    if isinstance(state.get("config"), PretrainedConfig):
+    if isinstance(state.get("config"), config_cls):
         state["config"] = config
     clone.__dict__.update(state)
     return clone
@@ -322,10 +321,12 @@ class LayerPathModel:
             if h.layer >= len(self.sources):
                 raise ConfigError(f"path[{i}]: layer {h.layer} is out of range (there are {len(self.sources)} "
                                   "source layers)")
+        from transformers import PretrainedConfig
+
         cfg = self.model.config
         shells = []
         for pos, h in enumerate(hops):
-            shell = _shell(self._layers[h.layer], config=cfg, layer_idx=pos)
+            shell = _shell(self._layers[h.layer], config=cfg, layer_idx=pos, config_cls=PretrainedConfig)
             if h.scale != 1.0:
                 shell.register_forward_pre_hook(_scale_hook(h.scale), with_kwargs=True)
             shells.append(shell)
