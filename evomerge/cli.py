@@ -214,3 +214,55 @@ def status(study_name: str, storage: str | None, top: int) -> None:
         table.add_row(str(r["number"]), f"{r['fitness']:.4f}", *[f"{r['scores'].get(t, float('nan')):.4f}" for t in tasks],
                       r["method"] or "", f"{r['seconds']:.1f}" if r["seconds"] else "", r["baseline"] or "")
     Console().print(table)
+
+
+@main.command()
+@click.argument("config", type=click.Path(path_type=Path))
+@click.option("--metric", type=click.Choice(["exact", "embedding"]), default=None,
+              help="Re-score with this metric (cached generations are reused).")
+@click.option("--aggregate", type=click.Choice(["all", "mean"]), default=None,
+              help="all: count prompts unlike every neighbour (AdaMMS); mean: average over neighbours.")
+@click.option("--smoothing", type=int, default=None, help="Moving-average half-width (0: none).")
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=None,
+              help="Output folder (default runs/<sweep>/ next to CONFIG).")
+@click.option("--device", default=None, help="Override the config's device.")
+@friendly_errors
+def sweep(config: Path, metric: str | None, aggregate: str | None, smoothing: int | None, out: Path | None,
+          device: str | None) -> None:
+    """Pick merge coefficients without labels: generate at every value and choose the one whose
+    answers agree most with its neighbours' (AdaMMS). Run it again to resume or re-score."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from evomerge.sweep import SweepConfig, run_sweep, table_rows
+
+    cfg = SweepConfig.load(config, device=device)
+    console = Console(stderr=True)
+    total = len(cfg.points())
+    done = 0
+
+    def on_point(p) -> None:
+        nonlocal done
+        done += 1
+        label = " ".join(f"{k}={v:g}" for k, v in p.values.items())
+        how = "cached" if p.cached and p.seconds < 0.05 else f"{p.seconds:.1f}s"
+        acc = f"  accuracy {p.accuracy:.4f}" if p.accuracy is not None else ""
+        console.print(f"[{done}/{total}] {label}: {how}{acc}", highlight=False)
+
+    res = run_sweep(cfg, out=out, metric=metric, aggregate=aggregate, smoothing=smoothing, on_point=on_point)
+    header, rows = table_rows(res)
+    table = Table(title=f"sweep {res.name}: {res.metric} disagreement over {res.prompts} prompts")
+    for col in header:
+        table.add_column(col, justify="left" if col == "note" else "right")
+    for row in rows:
+        table.add_row(*row, style="bold" if "chosen" in row[-1] else None)
+    Console().print(table)
+    label = ", ".join(f"{k}={v:g}" for k, v in res.chosen.values.items())
+    click.echo(f"chosen: {label} (disagreement {res.chosen.disagreement:.4g})")
+    if len(res.ties) > 1:
+        click.echo("tied: " + "; ".join(", ".join(f"{k}={v:g}" for k, v in t.values.items()) for t in res.ties))
+    if res.label_best is not None:
+        best = ", ".join(f"{k}={v:g}" for k, v in res.label_best.values.items())
+        click.echo(f"label-best (reported only): {best} (accuracy {res.label_best.accuracy:.4f}; "
+                   f"chosen {res.chosen.accuracy:.4f})")
+    click.echo(f"generated {res.generated} of {total} points; wrote " + ", ".join(str(p) for p in res.files.values()))

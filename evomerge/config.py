@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
+from evomerge.consistency import ConsistencySpec
 from evomerge.errors import ConfigError
 from evomerge.methods import METHODS, get_method
 from evomerge.recipe import DTYPES, format_validation_error
@@ -91,19 +92,45 @@ class FitnessTask(_Strict):
 
 
 class Fitness(_Strict):
-    kind: Literal["lm_eval"] = "lm_eval"
-    tasks: list[FitnessTask] = Field(min_length=1)
+    # lm_eval: scored on lm-eval tasks; consistency: label-free, agreement of the candidate's
+    # generations with those of small perturbations of its recipe (see evomerge.consistency)
+    kind: Literal["lm_eval", "consistency"] = "lm_eval"
+    tasks: list[FitnessTask] = Field(default_factory=list)  # required for kind lm_eval
     include_path: list[str] = Field(default_factory=list)
     objective: Literal["sum", "multi"] = "sum"
     limit: float | None = None
     num_fewshot: int | None = None
     apply_chat_template: bool = False
     batch_size: int = 32
+    consistency: ConsistencySpec | None = None  # kind consistency: prompts, generation, delta, ...
 
     @field_validator("include_path", mode="before")
     @classmethod
     def _listify(cls, v: Any) -> Any:
         return [v] if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _check_kind(self) -> "Fitness":
+        if self.kind == "lm_eval":
+            if not self.tasks:
+                raise ValueError("tasks: give at least one lm-eval task (or kind: consistency for a label-free search)")
+            if self.consistency is not None:
+                raise ValueError("consistency: only for kind: consistency")
+        else:
+            if self.consistency is None:
+                raise ValueError("consistency: kind consistency needs this block (prompts, ...)")
+            if self.tasks:
+                raise ValueError("tasks: not used by kind consistency (it needs no labels)")
+            if self.objective != "sum":
+                raise ValueError("objective: kind consistency has one objective (sum)")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: Any) -> Any:
+        data = handler(self)
+        if isinstance(data, dict) and data.get("consistency", 0) is None:
+            del data["consistency"]  # lm_eval configs dump (and fingerprint) as before
+        return data
 
 
 class Sampler(_Strict):
@@ -205,6 +232,9 @@ class SearchConfig(_Strict):
                 raise ValueError("fitness.objective: the dfs stage needs a single objective (objective: sum)")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype: expected one of {', '.join(DTYPES)}")
+        if self.fitness.kind == "consistency" and "dfs" in self.stages:
+            raise ValueError("stages: the consistency fitness scores merge recipes (stage ps); "
+                             "the dfs stage needs lm_eval tasks")
         return self
 
     # ----------------------------------------------------------------- derived

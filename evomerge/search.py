@@ -448,8 +448,17 @@ def _run_stage(config: SearchConfig, stage: Any, *, fresh: bool, fork: bool, tri
     bounds = stage.bounds()
     sampler = make_sampler(config, bounds, stage.sampler_config, stage.x0())
     # validate tasks and models before a study is created, so a bad config leaves nothing behind
-    fitness = LmEvalFitness(config.fitness, config.include_paths)
+    if config.fitness.kind == "consistency":
+        if stage.name != "ps":
+            raise ConfigError("fitness.kind: the consistency fitness scores merge recipes (stage ps) only")
+        from evomerge.consistency import ConsistencyFitness
+
+        fitness: Any = ConsistencyFitness(config)  # label-free; builds neighbours in the stage's workspace
+    else:
+        fitness = LmEvalFitness(config.fitness, config.include_paths)
     stage.open()
+    if hasattr(fitness, "bind"):
+        fitness.bind(stage.workspace)
     try:
         study, created = open_study(config, sampler, fresh=fresh, fork=fork, stage=stage.name, name=name)
         if created:
