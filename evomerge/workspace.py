@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -211,13 +212,22 @@ class Workspace:
         self.recipe = None
         self._out_dtype = plan.out_dtype
         self._prepare(plan, recipe.seed)
-        flags: list[Tensor] = []
-        for task in plan.tasks:
-            flags.append(self._run_task(task, plan.method, recipe.seed, self.params[task.out_name]))
-        ok = torch.stack(flags).cpu()  # the one host sync of a candidate
-        if not bool(ok.all()):
-            bad = plan.tasks[int((~ok).nonzero()[0, 0])].out_name
-            raise MergeError(f"{bad}: the merge produced non-finite values (NaN or inf)")
+        flags = torch.zeros(len(plan.tasks), dtype=torch.int32, device=self.device)  # fused kernels count here
+        oks: list[Tensor] = []
+        eager: list[int] = []
+        for i, task in enumerate(plan.tasks):
+            ok = self._run_task(task, plan.method, recipe.seed, self.params[task.out_name], flags[i:i + 1])
+            if ok is not None:
+                oks.append(ok)
+                eager.append(i)
+        if oks:
+            bad_eager = torch.zeros_like(flags)
+            bad_eager[torch.tensor(eager, device=self.device)] = (~torch.stack(oks)).to(torch.int32)
+            flags = flags + bad_eager
+        bad = flags.cpu()  # the one host sync of a candidate
+        if bool(bad.any()):
+            name = plan.tasks[int(bad.nonzero()[0, 0])].out_name
+            raise MergeError(f"{name}: the merge produced non-finite values (NaN or inf)")
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.recipe = recipe
@@ -413,16 +423,16 @@ class Workspace:
         step = max(1, self.chunk_elems)
         return [slice(a, min(a + step, numel)) for a in range(0, numel, step)]
 
-    def _run_task(self, task: TensorTask, method: Method, seed: int, target: Tensor) -> Tensor:
+    def _run_task(self, task: TensorTask, method: Method, seed: int, target: Tensor, flag: Tensor) -> Tensor | None:
+        """Write one merged tensor into ``target``. Returns a 0-dim bool "all finite" tensor, or
+        None when a fused kernel ran (it counts non-finite values into ``flag``)."""
         rows = self._rows(task)
         shape = self._shape(task, rows)
         if tuple(target.shape) != shape:
             raise MergeError(f"{task.out_name}: merged shape {shape} != model's {tuple(target.shape)}")
         name = method.name
-        if self.kernels is not None:
-            flag = self.kernels.run(self, task, method, seed, target, rows)
-            if flag is not None:
-                return flag
+        if self.kernels is not None and self.kernels.run(self, task, method, seed, target, rows, flag):
+            return None
         if name in GTA_KINDS:
             return self._gta(task, method, seed, target, rows)
         if name == "sce":
@@ -469,137 +479,38 @@ class Workspace:
 
     # GTA: task arithmetic, TIES, DARE, breadcrumbs, DELLA
     def _gta(self, task: TensorTask, method: Method, seed: int, target: Tensor, rows: int | None) -> Tensor:
-        sparsifier, consensus = GTA_KINDS[method.name]
+        _, consensus = GTA_KINDS[method.name]
         p = task.params
-        n = len(task.inputs)
-        base_ref = task.base
-        base = self._src(base_ref, rows)
-        shape = tuple(base.shape)
-        numel = base.numel()
-        b = base.view(-1)
+        specs = gta_model_specs(self, task, method, seed, rows)
+        assert specs is not None
+        b = self._src(task.base, rows).view(-1)
         xs = [self._src(r, rows).view(-1) for r in task.inputs]
+        numel = b.numel()
         cv = self._cv
-        gens: list[torch.Generator] | None = None
-
-        def gen(i: int) -> torch.Generator:
-            return torch.Generator(device=self.device).manual_seed(tensor_seed(seed, task.out_name, i))
-
-        # per model: mask(sl) -> Tensor|None, post(masked, sl) -> sparse chunk
-        masks: list[Callable[[slice], Tensor] | None] = [None] * n
-        probs_of: list[Any] = [None] * n
-        needs_l1 = [False] * n
-        for i, ref in enumerate(task.inputs):
-            density = p["density"][i] if sparsifier else 1.0
-            if sparsifier is None or density >= 1:
-                continue
-            full: Tensor | None = None
-            if sparsifier in ("magnitude", "magnitude_outliers"):
-                rank = self._cached(("magrank", base_ref, ref, rows))
-                if sparsifier == "magnitude":
-                    k = int(density * numel)
-                    if rank is not None:
-                        masks[i] = lambda sl, r=rank.view(-1), k=k: r[sl] < k
-                    else:
-                        full = magnitude_mask(self._delta(base_ref, ref, rows), density).view(-1)
-                else:
-                    n_top, n_bot = breadcrumbs_counts(numel, density, p["gamma"][i])
-                    hi = numel - n_bot
-                    if rank is not None:
-                        masks[i] = lambda sl, r=rank.view(-1), lo=n_top, hi=hi: (r[sl] >= lo) & (r[sl] < hi)
-                    else:
-                        full = breadcrumbs_mask(self._delta(base_ref, ref, rows), density, p["gamma"][i]).view(-1)
-            elif sparsifier == "random":
-                pstar = self._cached(("pstar", tensor_seed(seed, task.out_name, i), shape))
-                probs_of[i] = density
-                if pstar is not None:
-                    masks[i] = lambda sl, ps=pstar.view(-1), d=density: ps[sl] <= d
-                else:
-                    full = bernoulli_mask(self._delta(base_ref, ref, rows), density, gen(i)).view(-1)
-            else:  # della_magprune
-                eps = p["epsilon"][i]
-                ncols = shape[1] if len(shape) >= 2 else shape[0]
-                rank = self._cached(("rowrank", base_ref, ref, rows))
-                pstar = self._cached(("pstar", tensor_seed(seed, task.out_name, i), shape))
-                if ncols < 2:
-                    probs_fn = lambda sl, d=density: torch.full((sl.stop - sl.start,), d, dtype=self.compute_dtype,  # noqa: E731
-                                                                device=self.device)
-                elif rank is not None:
-                    probs_fn = lambda sl, r=rank.view(-1), d=density, e=eps, c=ncols: della_probs_from_ranks(  # noqa: E731
-                        r[sl], c, d, e, self.compute_dtype)
-                else:
-                    pf = della_keep_probs(self._delta(base_ref, ref, rows), density, eps).view(-1)
-                    probs_fn = lambda sl, pf=pf: pf[sl]  # noqa: E731
-                probs_of[i] = probs_fn
-                if pstar is not None:
-                    masks[i] = lambda sl, ps=pstar.view(-1), pf=probs_fn: pf(sl) >= ps[sl]
-                else:
-                    probs_full = probs_fn(slice(0, numel))
-                    full = torch.bernoulli(probs_full.view(shape), generator=gen(i)).view(-1)
-            if full is not None:
-                masks[i] = lambda sl, f=full: f[sl]
-            needs_l1[i] = bool(p["rescale"]) and (p["rescale_mode"] == "l1" or sparsifier in ("magnitude", "magnitude_outliers"))
-
-        def masked(i: int, sl: slice) -> Tensor:
-            d = cv(xs[i][sl]) - cv(b[sl])
-            m = masks[i]
-            return d if m is None else d * m(sl)
-
         # phase 1: L1 rescale factors need the sum over the whole masked task vector
-        scales: list[Tensor | None] = [None] * n
-        for i, ref in enumerate(task.inputs):
-            if masks[i] is None or not needs_l1[i]:
-                continue
-            before = self._small_cache(("l1", base_ref, ref, rows),
-                                       lambda ref=ref: self._delta(base_ref, ref, rows).abs().sum())
-            buf = torch.empty(numel, dtype=self.compute_dtype, device=self.device)
-            for sl in self._chunks(numel):
-                torch.abs(masked(i, sl), out=buf[sl])
-            scales[i] = l1_scale(before, buf.view(shape).sum())
-            del buf
+        for i, sp in enumerate(specs):
+            if sp.sm == SM_SCALE_PTR and sp.scale is None:
+                buf = torch.empty(numel, dtype=self.compute_dtype, device=self.device)
+                for sl in self._chunks(numel):
+                    torch.abs(sp.masked(cv(xs[i][sl]) - cv(b[sl]), sl), out=buf[sl])
+                sp.scale = sp.l1_scale(buf)
+                del buf
 
-        def sparse(i: int, sl: slice) -> Tensor:
-            x = masked(i, sl)
-            if masks[i] is None or not p["rescale"]:
-                return x
-            if scales[i] is not None:
-                return x * scales[i]
-            pr = probs_of[i]
-            return x * (1.0 / pr) if isinstance(pr, float) else x / pr(sl)
+        def chunk(sl: slice) -> Tensor:
+            bb = cv(b[sl])
+            sparse = [sp.sparse(cv(x[sl]) - bb, sl) for sp, x in zip(specs, xs)]
+            return mix_task_vectors(bb, sparse, p["weight"], consensus=consensus, normalize=p["normalize"],
+                                    lambda_=p["lambda"])
 
-        weights = p["weight"]
-        normalize, lam = p["normalize"], p["lambda"]
-        return self._flat(target, lambda sl: mix_task_vectors(cv(b[sl]), [sparse(i, sl) for i in range(n)], weights,
-                                                              consensus=consensus, normalize=normalize, lambda_=lam))
+        return self._flat(target, chunk)
 
     def _sce(self, task: TensorTask, target: Tensor, rows: int | None) -> Tensor:
-        topk = task.params["select_topk"]
-        base_ref, inputs = task.base, task.inputs
-        base = self._src(base_ref, rows)
-        shape, numel = tuple(base.shape), base.numel()
-        b = base.view(-1)
-        xs = [self._src(r, rows).view(-1) for r in inputs]
+        ds, weights, from_x = sce_prepare(self, task, rows)
+        b = self._src(task.base, rows).view(-1)
         cv = self._cv
-        n = len(inputs)
-        if topk >= 1:
-            energy = self._small_cache(("sce_energy", base_ref, inputs, rows), lambda: torch.stack(
-                [sce_energy(self._delta(base_ref, r, rows)) for r in inputs]))
-            weights = sce_weights_from_energy(energy)
-            return self._flat(target, lambda sl: sce_combine(cv(b[sl]), [cv(x[sl]) - cv(b[sl]) for x in xs], weights))
-        rank = self._cached(("varrank", base_ref, inputs, rows))
-        if rank is not None:
-            k = int(self._small[("nnz", base_ref, tuple(inputs), rows)] * topk)
-            r = rank.view(-1)
-            mask = lambda sl: r[sl] < k  # noqa: E731
-        else:
-            full = sce_variance_mask(torch.stack([self._delta(base_ref, x, rows) for x in inputs]), topk).view(-1)
-            mask = lambda sl: full[sl]  # noqa: E731
-        bufs = [torch.empty(numel, dtype=self.compute_dtype, device=self.device) for _ in range(n)]
-        for sl in self._chunks(numel):
-            m = mask(sl)
-            for i in range(n):
-                torch.mul(cv(xs[i][sl]) - cv(b[sl]), m, out=bufs[i][sl])
-        weights = sce_weights_from_energy(torch.stack([sce_energy(buf.view(shape)) for buf in bufs]))
-        return self._flat(target, lambda sl: sce_combine(cv(b[sl]), [buf[sl] for buf in bufs], weights))
+        if from_x:
+            return self._flat(target, lambda sl: sce_combine(cv(b[sl]), [cv(x[sl]) - cv(b[sl]) for x in ds], weights))
+        return self._flat(target, lambda sl: sce_combine(cv(b[sl]), [d[sl] for d in ds], weights))
 
     def _model_stock(self, task: TensorTask, target: Tensor, rows: int | None) -> Tensor:
         fw = task.params["filter_wise"]
@@ -664,3 +575,174 @@ class Workspace:
             out = self._cv(self._src(base_ref, rows)) + out
         target.copy_(self._round(out, target))
         return torch.isfinite(out).all()
+
+
+# --------------------------------------------------------------------------- shared by the eager path and the kernels
+MM_NONE, MM_RANK, MM_MASK, MM_PSTAR_P, MM_PSTAR_ROWRANK, MM_PSTAR_PROBS, MM_MASK_PROBS = range(7)
+SM_NONE, SM_SCALE_PTR, SM_MUL, SM_DIV_PROBS = range(4)
+
+
+@dataclass
+class ModelSpec:
+    """How one model's task vector is sparsified in a candidate (flat views of whole tensors).
+
+    ``mm`` (mask): none; ``rank`` window ``lo <= a < hi``; full bool mask ``a``; Bernoulli
+    thresholds ``a <= f1``; thresholds vs DELLA probabilities ``b * f1 + f2`` (row ranks ``b``);
+    thresholds vs full probabilities ``b``; full mask ``a`` with full probabilities ``b``.
+    ``sm`` (rescale): none; times ``scale`` (L1, 0-dim); times ``f3``; divided by the probabilities.
+    """
+
+    mm: int
+    sm: int
+    w: float
+    shape: tuple[int, ...]
+    a: Tensor | None = None
+    b: Tensor | None = None
+    lo: int = 0
+    hi: int = 0
+    f1: float = 0.0
+    f2: float = 0.0
+    f3: float = 0.0
+    before: Tensor | None = None
+    scale: Tensor | None = None
+
+    def probs(self, sl: slice) -> Tensor:
+        if self.mm == MM_PSTAR_ROWRANK:
+            return self.b[sl].to(torch.float32) * self.f1 + self.f2  # = della_probs_from_ranks
+        return self.b[sl]
+
+    def keep(self, sl: slice) -> Tensor:
+        mm = self.mm
+        if mm == MM_RANK:
+            r = self.a[sl]
+            return (r >= self.lo) & (r < self.hi)
+        if mm in (MM_MASK, MM_MASK_PROBS):
+            return self.a[sl]
+        if mm == MM_PSTAR_P:
+            return self.a[sl] <= self.f1
+        return self.probs(sl) >= self.a[sl]
+
+    def masked(self, d: Tensor, sl: slice) -> Tensor:
+        return d if self.mm == MM_NONE else d * self.keep(sl)
+
+    def sparse(self, d: Tensor, sl: slice) -> Tensor:
+        x = self.masked(d, sl)
+        if self.sm == SM_SCALE_PTR:
+            return x * self.scale
+        if self.sm == SM_MUL:
+            return x * self.f3
+        if self.sm == SM_DIV_PROBS:
+            return x / self.probs(sl)
+        return x
+
+    def l1_scale(self, abs_masked: Tensor) -> Tensor:
+        """The engine's ``l1_scale(delta.abs().sum(), masked.abs().sum())``."""
+        return l1_scale(self.before, abs_masked.view(self.shape).sum())
+
+
+def gta_model_specs(ws: Workspace, task: TensorTask, method: Method, seed: int, rows: int | None) -> list[ModelSpec] | None:
+    """Per model: the cached (or, where the planner found no room, recomputed) pieces of its mask."""
+    sparsifier, _ = GTA_KINDS[method.name]
+    p = task.params
+    base_ref = task.base
+    shape = ws._shape(task, rows)
+    numel = 1
+    for s in shape:
+        numel *= s
+    specs = []
+    for i, ref in enumerate(task.inputs):
+        w = float(p["weight"][i])
+        density = p["density"][i] if sparsifier else 1.0
+        if sparsifier is None or density >= 1:
+            specs.append(ModelSpec(MM_NONE, SM_NONE, w, shape))
+            continue
+        sp = ModelSpec(MM_MASK, SM_NONE, w, shape)
+
+        def gen(i: int = i) -> torch.Generator:
+            return torch.Generator(device=ws.device).manual_seed(tensor_seed(seed, task.out_name, i))
+
+        probs_float = False
+        if sparsifier in ("magnitude", "magnitude_outliers"):
+            rank = ws._cached(("magrank", base_ref, ref, rows))
+            if sparsifier == "magnitude":
+                lo, hi = 0, int(density * numel)
+            else:
+                n_top, n_bot = breadcrumbs_counts(numel, density, p["gamma"][i])
+                lo, hi = n_top, numel - n_bot
+            if rank is not None:
+                sp.mm, sp.a, sp.lo, sp.hi = MM_RANK, rank.view(-1), lo, hi
+            else:
+                d = ws._delta(base_ref, ref, rows)
+                full = magnitude_mask(d, density) if sparsifier == "magnitude" else breadcrumbs_mask(d, density, p["gamma"][i])
+                sp.a = full.view(-1).bool()
+        elif sparsifier == "random":
+            pstar = ws._cached(("pstar", tensor_seed(seed, task.out_name, i), shape))
+            probs_float = True
+            if pstar is not None:
+                sp.mm, sp.a, sp.f1 = MM_PSTAR_P, pstar.view(-1), float(density)
+            else:
+                sp.a = bernoulli_mask(ws._delta(base_ref, ref, rows), density, gen()).view(-1).bool()
+        else:  # della_magprune
+            eps = p["epsilon"][i]
+            ncols = shape[1] if len(shape) >= 2 else shape[0]
+            rank = ws._cached(("rowrank", base_ref, ref, rows))
+            pstar = ws._cached(("pstar", tensor_seed(seed, task.out_name, i), shape))
+            if ncols >= 2 and rank is not None and ws.compute_dtype == torch.float32:
+                probs_mode = MM_PSTAR_ROWRANK
+                sp.b, sp.f1, sp.f2 = rank.view(-1), 2 * eps / (ncols - 1), density - eps
+            else:
+                probs_mode = MM_PSTAR_PROBS
+                if ncols < 2:
+                    sp.b = torch.full((numel,), density, dtype=ws.compute_dtype, device=ws.device)
+                else:
+                    sp.b = della_keep_probs(ws._delta(base_ref, ref, rows), density, eps).view(-1)
+            if pstar is not None:
+                sp.mm, sp.a = probs_mode, pstar.view(-1)
+            else:
+                probs = sp.probs(slice(0, numel))
+                sp.mm, sp.b = MM_MASK_PROBS, probs
+                sp.a = torch.bernoulli(probs.view(shape), generator=gen()).view(-1).bool()
+        if p["rescale"]:
+            if p["rescale_mode"] == "l1" or sparsifier in ("magnitude", "magnitude_outliers"):
+                sp.sm = SM_SCALE_PTR
+                sp.before = ws._small_cache(("l1", base_ref, ref, rows),
+                                            lambda ref=ref: ws._delta(base_ref, ref, rows).abs().sum())
+            elif probs_float:
+                sp.sm, sp.f3 = SM_MUL, 1.0 / density
+            else:
+                sp.sm = SM_DIV_PROBS
+        specs.append(sp)
+    return specs
+
+
+def sce_prepare(ws: Workspace, task: TensorTask, rows: int | None) -> tuple[list[Tensor], Tensor, bool]:
+    """SCE's inputs for the combine step: ``(task vectors or sources, weights, from_sources)``.
+    Below ``select_topk = 1`` the masked task vectors are materialized (float32), because the
+    weights are their energies, a reduction over the whole tensor."""
+    topk = task.params["select_topk"]
+    base_ref, inputs = task.base, task.inputs
+    base = ws._src(base_ref, rows)
+    shape, numel = tuple(base.shape), base.numel()
+    b = base.view(-1)
+    xs = [ws._src(r, rows).view(-1) for r in inputs]
+    cv = ws._cv
+    if topk >= 1:
+        energy = ws._small_cache(("sce_energy", base_ref, inputs, rows), lambda: torch.stack(
+            [sce_energy(ws._delta(base_ref, r, rows)) for r in inputs]))
+        return xs, sce_weights_from_energy(energy), True
+    rank = ws._cached(("varrank", base_ref, inputs, rows))
+    if rank is not None:
+        k = int(ws._small[("nnz", base_ref, tuple(inputs), rows)] * topk)
+        r = rank.view(-1)
+        mask = lambda sl: r[sl] < k  # noqa: E731
+    else:
+        full = sce_variance_mask(torch.stack([ws._delta(base_ref, x, rows) for x in inputs]), topk).view(-1)
+        mask = lambda sl: full[sl]  # noqa: E731
+    bufs = [torch.empty(numel, dtype=ws.compute_dtype, device=ws.device) for _ in inputs]
+    for sl in ws._chunks(numel):
+        m = mask(sl)
+        bb = cv(b[sl])
+        for i in range(len(inputs)):
+            torch.mul(cv(xs[i][sl]) - bb, m, out=bufs[i][sl])
+    weights = sce_weights_from_energy(torch.stack([sce_energy(buf.view(shape)) for buf in bufs]))
+    return bufs, weights, False

@@ -339,3 +339,34 @@ def test_cuda_streaming_from_host_is_identical(models_bf16):
         assert ("source", "host") in {(r["what"], r["where"]) for r in ws.memory.summary()}
     finally:
         ws.close()
+
+
+# --------------------------------------------------------------------------- fused kernels without a GPU
+def _interpreting() -> bool:
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _interpreting(), reason="run with TRITON_INTERPRET=1 and Triton installed")
+@pytest.mark.parametrize("stored", ["fp32", "bf16"])
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_fused_kernels_in_the_triton_interpreter(models3, models_bf16, method, stored):
+    """The Triton kernels (run by Triton's CPU interpreter) perform the engine's exact operations.
+    (float32 outputs: the interpreter's own bf16 store rounds differently from a GPU's.)"""
+    m = models3 if stored == "fp32" else models_bf16
+    ws = _workspace(m, fused=True)
+    try:
+        assert ws.kernels is not None
+        for data in recipes_for(method, m, dtype="float32"):
+            recipe = Recipe.from_dict(data)
+            ws.load(recipe)
+            assert_same(ws, recipe)
+    finally:
+        ws.close()

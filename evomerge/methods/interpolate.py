@@ -134,7 +134,7 @@ def nearswap(base: Tensor, other: Tensor, *, t: float) -> Tensor:
     """NearSwap: take ``other`` where it is close to ``base``; per element the weight of
     ``other`` is ``clamp(t / |base - other|, 0, 1)`` (distances below 1e-6 count as 1e-6)."""
     dist = (base - other).abs().clamp(min=1e-6)
-    w = (t / dist).clamp(0, 1)
+    w = (torch.reciprocal(dist) * t).clamp(0, 1)  # what `t / dist` computes in torch; explicit for the kernels
     return w * other + (1 - w) * base
 
 
