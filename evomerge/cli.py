@@ -266,3 +266,43 @@ def sweep(config: Path, metric: str | None, aggregate: str | None, smoothing: in
         click.echo(f"label-best (reported only): {best} (accuracy {res.label_best.accuracy:.4f}; "
                    f"chosen {res.chosen.accuracy:.4f})")
     click.echo(f"generated {res.generated} of {total} points; wrote " + ", ".join(str(p) for p in res.files.values()))
+
+
+@main.command()
+@click.option("--out", type=click.Path(path_type=Path), default=Path("demo_out"), show_default=True,
+              help="Folder for the world, the study and the results.")
+@click.option("--trials", type=int, default=None, help="Search budget (default: configs/demo.yml's).")
+@click.option("--sampler", type=click.Choice(["cmaes", "tpe", "random", "qmc"]), default=None)
+@click.option("--seed", type=int, default=0, show_default=True, help="World and search seed.")
+@click.option("--fresh", is_flag=True, help="Restart the demo study from scratch.")
+@friendly_errors
+def demo(out: Path, trials: int | None, sampler: str | None, seed: int, fresh: bool) -> None:
+    """Build a tiny offline world (a base, a math and a language specialist), search a merge,
+    and show it beating its parents on held-out data."""
+    import optuna
+    from rich.console import Console
+    from rich.table import Table
+
+    from evomerge.demo.pipeline import DEMO_TASKS, run_demo
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    console = Console(stderr=True)
+    summary = run_demo(out, trials=trials, sampler=sampler, seed=seed, fresh=fresh,
+                       say=lambda m: console.print(m, highlight=False),
+                       on_trial=lambda r: console.print(_trial_line(r), soft_wrap=True, highlight=False),
+                       on_start=lambda i: console.print(
+                           f"searching: study {i['study']} ({i['dimensions']} dimensions, {i['done']}/{i['total']} trials done)"))
+    if summary.get("interrupted"):
+        click.echo(f"stopped; run `evomerge demo --out {out}` again to resume")
+        return
+    table = Table(title=f"test accuracy (held-out split); best merge = trial {summary['best_trial']} "
+                        f"of {summary['trials']} ({summary['sampler']}, {summary['method']})")
+    table.add_column("model")
+    for task in DEMO_TASKS:
+        table.add_column(task, justify="right")
+    for name, scores in summary["test_scores"].items():
+        table.add_row(name if name != "merged" else "[bold]best merge[/]",
+                      *[f"{scores[t]:.3f}" for t in DEMO_TASKS])
+    Console().print(table)
+    click.echo(f"wrote {out}/best.yml, {out}/merged/, {out}/summary.json "
+               f"({summary['seconds']['total']:.0f} s)")

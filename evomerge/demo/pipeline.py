@@ -1,0 +1,97 @@
+"""`evomerge demo`: build the offline world, search it, export the winner, score everything on
+the held-out test splits.
+
+Writes into ``out``: ``models/<name>/`` (the parents), ``tasks/`` (the lm-eval task suite),
+``runs/demo.db`` (the study, resumable), ``best.yml`` (the winning recipe), ``merged/`` (the
+winner as a Hugging Face folder) and ``summary.json`` (every model's test scores).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from evomerge.config import SearchConfig
+from evomerge.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+DEMO_TASKS = ("demo_target", "demo_math", "demo_lang")
+REPO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yml"
+
+
+def demo_config(out: Path, models: dict[str, Path], *, config_path: Path = REPO_CONFIG, **overrides: Any) -> SearchConfig:
+    """``configs/demo.yml`` pointed at the world built in ``out``."""
+    import yaml
+
+    if not config_path.is_file():
+        raise ConfigError(f"{config_path}: the demo's search config is missing (run from a clone of evomerge)")
+    data = yaml.safe_load(config_path.read_text())
+    data["base_model"] = str(models["base"])
+    data["models"] = {name: str(models[name]) for name in data["models"]}
+    data["storage"] = f"sqlite:///{(out / 'runs' / 'demo.db').resolve()}"
+    data["fitness"]["include_path"] = str((out / "tasks").resolve())
+    return SearchConfig.from_dict({**data, **{k: v for k, v in overrides.items() if v is not None}},
+                                  root=out.resolve(), source=str(config_path))
+
+
+def score_on_test(folder: Path, include_path: Path, tasks: tuple[str, ...] = DEMO_TASKS, batch_size: int = 32) -> dict[str, float]:
+    """Accuracy of the model in ``folder`` on each task's test split, as ``lm_eval`` computes it."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evomerge.config import Fitness, FitnessTask
+    from evomerge.evaluate import LmEvalFitness
+
+    fitness = LmEvalFitness(Fitness(tasks=[FitnessTask(task=t, metric="acc", split="test") for t in tasks],
+                                    include_path=[str(include_path)], batch_size=batch_size), [str(include_path)])
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return fitness.score(model, tokenizer).values
+
+
+def run_demo(out: Path, *, trials: int | None = None, sampler: str | None = None, seed: int = 0, fresh: bool = False,
+             say: Callable[[str], None] = log.info, on_trial: Callable[..., None] | None = None,
+             on_start: Callable[..., None] | None = None) -> dict[str, Any]:
+    from evomerge.demo.world import build_world
+    from evomerge.export import build_trial_model, export_recipe
+    from evomerge.search import load_existing_study, run_search
+
+    out = Path(out)
+    t0 = time.perf_counter()
+    models = build_world(out, seed=seed, log=say)
+    t_world = time.perf_counter() - t0
+    overrides: dict[str, Any] = {"seed": seed}
+    cfg = demo_config(out, models, **overrides)
+    if sampler is not None:
+        cfg = cfg.model_copy(update={"sampler": cfg.sampler.model_copy(update={"name": sampler})})
+    t1 = time.perf_counter()
+    result = run_search(cfg, trials=trials, fresh=fresh, on_trial=on_trial, on_start=on_start)
+    t_search = time.perf_counter() - t1
+    if result.interrupted:
+        return {"interrupted": True, "study": result.study_name}
+    study = load_existing_study(result.study_name, cfg.storage_url)
+    best_yml, recipe, trial = export_recipe(study, out / "best.yml")
+    merged = build_trial_model(study, trial, recipe, out / "merged", overwrite=True)
+    say(f"scoring parents and the best merge on the test splits")
+    scores = {name: score_on_test(path, out / "tasks") for name, path in models.items()}
+    scores["merged"] = score_on_test(merged, out / "tasks")
+    summary = {
+        "study": result.study_name,
+        "storage": cfg.storage_url,
+        "trials": result.completed,
+        "best_trial": trial.number,
+        "best_dev_fitness": result.best_fitness,
+        "sampler": cfg.sampler.name,
+        "method": recipe.merge_method,
+        "test_scores": scores,
+        "seconds": {"world": round(t_world, 1), "search": round(t_search, 1),
+                    "total": round(time.perf_counter() - t0, 1)},
+        "best_yml": str(best_yml),
+        "merged": str(merged),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
