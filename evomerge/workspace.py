@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -36,7 +36,16 @@ import torch
 from torch import Tensor
 
 from evomerge.checkpoint import Checkpoint
-from evomerge.engine import TensorRef, TensorTask, plan_merge, resolve_device, tensor_seed
+from evomerge.engine import (
+    MergePlan,
+    TensorRef,
+    TensorTask,
+    _as_slices,
+    _resolve_params,
+    plan_merge,
+    resolve_device,
+    tensor_seed,
+)
 from evomerge.errors import CheckpointError, MergeError
 from evomerge.methods import Method
 from evomerge.methods.interpolate import (
@@ -143,7 +152,7 @@ class Workspace:
         self.device = resolve_device(device)
         self.dtype = dtype
         self.compute_dtype = compute_dtype
-        self.sources = {ref: Checkpoint.open(ref) for ref in dict.fromkeys([template, *refs])}
+        self.sources = {ref: _CachedCheckpoint(Checkpoint.open(ref)) for ref in dict.fromkeys([template, *refs])}
         arches = {ck.arch.name for ck in self.sources.values()}
         if len(arches) > 1:
             raise CheckpointError(f"models have different architectures: {', '.join(sorted(arches))}")
@@ -168,6 +177,7 @@ class Workspace:
         self._small: dict[Any, Any] = {}  # per-tensor scalars and per-row vectors (not planned)
         self._verified_numels: set[int] = set()
         self._plans: dict[str, Any] = {}
+        self._prepared: set[Any] = set()
         self.recipe: Recipe | None = None
         self._out_dtype = dtype
         self.last_load_seconds: float | None = None
@@ -202,7 +212,7 @@ class Workspace:
     def load(self, recipe: Recipe) -> None:
         """Write the recipe's merged weights into the live model."""
         start = time.perf_counter()
-        plan = plan_merge(recipe, self.sources)
+        plan, structure = self._plan(recipe)
         if plan.num_layers != self.num_layers:
             raise MergeError(f"the recipe has {plan.num_layers} layers; this workspace holds {self.num_layers}")
         for task in plan.tasks:
@@ -211,7 +221,10 @@ class Workspace:
                 raise MergeError(f"{task.out_name}: the model has no such parameter")
         self.recipe = None
         self._out_dtype = plan.out_dtype
-        self._prepare(plan, recipe.seed)
+        prepared = (structure, recipe.seed if plan.method.stochastic else None)
+        if prepared not in self._prepared:
+            self._prepare(plan, recipe.seed)
+            self._prepared.add(prepared)
         flags = torch.zeros(len(plan.tasks), dtype=torch.int32, device=self.device)  # fused kernels count here
         oks: list[Tensor] = []
         eager: list[int] = []
@@ -259,6 +272,29 @@ class Workspace:
         return self.memory.table() if self.memory is not None else "memory plan: nothing loaded yet"
 
     # ----------------------------------------------------------------- planning and caches
+    def _plan(self, recipe: Recipe) -> tuple[MergePlan, str]:
+        """``plan_merge``, with the plan's structure (tasks, shapes, checks) cached per recipe
+        structure: a search's candidates differ only in numbers, so only the per-tensor
+        parameters are resolved again."""
+        key = structure_key(recipe)
+        cached = self._plans.get(key)
+        if cached is None:
+            plan = plan_merge(recipe, self.sources)
+            self._plans[key] = (plan, _task_contexts(recipe, plan, self.sources))
+            return plan, key
+        skeleton, contexts = cached
+        method = skeleton.method
+        slices = _as_slices(recipe, self.sources)
+        mps = [{src.model: src.parameters for src in sl.sources} for sl in slices]
+        tasks = []
+        for task, (si, t) in zip(skeleton.tasks, contexts):
+            sl = slices[si]
+            params = _resolve_params(method, recipe, sl, task.out_name, t, [r[0] for r in task.inputs], mps[si],
+                                     sl.base_model or recipe.base_model)
+            tasks.append(replace(task, params=params))
+        return MergePlan(recipe, method, tasks, skeleton.num_layers, skeleton.config, skeleton.tokenizer_source,
+                         skeleton.out_dtype), key
+
     def _ensure_memory(self, plan: Any) -> MemoryPlan:
         if self.memory is None:
             largest = max(self._numel(t) for t in plan.tasks)
@@ -309,7 +345,7 @@ class Workspace:
                 numel = 1
                 for s in ck.shape(ref[1]):
                     numel *= s
-                nbytes = numel * ck.dtype(ref[1]).itemsize
+                nbytes = numel * self._stored_itemsize(ck.dtype(ref[1]))
                 want("source", ("src", ref), nbytes, ref[0], lambda ref=ref: self._load_source(ref))
             numel = 1
             for s in self._shape(task, rows):
@@ -333,9 +369,7 @@ class Workspace:
             sparsifier, _ = GTA_KINDS[name]
             if sparsifier is None:
                 return
-            for i, ref in enumerate(task.inputs):
-                if p["density"][i] >= 1:
-                    continue
+            for i, ref in enumerate(task.inputs):  # densities change between candidates: cache for all
                 if sparsifier in ("magnitude", "magnitude_outliers"):
                     dt = _rank_dtype(numel)
                     want("magnitude ranks", ("magrank", base, ref, rows), numel * dt.itemsize, ref[0],
@@ -352,7 +386,7 @@ class Workspace:
                     shape = self._shape(task, rows)
                     want("bernoulli thresholds", ("pstar", s, shape), numel * 4, ref[0],
                          lambda s=s, shape=shape: self._build_pstar(s, shape))
-        elif name == "sce" and p["select_topk"] < 1:
+        elif name == "sce":
             dt = _rank_dtype(numel)
             want("variance ranks", ("varrank", base, task.inputs, rows), numel * dt.itemsize, "all models",
                  lambda: self._build_varrank(base, task.inputs, rows))
@@ -362,11 +396,20 @@ class Workspace:
         shape = tuple(self.sources[ref[0]].shape(ref[1]))
         return shape if rows is None else (rows, *shape[1:])
 
+    def _upcast_on_device(self, dtype: torch.dtype) -> bool:
+        """CPU workspaces keep narrow sources upcast to the compute dtype (exact, and one
+        conversion less per element and candidate); a GPU reads the narrow dtype in its kernels."""
+        return (self.device.type == "cpu" and dtype.is_floating_point
+                and dtype.itemsize < self.compute_dtype.itemsize)
+
+    def _stored_itemsize(self, dtype: torch.dtype) -> int:
+        return self.compute_dtype.itemsize if self._upcast_on_device(dtype) else dtype.itemsize
+
     def _load_source(self, ref: TensorRef) -> Tensor:
         t = self.sources[ref[0]].get(ref[1])
         where = self.memory.items[("src", ref)].where  # type: ignore[union-attr]
         if where == "device":
-            return t.to(self.device)
+            return t.to(self.device, self.compute_dtype if self._upcast_on_device(t.dtype) else t.dtype)
         return t.pin_memory() if self.device.type == "cuda" else t
 
     def _src(self, ref: TensorRef, rows: int | None) -> Tensor:
@@ -746,3 +789,75 @@ def sce_prepare(ws: Workspace, task: TensorTask, rows: int | None) -> tuple[list
             torch.mul(cv(xs[i][sl]) - bb, m, out=bufs[i][sl])
     weights = sce_weights_from_energy(torch.stack([sce_energy(buf.view(shape)) for buf in bufs]))
     return bufs, weights, False
+
+
+# --------------------------------------------------------------------------- plan structure
+class _CachedCheckpoint:
+    """A :class:`Checkpoint` whose shape/dtype/has answers are memoized (planning asks often)."""
+
+    def __init__(self, ck: Checkpoint):
+        self._ck = ck
+        self._memo: dict[tuple[str, str], Any] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._ck, name)
+
+    def _ask(self, what: str, name: str) -> Any:
+        key = (what, name)
+        if key not in self._memo:
+            self._memo[key] = getattr(self._ck, what)(name)
+        return self._memo[key]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._ask("shape", name)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._ask("dtype", name)
+
+    def has(self, name: str) -> bool:
+        return self._ask("has", name)
+
+    def close(self) -> None:
+        self._ck.close()
+
+
+def structure_key(recipe: Recipe) -> str:
+    """The recipe with every number that is a parameter value blanked (layer ranges kept):
+    recipes with equal keys have plans of the same tasks in the same order."""
+    import json
+
+    def strip(x: Any, key: str = "") -> Any:
+        if isinstance(x, dict):
+            return {k: strip(v, k) for k, v in x.items() if k != "random_seed"}
+        if isinstance(x, list):
+            return x if key == "layer_range" else [strip(v, key) for v in x]
+        if isinstance(x, (int, float)) and not isinstance(x, bool):
+            return "#"
+        return x
+
+    return json.dumps(strip(recipe.to_dict()), sort_keys=True)
+
+
+def _task_contexts(recipe: Recipe, plan: MergePlan, sources: Any) -> list[tuple[int, float]]:
+    """For every task of ``plan``: (index of its output slice, relative depth t), as plan_merge
+    resolved its parameters (embeddings at the first slice, norm/head at the last, t = 0)."""
+    slices = _as_slices(recipe, sources)
+    bounds = []  # (first output layer, number of layers) per slice
+    start = 0
+    for sl in slices:
+        n = sl.sources[0].layer_range[1] - sl.sources[0].layer_range[0]
+        bounds.append((start, n))
+        start += n
+    out = []
+    seen_layer = False
+    for task in plan.tasks:
+        if task.layer is None:
+            out.append((len(slices) - 1 if seen_layer else 0, 0.0))
+            continue
+        seen_layer = True
+        for i, (first, n) in enumerate(bounds):
+            if first <= task.layer < first + n:
+                k = task.layer - first
+                out.append((i, k / (n - 1) if n > 1 else 1.0))
+                break
+    return out
