@@ -258,7 +258,8 @@ def sweep(config: Path, metric: str | None, aggregate: str | None, smoothing: in
         table.add_row(*row, style="bold" if "chosen" in row[-1] else None)
     Console().print(table)
     label = ", ".join(f"{k}={v:g}" for k, v in res.chosen.values.items())
-    click.echo(f"chosen: {label} (disagreement {res.chosen.disagreement:.4g})")
+    smoothed = f", smoothed {res.chosen.smoothed:.4g}" if res.smoothing else ""
+    click.echo(f"chosen: {label} (disagreement {res.chosen.disagreement:.4g}{smoothed})")
     if len(res.ties) > 1:
         click.echo("tied: " + "; ".join(", ".join(f"{k}={v:g}" for k, v in t.values.items()) for t in res.ties))
     if res.label_best is not None:

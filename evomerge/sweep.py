@@ -975,8 +975,9 @@ def write_outputs(cfg: SweepConfig, res: SweepResult, *, plot: bool = True) -> N
 
 
 def _axis_label(c: dict[str, Any]) -> str:
-    what = f"{c['param']} of {Path(c['model']).name}" if c.get("model") else c["param"]
-    return f"{c['name']} ({what})"
+    if c.get("model"):
+        return f"{c['name']} ({c['param']} of {Path(c['model']).name})"
+    return c["name"] if c["name"] == c["param"] else f"{c['name']} ({c['param']})"
 
 
 def plot_sweep(res: SweepResult, path: Path) -> Path:
