@@ -135,7 +135,7 @@ def search(config: Path, trials: int | None, fresh: bool, fork: bool, storage: s
         task_id = progress.add_task("search", total=info["total"], completed=info["done"], best="")
 
     def on_trial(r) -> None:
-        progress.console.print(_trial_line(r), soft_wrap=True, highlight=False)
+        progress.console.print(_trial_line(r), soft_wrap=True, highlight=False, markup=False)
         best = f"best {r.best:.4f}" if r.best is not None else ""
         progress.update(task_id, completed=r.done, best=best)
 
@@ -290,7 +290,7 @@ def demo(out: Path, trials: int | None, sampler: str | None, seed: int, fresh: b
     console = Console(stderr=True)
     summary = run_demo(out, trials=trials, sampler=sampler, seed=seed, fresh=fresh,
                        say=lambda m: console.print(m, highlight=False),
-                       on_trial=lambda r: console.print(_trial_line(r), soft_wrap=True, highlight=False),
+                       on_trial=lambda r: console.print(_trial_line(r), soft_wrap=True, highlight=False, markup=False),
                        on_start=lambda i: console.print(
                            f"searching: study {i['study']} ({i['dimensions']} dimensions, {i['done']}/{i['total']} trials done)"))
     if summary.get("interrupted"):
