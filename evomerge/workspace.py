@@ -176,12 +176,19 @@ class Workspace:
         self._store: dict[Any, Any] = {}  # resident sources and caches, by key
         self._small: dict[Any, Any] = {}  # per-tensor scalars and per-row vectors (not planned)
         self._verified_numels: set[int] = set()
+        self._pool: Any = None
+        self._workers = torch.get_num_threads() if self.device.type == "cpu" else 1
+        if self._workers > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="evomerge-ws")
         self._plans: dict[str, Any] = {}
         self._prepared: set[Any] = set()
         self.recipe: Recipe | None = None
         self._out_dtype = dtype
         self.last_load_seconds: float | None = None
         self.kernels = None
+        self.kernel_error: str | None = None
         if fused is None:
             fused = self.device.type == "cuda" and compute_dtype == torch.float32
         if fused:
@@ -190,6 +197,7 @@ class Workspace:
 
                 self.kernels = kernels.FusedKernels(self.device)
             except Exception as e:  # noqa: BLE001 - no Triton: the eager path gives the same result
+                self.kernel_error = f"{type(e).__name__}: {e}"
                 log.warning("fused kernels unavailable (%s: %s); using the eager path", type(e).__name__, e)
 
     # ----------------------------------------------------------------- public API
@@ -211,6 +219,16 @@ class Workspace:
     @torch.no_grad()
     def load(self, recipe: Recipe) -> None:
         """Write the recipe's merged weights into the live model."""
+        if self._pool is None:
+            return self._load(recipe)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # parallel over chunks instead (see _map_chunks)
+        try:
+            return self._load(recipe)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _load(self, recipe: Recipe) -> None:
         start = time.perf_counter()
         plan, structure = self._plan(recipe)
         if plan.num_layers != self.num_layers:
@@ -250,6 +268,9 @@ class Workspace:
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
         for ck in self.sources.values():
             ck.close()
         self._store.clear()
@@ -262,7 +283,7 @@ class Workspace:
     def describe(self) -> dict[str, Any]:
         n = sum(p.numel() for p in self.model.parameters())
         out: dict[str, Any] = {"device": str(self.device), "parameters": n, "sources": len(self.sources),
-                               "fused_kernels": self.kernels is not None}
+                               "fused_kernels": self.kernels is not None, "kernel_error": self.kernel_error}
         if self.memory is not None:
             out["memory_plan"] = self.memory.summary()
             out["placements"] = self.memory.counts()
@@ -466,6 +487,19 @@ class Workspace:
         step = max(1, self.chunk_elems)
         return [slice(a, min(a + step, numel)) for a in range(0, numel, step)]
 
+    def _map_chunks(self, numel: int, fn: Callable[[slice], Any]) -> list[Any]:
+        """``fn`` over the chunks; on CPU spread over worker threads (each running torch ops
+        single-threaded), so no op waits at an intra-op barrier for a descheduled thread."""
+        chunks = self._chunks(numel)
+        if self._pool is None or len(chunks) == 1:
+            return [fn(sl) for sl in chunks]
+
+        def run(sl: slice) -> Any:
+            with torch.no_grad():  # grad mode is per thread
+                return fn(sl)
+
+        return list(self._pool.map(run, chunks))
+
     def _run_task(self, task: TensorTask, method: Method, seed: int, target: Tensor, flag: Tensor) -> Tensor | None:
         """Write one merged tensor into ``target``. Returns a 0-dim bool "all finite" tensor, or
         None when a fused kernel ran (it counts non-finite values into ``flag``)."""
@@ -474,8 +508,15 @@ class Workspace:
         if tuple(target.shape) != shape:
             raise MergeError(f"{task.out_name}: merged shape {shape} != model's {tuple(target.shape)}")
         name = method.name
-        if self.kernels is not None and self.kernels.run(self, task, method, seed, target, rows, flag):
-            return None
+        if self.kernels is not None:
+            try:
+                if self.kernels.run(self, task, method, seed, target, rows, flag):
+                    return None
+            except Exception as e:  # noqa: BLE001 - a kernel that does not compile here: the eager path is exact too
+                log.warning("fused kernel failed for %s (%s: %s); using the eager path from now on",
+                            task.out_name, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+                self.kernels = None
+                self.kernel_error = f"{type(e).__name__}: {e}"
         if name in GTA_KINDS:
             return self._gta(task, method, seed, target, rows)
         if name == "sce":
@@ -513,11 +554,13 @@ class Workspace:
     def _flat(self, target: Tensor, chunk: Callable[[slice], Tensor]) -> Tensor:
         """Compute the output chunk by chunk (elementwise methods) straight into ``target``."""
         flat = target.view(-1)
-        oks = []
-        for sl in self._chunks(flat.numel()):
+
+        def one(sl: slice) -> Tensor:
             out = chunk(sl)
-            oks.append(torch.isfinite(out).all())
             flat[sl].copy_(self._round(out, target))
+            return torch.isfinite(out).all()
+
+        oks = self._map_chunks(flat.numel(), one)
         return torch.stack(oks).all() if len(oks) > 1 else oks[0]
 
     # GTA: task arithmetic, TIES, DARE, breadcrumbs, DELLA
@@ -534,8 +577,8 @@ class Workspace:
         for i, sp in enumerate(specs):
             if sp.sm == SM_SCALE_PTR and sp.scale is None:
                 buf = torch.empty(numel, dtype=self.compute_dtype, device=self.device)
-                for sl in self._chunks(numel):
-                    torch.abs(sp.masked(cv(xs[i][sl]) - cv(b[sl]), sl), out=buf[sl])
+                self._map_chunks(numel, lambda sl, sp=sp, x=xs[i], buf=buf: torch.abs(
+                    sp.masked(cv(x[sl]) - cv(b[sl]), sl), out=buf[sl]))
                 sp.scale = sp.l1_scale(buf)
                 del buf
 
@@ -782,11 +825,13 @@ def sce_prepare(ws: Workspace, task: TensorTask, rows: int | None) -> tuple[list
         full = sce_variance_mask(torch.stack([ws._delta(base_ref, x, rows) for x in inputs]), topk).view(-1)
         mask = lambda sl: full[sl]  # noqa: E731
     bufs = [torch.empty(numel, dtype=ws.compute_dtype, device=ws.device) for _ in inputs]
-    for sl in ws._chunks(numel):
+    def one(sl: slice) -> None:
         m = mask(sl)
         bb = cv(b[sl])
         for i in range(len(inputs)):
             torch.mul(cv(xs[i][sl]) - bb, m, out=bufs[i][sl])
+
+    ws._map_chunks(numel, one)
     weights = sce_weights_from_energy(torch.stack([sce_energy(buf.view(shape)) for buf in bufs]))
     return bufs, weights, False
 

@@ -244,6 +244,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=5, help="timed candidates per method (ours)")
     ap.add_argument("--mergekit-repeats", type=int, default=3)
     ap.add_argument("--no-mergekit", action="store_true")
+    ap.add_argument("--mergekit-warmup", choices=["each", "once"], default="each",
+                    help="an untimed mergekit run before each method's timed runs, or only before the first")
     ap.add_argument("--memory-limit", default=None, help="workspace device memory limit, e.g. 20G")
     ap.add_argument("--chunk-elems", type=int, default=None)
     ap.add_argument("--no-fused", action="store_true", help="CUDA: eager kernels instead of Triton")
@@ -288,6 +290,7 @@ def main() -> int:
         params = dict(ws.model.named_parameters())
         bw = copy_bandwidth(device, min(1 << 30, max(1 << 26, 2 * n_params)))
         log(f"device copy bandwidth: {bw / 1e9:.1f} GB/s; {busy_note()}")
+        mk_warmed = False
         for method in methods:
             recipes = [recipe_for(method, refs, j, DTYPE_NAMES[args.dtype]) for j in range(args.repeats + 1)]
             parsed = [Recipe.from_dict(r) for r in recipes]
@@ -312,13 +315,15 @@ def main() -> int:
             if mergekit is not None:
                 try:
                     mk_times = []
-                    for j in range(args.mergekit_repeats + 1):
-                        rec = recipes[j % len(recipes)]
+                    warm = 1 if args.mergekit_warmup == "each" or not mk_warmed else 0
+                    for j in range(args.mergekit_repeats + warm):
+                        rec = recipes[(j + 1 - warm) % len(recipes)]
                         sync(device)
                         t0 = time.perf_counter()
                         mergekit.run(rec, params)
-                        if j:  # the first one warms mergekit's loader cache
+                        if j >= warm:  # a warm-up run fills mergekit's loader cache and imports
                             mk_times.append((time.perf_counter() - t0) * 1e3)
+                    mk_warmed = True
                     row["mergekit_ms"] = statistics.median(mk_times)
                     row["mergekit_ms_all"] = mk_times
                     row["speedup_vs_mergekit"] = row["mergekit_ms"] / ours

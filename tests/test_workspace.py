@@ -321,6 +321,8 @@ def test_cuda_workspace_equals_engine(models_bf16, method, fused):
             recipe = Recipe.from_dict(data)
             ws.load(recipe)
             assert_same(ws, recipe, device="cuda")
+        if fused:
+            assert ws.kernels is not None, f"a fused kernel failed: {ws.kernel_error}"
     finally:
         ws.close()
 
@@ -368,5 +370,6 @@ def test_fused_kernels_in_the_triton_interpreter(models3, models_bf16, method, s
             recipe = Recipe.from_dict(data)
             ws.load(recipe)
             assert_same(ws, recipe)
+        assert ws.kernels is not None, f"a fused kernel failed: {ws.kernel_error}"
     finally:
         ws.close()
