@@ -4,9 +4,10 @@ candidate recipe, at (close to) the cost of one pass over the inputs.
 What is kept between candidates (placed by :mod:`evomerge.planner` on the device, in pinned host
 memory, or left on disk / recomputed when memory is short):
 
-- every source tensor, in its stored dtype (lossless: the merge math upcasts exactly as the engine
-  does, and a task vector ``x - base`` is formed on the fly from ``x`` and ``base`` in the compute
-  dtype, bit-identical to the engine's);
+- every source tensor, in its stored dtype on a GPU (lossless: the kernels upcast in registers
+  exactly as the engine does, and a task vector ``x - base`` is formed on the fly from ``x`` and
+  ``base`` in float32, bit-identical to the engine's), upcast to the compute dtype on a CPU (one
+  conversion less per element; also exact);
 - everything that does not depend on a candidate's parameters, computed once:
   magnitude ranks of each task vector (TIES, breadcrumbs: a density becomes one comparison
   ``rank < k``, no topk/sort per candidate), DELLA's per-row ranks, SCE's variance ranks and
@@ -16,8 +17,10 @@ memory, or left on disk / recomputed when memory is short):
   (same seed, same shape, same device) ``torch.bernoulli(p) == (p >= p*)`` for *every* probability
   tensor ``p``, so a candidate's random mask is one comparison and identical to the engine's.
 
-A candidate then costs one pass (CPU: in cache-sized chunks, so intermediates stay in cache; CUDA:
-fused Triton kernels where available, see :mod:`evomerge.kernels`), plus a second pass only where
+Planning a candidate reuses the plan of the previous candidate with the same recipe structure
+(only the per-tensor parameters are resolved again). A candidate then costs one pass (CPU: in
+cache-sized chunks spread over worker threads, so intermediates stay in cache; CUDA: one fused
+Triton kernel per tensor, see :mod:`evomerge.kernels`), plus a second pass only where
 the engine's semantics need a reduction over the *masked* tensor (L1 rescale of DARE/DELLA, SCE's
 energies below ``select_topk = 1``). Results equal ``evomerge merge`` for the same recipe:
 deterministic methods exactly, seeded ones identically on the same device.
