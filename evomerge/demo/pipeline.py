@@ -19,7 +19,7 @@ from evomerge.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-DEMO_TASKS = ("demo_target", "demo_math", "demo_lang")
+DEMO_TASKS = ("demo_target", "demo_compose", "demo_math", "demo_lang")
 REPO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yml"
 
 
