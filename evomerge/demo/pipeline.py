@@ -30,8 +30,8 @@ def demo_config(out: Path, models: dict[str, Path], *, config_path: Path = REPO_
     if not config_path.is_file():
         raise ConfigError(f"{config_path}: the demo's search config is missing (run from a clone of evomerge)")
     data = yaml.safe_load(config_path.read_text())
-    data["base_model"] = str(models["base"])
-    data["models"] = {name: str(models[name]) for name in data["models"]}
+    data["base_model"] = str(Path(models["base"]).resolve())
+    data["models"] = {name: str(Path(models[name]).resolve()) for name in data["models"]}
     data["storage"] = f"sqlite:///{(out / 'runs' / 'demo.db').resolve()}"
     data["fitness"]["include_path"] = str((out / "tasks").resolve())
     return SearchConfig.from_dict({**data, **{k: v for k, v in overrides.items() if v is not None}},
