@@ -129,7 +129,7 @@ def build_world(
 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / STAMP).unlink(missing_ok=True)
-    for p in paths.values():
+    for p in [*paths.values(), out_dir / "tasks"]:
         if p.exists():
             shutil.rmtree(p)
     write_tasks(out_dir / "tasks", seed)
