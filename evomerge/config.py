@@ -14,11 +14,11 @@ import re
 from pathlib import Path
 from typing import Any, Literal, Union
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from evomerge.consistency import ConsistencySpec
 from evomerge.errors import ConfigError
+from evomerge.files import read_yaml
 from evomerge.methods import METHODS, get_method
 from evomerge.recipe import DTYPES, format_validation_error
 
@@ -319,14 +319,7 @@ class SearchConfig(_Strict):
     @classmethod
     def load(cls, path: str | Path, **overrides: Any) -> "SearchConfig":
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" (line {mark.line + 1})" if mark else ""
-            raise ConfigError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+        data = read_yaml(path, "config")
         return cls.from_dict(data, root=path.resolve().parent, source=str(path), **overrides)
 
     @classmethod

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import optuna
 from optuna.trial import TrialState
 
 from evomerge.errors import ConfigError
+from evomerge.files import write_atomic
 from evomerge.recipe import Recipe
 from evomerge.search import (ATTR_BASELINE, ATTR_DFS_HOST, ATTR_DFS_REFS, ATTR_DFS_SOURCES, ATTR_PATH, ATTR_RECIPE,
                              ATTR_SCORES, best_trial, trial_fitness)
@@ -45,24 +44,6 @@ def recipe_header(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> str:
         lines.append(f"# baseline trial: {trial.user_attrs[ATTR_BASELINE]}")
     lines.append("# build it with `evomerge merge THIS.yml OUT` (or mergekit-yaml; random_seed is evomerge's)")
     return "\n".join(lines) + "\n"
-
-
-def write_atomic(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` via a temp file in the same folder and an atomic rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def export_recipe(study: optuna.Study, out: str | Path, number: int | None = None) -> tuple[Path, Recipe, optuna.trial.FrozenTrial]:

@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from evomerge.errors import ConfigError
+from evomerge.files import read_yaml
 from evomerge.methods import METHODS, Method, get_method
 
 log = logging.getLogger(__name__)
@@ -177,14 +178,7 @@ class Recipe(_Strict):
     @classmethod
     def from_yaml(cls, path: str | Path) -> "Recipe":
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: recipe file not found")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" (line {mark.line + 1})" if mark else ""
-            raise ConfigError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+        data = read_yaml(path, "recipe")
         return cls.from_dict(data, str(path))
 
 

@@ -52,6 +52,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from evomerge.errors import ConfigError
+from evomerge.files import read_yaml, write_atomic
 from evomerge.recipe import DTYPES, Recipe, format_validation_error
 
 log = logging.getLogger(__name__)
@@ -291,14 +292,7 @@ class SweepConfig(_Strict):
     @classmethod
     def load(cls, path: str | Path, **overrides: Any) -> "SweepConfig":
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" (line {mark.line + 1})" if mark else ""
-            raise ConfigError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+        data = read_yaml(path, "config")
         return cls.from_dict(data, root=path.resolve().parent, source=str(path), **overrides)
 
     @classmethod
@@ -695,24 +689,6 @@ def score_table(responses_by_point: Mapping[Point, Sequence[str]], neighbours: M
 
 
 # --------------------------------------------------------------------------- files
-def write_atomic(path: str | Path, text: str) -> Path:
-    """Write ``text`` via a temp file in the same folder and an atomic rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def _sha(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 

@@ -76,7 +76,7 @@ def run_demo(out: Path, *, trials: int | None = None, sampler: str | None = None
     study = load_existing_study(result.study_name, cfg.storage_url)
     best_yml, recipe, trial = export_recipe(study, out / "best.yml")
     merged = build_trial_model(study, trial, recipe, out / "merged", overwrite=True)
-    say(f"scoring parents and the best merge on the test splits")
+    say("scoring parents and the best merge on the test splits")
     scores = {name: score_on_test(path, out / "tasks") for name, path in models.items()}
     scores["merged"] = score_on_test(merged, out / "tasks")
     summary = {
