@@ -55,14 +55,15 @@ def score_on_test(folder: Path, include_path: Path, tasks: tuple[str, ...] = DEM
 
 def run_demo(out: Path, *, trials: int | None = None, sampler: str | None = None, seed: int = 0, fresh: bool = False,
              say: Callable[[str], None] = log.info, on_trial: Callable[..., None] | None = None,
-             on_start: Callable[..., None] | None = None) -> dict[str, Any]:
+             on_start: Callable[..., None] | None = None, world: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``world`` overrides the world's build settings (tests use a tiny, quick world)."""
     from evomerge.demo.world import build_world
     from evomerge.export import build_trial_model, export_recipe
     from evomerge.search import load_existing_study, run_search
 
     out = Path(out)
     t0 = time.perf_counter()
-    models = build_world(out, seed=seed, log=say)
+    models = build_world(out, seed=seed, log=say, config=world)
     t_world = time.perf_counter() - t0
     overrides: dict[str, Any] = {"seed": seed}
     cfg = demo_config(out, models, **overrides)
