@@ -14,13 +14,13 @@ import re
 from pathlib import Path
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 from evomerge.consistency import ConsistencySpec
-from evomerge.errors import ConfigError
-from evomerge.files import read_yaml
+from evomerge.configfile import YamlConfig
+from evomerge.files import resolve_ref
 from evomerge.methods import METHODS, get_method
-from evomerge.recipe import DTYPES, format_validation_error
+from evomerge.recipe import DTYPES
 
 SAMPLERS = ("cmaes", "tpe", "random", "qmc", "nsga2")
 MULTI_OBJECTIVE_SAMPLERS = ("nsga2", "tpe", "random", "qmc")
@@ -169,7 +169,7 @@ class DfsSpace(_Strict):
         return self
 
 
-class SearchConfig(_Strict):
+class SearchConfig(_Strict, YamlConfig):
     study: str
     storage: str | None = None
     seed: int = 0
@@ -240,13 +240,7 @@ class SearchConfig(_Strict):
     # ----------------------------------------------------------------- derived
     def resolve(self, ref: str) -> str:
         """A model/path reference relative to the config's folder (hub ids unchanged)."""
-        p = Path(ref).expanduser()
-        if p.is_absolute():
-            return str(p)
-        local = (self.root / p).resolve()
-        if local.exists() or ref.startswith((".", "/")) or ref.count("/") != 1:
-            return str(local)
-        return ref
+        return resolve_ref(ref, self.root)
 
     @property
     def dfs_models(self) -> list[str]:
@@ -315,21 +309,3 @@ class SearchConfig(_Strict):
     def fingerprint(self, stage: str = "ps") -> str:
         blob = json.dumps(self.search_relevant() if stage == "ps" else self.dfs_relevant(), sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-    @classmethod
-    def load(cls, path: str | Path, **overrides: Any) -> "SearchConfig":
-        path = Path(path)
-        data = read_yaml(path, "config")
-        return cls.from_dict(data, root=path.resolve().parent, source=str(path), **overrides)
-
-    @classmethod
-    def from_dict(cls, data: Any, *, root: Path = Path("."), source: str = "config", **overrides: Any) -> "SearchConfig":
-        if not isinstance(data, dict):
-            raise ConfigError(f"{source}: expected a mapping of config keys")
-        data = {**data, **{k: v for k, v in overrides.items() if v is not None}, "root": root}
-        try:
-            return cls.model_validate(data)
-        except ValidationError as e:
-            raise ConfigError(f"{source}: {format_validation_error(e)}") from None
-        except ConfigError as e:
-            raise ConfigError(f"{source}: {e}") from None

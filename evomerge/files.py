@@ -41,3 +41,15 @@ def write_atomic(path: str | Path, text: str) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def resolve_ref(ref: str, root: Path) -> str:
+    """A model or path reference relative to ``root`` (a config file's folder). Absolute paths and
+    existing local paths resolve; an ``owner/name`` that is not a local folder stays a hub id."""
+    p = Path(ref).expanduser()
+    if p.is_absolute():
+        return str(p)
+    local = (Path(root) / p).resolve()
+    if local.exists() or ref.startswith((".", "/")) or ref.count("/") != 1:
+        return str(local)
+    return ref

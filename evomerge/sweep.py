@@ -49,11 +49,12 @@ from pathlib import Path
 from typing import Any, Callable, Hashable, Literal, Mapping, Sequence, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from evomerge.errors import ConfigError
-from evomerge.files import read_yaml, write_atomic
-from evomerge.recipe import DTYPES, Recipe, format_validation_error
+from evomerge.configfile import YamlConfig
+from evomerge.files import resolve_ref, write_atomic
+from evomerge.recipe import DTYPES, Recipe
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +179,7 @@ Metric = Literal["exact", "embedding"]
 Aggregate = Literal["all", "mean"]
 
 
-class SweepConfig(_Strict):
+class SweepConfig(_Strict, YamlConfig):
     sweep: str
     recipe: Union[str, dict[str, Any]]  # a mergekit recipe (or the path of one); the sweep sets its knobs
     coefficients: list[SweepCoefficient] = Field(min_length=1, max_length=3)
@@ -289,41 +290,11 @@ class SweepConfig(_Strict):
     def default_out(self) -> Path:
         return (self.root / "runs" / self.sweep).resolve()
 
-    @classmethod
-    def load(cls, path: str | Path, **overrides: Any) -> "SweepConfig":
-        path = Path(path)
-        data = read_yaml(path, "config")
-        return cls.from_dict(data, root=path.resolve().parent, source=str(path), **overrides)
-
-    @classmethod
-    def from_dict(cls, data: Any, *, root: Path = Path("."), source: str = "config", **overrides: Any) -> "SweepConfig":
-        if not isinstance(data, dict):
-            raise ConfigError(f"{source}: expected a mapping of config keys")
-        data = {**data, **{k: v for k, v in overrides.items() if v is not None}, "root": root}
-        try:
-            cfg = cls.model_validate(data)
-        except ValidationError as e:
-            raise ConfigError(f"{source}: {format_validation_error(e)}") from None
-        try:
-            cfg.check_recipe()
-        except ConfigError as e:
-            raise ConfigError(f"{source}: {e}") from None
-        return cfg
+    def after_validate(self) -> None:
+        self.check_recipe()
 
 
 # --------------------------------------------------------------------------- recipes
-def resolve_ref(ref: str, root: Path) -> str:
-    """A model reference relative to ``root`` (hub ids, ``owner/name`` that is not a local folder,
-    unchanged) - the search config's rule."""
-    p = Path(ref).expanduser()
-    if p.is_absolute():
-        return str(p)
-    local = (Path(root) / p).resolve()
-    if local.exists() or ref.startswith((".", "/")) or ref.count("/") != 1:
-        return str(local)
-    return ref
-
-
 def resolve_recipe_refs(data: dict[str, Any], root: Path) -> dict[str, Any]:
     out = copy.deepcopy(data)
     for m in out.get("models") or []:
