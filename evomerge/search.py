@@ -147,8 +147,11 @@ def fail_stale_trials(study: optuna.Study) -> int:
 
 def counted(study: optuna.Study) -> int:
     """Trials that count toward the budget: completed, or failed for a reason of their own."""
-    return sum(1 for t in study.get_trials(deepcopy=False)
-               if t.state == TrialState.COMPLETE
+    return _counted_of(study.get_trials(deepcopy=False))
+
+
+def _counted_of(trials: list[optuna.trial.FrozenTrial]) -> int:
+    return sum(1 for t in trials if t.state == TrialState.COMPLETE
                or (t.state == TrialState.FAIL and not t.user_attrs.get(ATTR_INTERRUPTED)))
 
 
@@ -519,18 +522,24 @@ def _run_one(study: optuna.Study, stage: Any, distributions: dict[str, FloatDist
         trial.set_user_attr(ATTR_SECONDS, seconds)
         study.tell(trial, state=TrialState.FAIL)
         _free_cuda()
-        best = best_trial(study)
-        return TrialReport(trial.number, "FAIL", None, {}, seconds, stage.summarize(params), baseline, reason,
-                           trial_fitness(best) if best else None, best.number if best else None,
-                           counted(study), total)
+        return _report(study, trial.number, "FAIL", None, {}, seconds, stage.summarize(params), baseline,
+                       reason, total)
     seconds = time.perf_counter() - start
     trial.set_user_attr(ATTR_SCORES, score.values)
     trial.set_user_attr(ATTR_SECONDS, seconds)
     study.tell(trial, score.objectives if multi else score.fitness)
-    best = best_trial(study)
-    return TrialReport(trial.number, "COMPLETE", score.fitness, score.values, seconds, stage.summarize(params),
-                       baseline, None, trial_fitness(best) if best else None, best.number if best else None,
-                       counted(study), total)
+    return _report(study, trial.number, "COMPLETE", score.fitness, score.values, seconds, stage.summarize(params),
+                   baseline, None, total)
+
+
+def _report(study: optuna.Study, number: int, state: str, fitness: float | None, values: dict[str, float],
+            seconds: float, summary: str, baseline: str | None, error: str | None, total: int) -> TrialReport:
+    """The trial's report, with the study's best and progress read from storage once."""
+    trials = study.get_trials(deepcopy=False)
+    best = _best_of(trials)
+    return TrialReport(number, state, fitness, values, seconds, summary, baseline, error,
+                       trial_fitness(best) if best else None, best.number if best else None,
+                       _counted_of(trials), total)
 
 
 def _free_cuda() -> None:
@@ -552,8 +561,12 @@ def trial_fitness(t: optuna.trial.FrozenTrial) -> float | None:
 
 def best_trial(study: optuna.Study, include_baselines: bool = True) -> optuna.trial.FrozenTrial | None:
     """The completed trial with the highest fitness (sum of objectives for multi-objective studies)."""
-    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if include_baselines or not t.user_attrs.get(ATTR_BASELINE)]
+    return _best_of(study.get_trials(deepcopy=False), include_baselines)
+
+
+def _best_of(trials: list[optuna.trial.FrozenTrial], include_baselines: bool = True) -> optuna.trial.FrozenTrial | None:
+    done = [t for t in trials if t.state == TrialState.COMPLETE
+            and (include_baselines or not t.user_attrs.get(ATTR_BASELINE))]
     if not done:
         return None
     return max(done, key=lambda t: (trial_fitness(t), -t.number))
