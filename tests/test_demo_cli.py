@@ -8,15 +8,10 @@ import json
 import pytest
 import yaml
 
+from test_demo_world import SMALL as TINY_WORLD  # the reduced world the builder's own tests use
+
 from evomerge.demo.pipeline import DEMO_TASKS, run_demo
 
-TINY_WORLD = {
-    "arch": {"hidden": 32, "mlp": 64, "layers": 2, "heads": 4, "tie": True},
-    "batch": 8,
-    "base_steps": 6,
-    "math_steps": 3,
-    "lang_steps": 3,
-}
 
 
 @pytest.mark.slow
