@@ -14,6 +14,7 @@ import signal
 import socket
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
@@ -491,10 +492,39 @@ def _run_stage(config: SearchConfig, stage: Any, *, fresh: bool, fork: bool, tri
     return result
 
 
+def ask_owned(study: optuna.Study) -> optuna.Trial:
+    """``study.ask()``, except that the trial carries its owner (host:pid) from the moment it is
+    RUNNING, so a kill -9 at any point leaves nothing :func:`fail_stale_trials` cannot attribute.
+
+    A queued (WAITING) trial is labelled before it is claimed and again after (another worker may
+    have labelled it in between); a new trial is created RUNNING with the label in one write.
+    """
+    owner = _owner()
+    storage, study_id = study._storage, study._study_id
+    study._thread_local.cached_all_trials = None
+    trial_id = None
+    for waiting in storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.WAITING,)):
+        try:
+            storage.set_trial_user_attr(waiting._trial_id, ATTR_OWNER, owner)
+            if not storage.set_trial_state_values(waiting._trial_id, state=TrialState.RUNNING):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue
+        storage.set_trial_user_attr(waiting._trial_id, ATTR_OWNER, owner)
+        trial_id = waiting._trial_id
+        break
+    if trial_id is None:
+        template = optuna.trial.FrozenTrial(
+            number=-1, state=TrialState.RUNNING, value=None, datetime_start=datetime.now(),
+            datetime_complete=None, params={}, distributions={}, user_attrs={ATTR_OWNER: owner},
+            system_attrs={}, intermediate_values={}, trial_id=-1)
+        trial_id = storage.create_new_trial(study_id, template_trial=template)
+    return optuna.Trial(study, trial_id)  # runs the sampler's before_trial / sample_relative
+
+
 def _run_one(study: optuna.Study, stage: Any, distributions: dict[str, FloatDistribution], fitness: Any,
              multi: bool, total: int) -> TrialReport:
-    trial = study.ask()
-    trial.set_user_attr(ATTR_OWNER, _owner())
+    trial = ask_owned(study)
     baseline = trial.user_attrs.get(ATTR_BASELINE)
     start = time.perf_counter()
     params: dict[str, float] = {}

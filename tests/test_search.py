@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -22,7 +23,8 @@ from conftest import load_state
 from evomerge.cli import main
 from evomerge.config import SearchConfig
 from evomerge.errors import ConfigError
-from evomerge.search import ATTR_BASELINE, ATTR_RECIPE, counted, load_existing_study, run_search
+from evomerge.search import (ATTR_BASELINE, ATTR_INTERRUPTED, ATTR_OWNER, ATTR_RECIPE, ask_owned, counted,
+                             fail_stale_trials, load_existing_study, run_search)
 from evomerge.space import build_space, layer_groups
 
 
@@ -290,6 +292,38 @@ def test_sigkill_mid_search_then_resume_keeps_completed_trials(tiny_models, tiny
     assert all(after[n] == v for n, v in completed.items())  # nothing completed was lost
     assert counted(study) == 9
     assert not [t for t in study.trials if t.state.name == "RUNNING"]
+
+
+class _DiesOnSample(optuna.samplers.RandomSampler):
+    """Stands for a process killed while the sampler works on a fresh trial."""
+
+    def before_trial(self, study, trial):
+        raise KeyboardInterrupt
+
+
+def test_a_trial_is_owned_from_the_moment_it_runs(tmp_path):
+    """kill -9 between creating a trial and sampling it used to leave an ownerless RUNNING trial
+    that resume could not fail (seen in CI). The owner is now written with the trial itself."""
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    study = optuna.create_study(study_name="o", storage=storage, sampler=_DiesOnSample())
+    study.enqueue_trial({}, user_attrs={ATTR_BASELINE: "a"})
+    for _ in range(2):  # the queued baseline, then a new trial
+        with pytest.raises(KeyboardInterrupt):
+            ask_owned(study)
+    running = study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
+    assert len(running) == 2
+    assert all(t.user_attrs[ATTR_OWNER] == f"{socket.gethostname()}:{os.getpid()}" for t in running)
+    assert running[0].user_attrs[ATTR_BASELINE] == "a"
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    for t in running:  # as if the dead process had created them
+        study._storage.set_trial_user_attr(t._trial_id, ATTR_OWNER, f"{socket.gethostname()}:{dead.pid}")
+    assert fail_stale_trials(study) == 2
+    after = study.get_trials()
+    assert [t.state.name for t in after] == ["FAIL", "FAIL"]
+    assert all(t.user_attrs[ATTR_INTERRUPTED] for t in after)
+    assert counted(study) == 0  # interrupted trials do not use up the budget
 
 
 def _params_sequence(storage: str) -> list[dict]:
