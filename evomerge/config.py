@@ -27,6 +27,18 @@ MULTI_OBJECTIVE_SAMPLERS = ("nsga2", "tpe", "random", "qmc")
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 
 
+_COUNT = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([kmbt]?)\s*$", re.IGNORECASE)
+_SUFFIX = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}
+
+
+def parse_count(text: str) -> float:
+    """``"10B"`` -> 1e10, ``"350M"`` -> 3.5e8, ``"1.5e9"`` -> 1.5e9 (K, M, B, T; any case)."""
+    match = _COUNT.match(text)
+    if not match:
+        raise ValueError(f"expected a number such as 10B, 350M or 1.5e9, got {text!r}")
+    return float(match.group(1)) * _SUFFIX[match.group(2).lower()]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -153,17 +165,25 @@ class DfsSpace(_Strict):
     repeats: int = Field(3, ge=1, le=16)
     scales: bool = True  # one input scale per slot (EvoLLM-JP-10B's input_scales)
     scale_range: tuple[float, float] = (0.5, 1.5)
-    max_layers: int | None = Field(None, ge=1)  # longest path allowed (a parameter budget)
+    max_layers: int | None = Field(None, ge=1)  # longest path allowed
+    max_params: float | None = Field(None, gt=0)  # parameter budget of the path model: 10B, 350M, 1.5e9
     keep_first: bool = True  # the path starts with the host's first layer
     keep_last: bool = True  # the path ends with the host's last layer
     sampler: "Sampler" = Field(default_factory=lambda: Sampler())
     budget: "Budget" = Field(default_factory=lambda: Budget())
+
+    @field_validator("max_params", mode="before")
+    @classmethod
+    def _parse_count(cls, value: Any) -> Any:
+        return parse_count(value) if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _check(self) -> "DfsSpace":
         lo, hi = self.scale_range
         if not (0 < lo < hi):
             raise ValueError(f"scale_range: expected [low, high] with 0 < low < high, got [{lo}, {hi}]")
+        if self.max_layers is not None and self.keep_first and self.keep_last and self.max_layers < 2:
+            raise ValueError("max_layers: keep_first and keep_last need at least 2 layers")
         if self.sampler.name == "nsga2":
             raise ValueError("sampler.name: the dfs stage is single-objective; use cmaes, tpe, random or qmc")
         return self

@@ -5,8 +5,9 @@ With M source layers (every layer of each dfs model, in order) and ``repeats`` r
 T = M·r *slots*; slot k stands for source layer ``k mod M`` in repeat ``k // M``. Slot k is on
 the path iff its indicator ``r<repeat>.<model>.L<layer>.use`` is > 0 (a float, thresholded here,
 never categorical, so CMA-ES can move it), and its hidden-state input is multiplied by
-``...scale``. Constraints: ``max_layers`` keeps the first hops; ``keep_first``/``keep_last`` put
-the host's first/last layer at the ends of the path when the slots didn't.
+``...scale``. Constraints: ``max_layers`` keeps the first hops (a parameter budget becomes a
+``max_layers`` through :func:`layers_within`); ``keep_first``/``keep_last`` put the host's
+first/last layer at the ends of the path when the slots didn't.
 """
 
 from __future__ import annotations
@@ -74,13 +75,24 @@ class DfsSpace:
         first, last = self.host_layers[0], self.host_layers[-1]
         if self.keep_first and (not hops or hops[0].layer != first):
             hops.insert(0, Hop(first))
-        if self.max_layers is not None and len(hops) > self.max_layers:
-            hops = hops[: self.max_layers - (1 if self.keep_last else 0)] if self.keep_last else hops[: self.max_layers]
         if self.keep_last and (not hops or hops[-1].layer != last):
             hops.append(Hop(last))
+        if self.max_layers is not None and len(hops) > self.max_layers:
+            # keep the first hops, and the closing hop when the path must end with the last layer
+            end = hops[-1:] if self.keep_last else []
+            hops = hops[: self.max_layers - len(end)] + end
         if not hops:
             hops = [Hop(first)]
         return hops
 
     def host_path(self) -> list[Hop]:
         return [Hop(i) for i in self.host_layers]
+
+
+def layers_within(max_params: float, layer_params: int, other_params: int) -> int:
+    """The most hops a path model can have within ``max_params`` parameters: the host's tensors
+    outside the layers (embeddings, final norm, head) plus one source layer's tensors per hop.
+    Hops of a repeated layer count again: the exported checkpoint materialises every hop."""
+    if layer_params <= 0:
+        raise ValueError("layer_params must be positive")
+    return max(0, int((max_params - other_params) // layer_params))

@@ -9,6 +9,7 @@ same command again continues the study.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import socket
@@ -313,6 +314,36 @@ class PsStage:
             self.workspace.close()
 
 
+def _layers_for_budget(config: SearchConfig, refs: dict[str, str], max_params: float, max_layers: int | None) -> int:
+    """``dfs.max_params`` as a number of hops (the smaller of it and ``dfs.max_layers``)."""
+    from evomerge.checkpoint import Checkpoint
+    from evomerge.dfs import layers_within
+
+    layer_params, other_params = 0, 0
+    for name in config.dfs_models:
+        with Checkpoint.open(refs[name]) as ck:
+            per_layer: dict[int, int] = {}
+            other = 0
+            for tensor in ck.tensor_names():
+                numel = math.prod(ck.shape(tensor))
+                index = ck.arch.layer_index(tensor)
+                if index is None:
+                    other += numel
+                else:
+                    per_layer[index] = per_layer.get(index, 0) + numel
+            layer_params = max([layer_params, *per_layer.values()])
+            if name == config.dfs_host:
+                other_params = other
+    n = layers_within(max_params, layer_params, other_params)
+    need = 1 + (config.dfs.keep_first and config.dfs.keep_last)
+    if n < need:
+        raise ConfigError(f"dfs.max_params: {max_params:.4g} parameters leave room for {n} layer(s) "
+                          f"({other_params:,} outside the layers, {layer_params:,} per layer); need at least {need}")
+    log.info("dfs.max_params %.4g: at most %d layers (%s per layer, %s outside)", max_params, n,
+             f"{layer_params:,}", f"{other_params:,}")
+    return n if max_layers is None else min(n, max_layers)
+
+
 class DfsStage:
     """Data-flow space: a path through source layers per trial, run without copying weights."""
 
@@ -331,8 +362,11 @@ class DfsStage:
             with Checkpoint.open(refs[name]) as ck:
                 sources += [SourceLayer(name, i) for i in range(ck.num_layers)]
         d = config.dfs
+        max_layers = d.max_layers
+        if d.max_params is not None:
+            max_layers = _layers_for_budget(config, refs, d.max_params, max_layers)
         self.space = DfsSpace(tuple(sources), config.dfs_host, d.repeats, d.scales, tuple(d.scale_range),
-                              d.max_layers, d.keep_first, d.keep_last)
+                              max_layers, d.keep_first, d.keep_last)
         self.sampler_config = d.sampler
         self.budget = d.budget.trials
         self.paths: Any = None

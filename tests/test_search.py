@@ -393,3 +393,57 @@ def test_two_stage_ps_then_dfs(tiny_models, tiny_task, tmp_path):
     from transformers import AutoConfig
 
     assert AutoConfig.from_pretrained(merged, trust_remote_code=True).num_hidden_layers == len(hops)
+
+
+def _tensor_sizes(folder: Path) -> tuple[int, int]:
+    """(largest layer's parameter count, parameters outside the layers), read from the files."""
+    from safetensors import safe_open
+
+    per_layer: dict[int, int] = {}
+    other = 0
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(file, "pt") as f:
+            for name in f.keys():
+                n = f.get_slice(name).get_shape()
+                numel = 1
+                for d in n:
+                    numel *= d
+                if ".layers." in name:
+                    index = int(name.split(".layers.")[1].split(".")[0])
+                    per_layer[index] = per_layer.get(index, 0) + numel
+                else:
+                    other += numel
+    return max(per_layer.values()), other
+
+
+@pytest.mark.parametrize("text, value", [("10B", 1e10), ("350m", 3.5e8), ("1.5e9", 1.5e9), ("2.5K", 2500.0), ("7", 7.0)])
+def test_parse_count(text, value):
+    from evomerge.config import parse_count
+
+    assert parse_count(text) == value
+
+
+def test_dfs_parameter_budget_limits_the_path(tiny_models, tiny_task, tmp_path):
+    from evomerge.search import DfsStage
+
+    layer, other = _tensor_sizes(tiny_models["a"])
+    data = config_dict(tiny_models, tiny_task, tmp_path)
+    data["stages"] = ["dfs"]
+    data["dfs"] = {"models": ["a", "b"], "repeats": 3, "max_params": other + 3.5 * layer}
+    cfg = SearchConfig.from_dict(data, root=tmp_path)
+    stage = DfsStage(cfg, {n: str(tiny_models[n]) for n in ("a", "b")})
+    assert stage.space.max_layers == 3
+    every_slot_on = {name: 0.5 if name.endswith(".use") else 1.0 for name in stage.bounds()}
+    hops = stage.space.decode(every_slot_on)
+    assert len(hops) == 3 and hops[-1].layer == stage.space.host_layers[-1]
+    # max_layers and max_params together: the smaller wins
+    data["dfs"]["max_layers"] = 2
+    stage = DfsStage(SearchConfig.from_dict(data, root=tmp_path), {n: str(tiny_models[n]) for n in ("a", "b")})
+    assert stage.space.max_layers == 2
+
+    data["dfs"] = {"models": ["a", "b"], "max_params": f"{(other + layer) / 1e3}K"}  # one layer: no room for first+last
+    with pytest.raises(ConfigError, match=r"dfs.max_params: .* leave room for 1 layer\(s\).*need at least 2"):
+        DfsStage(SearchConfig.from_dict(data, root=tmp_path), {n: str(tiny_models[n]) for n in ("a", "b")})
+    data["dfs"] = {"models": ["a", "b"], "max_params": "ten billion"}
+    with pytest.raises(ConfigError, match="dfs.max_params"):
+        SearchConfig.from_dict(data, root=tmp_path)
