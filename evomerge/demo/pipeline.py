@@ -48,7 +48,9 @@ def score_on_test(folder: Path, include_path: Path, tasks: tuple[str, ...] = DEM
 
     fitness = LmEvalFitness(Fitness(tasks=[FitnessTask(task=t, metric="acc", split="test") for t in tasks],
                                     include_path=[str(include_path)], batch_size=batch_size), [str(include_path)])
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    # a layer path with input scales is exported with its modelling code (trust_remote_code)
+    remote = "auto_map" in json.loads((Path(folder) / "config.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=remote).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     return fitness.score(model, tokenizer).values
 
