@@ -27,6 +27,7 @@ def main() -> None:
     ap.add_argument("--max-layers", type=int, default=8)
     ap.add_argument("--sampler", default="cmaes")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--fresh", action="store_true", help="Start the dfs study over (the ps study is kept).")
     a = ap.parse_args()
     models = build_world(a.out, seed=a.seed)
     cfg = demo_config(a.out, models, seed=a.seed, stages=["ps", "dfs"],
@@ -35,7 +36,7 @@ def main() -> None:
     t0 = time.perf_counter()
     run_search(cfg, stages=["ps"], trials=a.ps_trials)
     t1 = time.perf_counter()
-    run_search(cfg, stages=["dfs"], trials=a.dfs_trials)
+    run_search(cfg, stages=["dfs"], trials=a.dfs_trials, fresh=a.fresh)
     t2 = time.perf_counter()
 
     rows: dict[str, dict] = {n: {"dev": None, "layers": 4, "test": score_on_test(p, a.out / "tasks")} for n, p in models.items()}
