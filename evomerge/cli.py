@@ -101,9 +101,11 @@ def _trial_line(r) -> str:
 @click.option("--device", default=None, help="Override the config's device.")
 @click.option("--stage", "stage", type=click.Choice(["ps", "dfs"]), default=None,
               help="Run one stage only (default: every stage of the config, in order).")
+@click.option("--dry-run", is_flag=True,
+              help="Validate CONFIG without weights: print each stage's space, the memory plan and a time estimate.")
 @friendly_errors
 def search(config: Path, trials: int | None, fresh: bool, fork: bool, storage: str | None,
-           study_name: str | None, device: str | None, stage: str | None) -> None:
+           study_name: str | None, device: str | None, stage: str | None, dry_run: bool) -> None:
     """Search merge recipes for CONFIG; run it again to resume."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -117,6 +119,12 @@ def search(config: Path, trials: int | None, fresh: bool, fork: bool, storage: s
     cfg = SearchConfig.load(config, storage=storage, study=study_name, device=device)
     if fresh and fork:
         raise click.UsageError("--fresh and --fork exclude each other")
+    if dry_run:
+        from evomerge.dryrun import dry_run as plan
+
+        lines, _ = plan(cfg.model_copy(update={"stages": [stage]}) if stage else cfg)
+        click.echo("\n".join(lines))
+        return
     console = Console(stderr=True)
     progress = Progress(TextColumn("[bold]search"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[best]}"), TimeElapsedColumn(), TextColumn("eta"),
