@@ -225,6 +225,25 @@ def status(study_name: str, storage: str | None, top: int) -> None:
 
 
 @main.command()
+@_study_options
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=None,
+              help="Output folder (default reports/<study>/).")
+@friendly_errors
+def report(study_name: str, storage: str | None, out: Path | None) -> None:
+    """Plot a study: fitness per trial, the best recipe or layer path, parameter importances, the
+    Pareto front (multi-objective); and report.md linking them."""
+    from evomerge.report import write_report
+
+    study = _load_study(study_name, storage)
+    result = write_report(study, out or Path("reports", study_name))
+    for path in result.files:
+        click.echo(f"wrote {path}")
+    for reason in result.skipped:
+        click.echo(f"skipped {reason}")
+    click.echo(f"wrote {result.markdown}")
+
+
+@main.command()
 @click.argument("config", type=click.Path(path_type=Path))
 @click.option("--metric", type=click.Choice(["exact", "embedding"]), default=None,
               help="Re-score with this metric (cached generations are reused).")
