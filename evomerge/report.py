@@ -25,6 +25,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import optuna  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
@@ -115,6 +116,7 @@ def plot_dfs_path(hops: Sequence[tuple[str, int, float]], path: Path, *, models:
         idx = [i for i, h in enumerate(hops) if h[0] == m]
         top.scatter(idx, [hops[i][1] for i in idx], color=colors[m], s=30, label=m, zorder=2)
         bottom.bar(idx, [hops[i][2] for i in idx], color=colors[m], width=0.8)
+    top.yaxis.set_major_locator(MaxNLocator(integer=True))
     top.set_ylabel("source layer index")
     top.set_title(title)
     top.grid(alpha=0.3)
