@@ -93,7 +93,8 @@ def plot_recipe(values: dict[str, dict[str, list[float]]], path: Path, *, title:
         fig.colorbar(im, ax=ax, label=knob, fraction=0.04, pad=0.01)
         if n * len(rows) <= 64:
             for (i, j), v in _cells(data):
-                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="w")
+                bright = im.norm(v) > 0.6  # viridis is light at the top: dark text there
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="k" if bright else "w")
     fig.suptitle(title)
     return save_figure(fig, path)
 
