@@ -71,6 +71,10 @@ DEFAULT_TASK = TaskCost(500, 200, 256)
 
 
 # ------------------------------------------------------------------ model facts
+def fmt_params(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+
+
 @dataclass(frozen=True)
 class ModelFacts:
     """The shape of one model, from its config.json (or assumed), and where that came from."""
@@ -86,8 +90,8 @@ class ModelFacts:
 
     @property
     def stored_bytes(self) -> int:
-        """Bytes per stored parameter (config.json's torch_dtype; 16-bit assumed without it)."""
-        dtype = self.config.get("torch_dtype")
+        """Bytes per stored parameter (config.json's torch_dtype or dtype; 16-bit assumed without it)."""
+        dtype = self.config.get("torch_dtype") or self.config.get("dtype")
         return {"float32": 4, "float16": 2, "bfloat16": 2}.get(dtype, STORED_BYTES_ASSUMED)
 
     def tensors(self) -> list[tuple[str, int]]:
@@ -116,7 +120,7 @@ class ModelFacts:
         c = self.config
         return (f"{c['num_hidden_layers']} layers, hidden {c['hidden_size']}, intermediate {c['intermediate_size']}, "
                 f"{c['num_attention_heads']} heads ({c.get('num_key_value_heads') or c['num_attention_heads']} kv), "
-                f"vocab {c['vocab_size']}, {self.params / 1e9:.2f}B params")
+                f"vocab {c['vocab_size']}, {fmt_params(self.params)} params")
 
 
 class ModelReader:
@@ -137,6 +141,8 @@ class ModelReader:
             return self._checked(ref, dict(KNOWN_MODELS[ref]), "assumed: evomerge's bundled table", True)
         if fallback is not None:
             return ModelFacts(ref, fallback.config, f"assumed: same architecture as {fallback.ref}", True)
+        if path.is_absolute():
+            raise CheckpointError(f"{what} {ref}: model folder does not exist")
         raise ConfigError(f"{what} {ref}: no local folder, no cached or reachable config.json on the hub"
                           f"{' (' + self.hub_note + ')' if self.hub_note else ''}, and not in the bundled table "
                           f"({', '.join(KNOWN_MODELS)}); give base_model one of those or a local folder")
@@ -291,7 +297,7 @@ def eval_seconds(cfg: SearchConfig, params: int, layer_ratio: float = 1.0) -> tu
     prompt_rate, gen_rate = TOKENS_PER_S_7B[kind]
     scale = 7e9 / params / layer_ratio
     lines = [f"evaluation: tokens / throughput, at {prompt_rate:g} prompt and {gen_rate:g} generated tokens/s "
-             f"for a 7B model on {kind} (batched), scaled by 7B/{params / 1e9:.1f}B"
+             f"for a 7B model on {kind} (batched), scaled by 7B/{fmt_params(params)}"
              + (f" and x{layer_ratio:.2f} for the path length" if layer_ratio != 1.0 else "")]
     total = 0.0
     if cfg.fitness.kind == "consistency":

@@ -161,3 +161,14 @@ def test_lm_eval_indexes_the_mgsm_ja_tasks():
     assert config["dataset_path"] == "juletxara/mgsm" and config["dataset_name"] == "ja"
     assert config["process_docs"].__name__ == "fitness_docs" and config["process_results"].__name__ == "process_results"
     assert [m["metric"] for m in config["metric_list"]] == ["acc", "acc_ja"]
+
+
+def test_missing_local_model_folder_is_one_line(tmp_path):
+    config = tmp_path / "c.yml"
+    config.write_text(yaml.safe_dump({
+        "study": "x", "base_model": str(tmp_path / "nowhere" / "base"),
+        "models": {"a": str(tmp_path / "nowhere" / "a")},
+        "merge": {"method": "task_arithmetic"}, "fitness": {"tasks": [{"task": "t"}]}}))
+    result = CliRunner().invoke(main, ["search", str(config), "--dry-run"])
+    assert result.exit_code == 1
+    assert result.output.splitlines() == [f"error: base_model {tmp_path / 'nowhere' / 'base'}: model folder does not exist"]
