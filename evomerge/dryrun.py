@@ -19,7 +19,7 @@ import torch
 from evomerge.architectures import architecture_for
 from evomerge.config import SearchConfig
 from evomerge.errors import CheckpointError, ConfigError
-from evomerge.planner import GiB, Item, MemoryPlan, fmt_bytes, host_available, make_plan
+from evomerge.planner import GiB, Item, MemoryPlan, fmt_bytes, make_plan
 
 # config.json facts of base models, checked against their published config.json files
 # (Mistral-7B-v0.1 = transformers' MistralConfig defaults; Llama-2 7B/13B as released).

@@ -15,7 +15,6 @@ from evomerge.checkpoint import Checkpoint
 from evomerge.cli import main
 from evomerge.config import SearchConfig
 from evomerge.dryrun import KNOWN_MODELS, ModelReader, dry_run, read_models
-from evomerge.errors import ConfigError
 from evomerge.space import build_space
 
 ROOT = Path(__file__).resolve().parents[1]
