@@ -122,7 +122,7 @@ def search(config: Path, trials: int | None, fresh: bool, fork: bool, storage: s
     if dry_run:
         from evomerge.dryrun import dry_run as plan
 
-        lines, _ = plan(cfg.model_copy(update={"stages": [stage]}) if stage else cfg)
+        lines, _ = plan(cfg, stages=[stage] if stage else None)
         click.echo("\n".join(lines))
         return
     console = Console(stderr=True)

@@ -321,11 +321,12 @@ def eval_seconds(cfg: SearchConfig, params: int, layer_ratio: float = 1.0) -> tu
     return total, lines
 
 
-def plan_stages(cfg: SearchConfig, facts: dict[str, ModelFacts], device_free: int | None) -> list[StagePlan]:
+def plan_stages(cfg: SearchConfig, facts: dict[str, ModelFacts], device_free: int | None,
+                stages: list[str] | None = None) -> list[StagePlan]:
     template = facts.get("base") or facts[next(iter(cfg.models))]
     out_bytes = template.params * torch.empty((), dtype=getattr(torch, cfg.dtype)).element_size()
-    stages = []
-    for stage in cfg.stages:
+    plans = []
+    for stage in stages or cfg.stages:
         if stage == "ps":
             space = ps_space(cfg, template)
             names = list(space.bounds())
@@ -352,16 +353,18 @@ def plan_stages(cfg: SearchConfig, facts: dict[str, ModelFacts], device_free: in
             sp.seconds = eval_t
             sp.time_lines = [f"no merge: the path is rewired in place; evaluation of the longest path "
                              f"({longest} layers, {ratio:.2f}x the host's {template.num_layers})", *eval_lines]
-        stages.append(sp)
-    return stages
+        plans.append(sp)
+    return plans
 
 
 def _fmt_seconds(s: float) -> str:
     return f"{s:.0f} s" if s < 120 else f"{s / 60:.0f} min" if s < 7200 else f"{s / 3600:.1f} h"
 
 
-def dry_run(cfg: SearchConfig, reader: ModelReader | None = None) -> tuple[list[str], list[StagePlan]]:
-    """The dry-run's lines (and the stage plans, for tests). No weights are read."""
+def dry_run(cfg: SearchConfig, reader: ModelReader | None = None,
+            stages: list[str] | None = None) -> tuple[list[str], list[StagePlan]]:
+    """The dry-run's lines (and the stage plans, for tests) for ``stages`` (default: the config's).
+    No weights are read."""
     reader = reader or ModelReader()
     facts = read_models(cfg, reader)
     device_free = None
@@ -372,7 +375,7 @@ def dry_run(cfg: SearchConfig, reader: ModelReader | None = None) -> tuple[list[
         device_free = ASSUMED_GPU_BYTES - live  # the live model is loaded before the plan is made
         gpu_note = (f"; no CUDA device here: assumed a {fmt_bytes(ASSUMED_GPU_BYTES)} one, "
                     f"{fmt_bytes(device_free)} free after the live model; pinned host budget from this machine's RAM")
-    lines = [f"dry run of study {cfg.study}: stages {', '.join(cfg.stages)}; device {cfg.device}, dtype {cfg.dtype}"
+    lines = [f"dry run of study {cfg.study}: stages {', '.join(stages or cfg.stages)}; device {cfg.device}, dtype {cfg.dtype}"
              f"{gpu_note}", "models (no weights read):"]
     for name, f in facts.items():
         lines.append(f"  {name:<8} {f.ref}: {f.describe()} [{f.source}]")
@@ -385,9 +388,9 @@ def dry_run(cfg: SearchConfig, reader: ModelReader | None = None) -> tuple[list[
                      + f"; objective {cfg.fitness.objective}")
     else:
         lines.append("fitness: label-free consistency")
-    stages = plan_stages(cfg, facts, device_free)
+    plans = plan_stages(cfg, facts, device_free, stages)
     total = 0.0
-    for sp in stages:
+    for sp in plans:
         lines.append(f"stage {sp.name} (study {sp.study}): {sp.dimensions} dimensions, {sp.trials} trials")
         lines.append("  dimensions: " + ", ".join(sp.examples))
         lines += ["  memory: " + sp.memory[0]] + [f"    {m}" for m in sp.memory[1:]]
@@ -396,4 +399,4 @@ def dry_run(cfg: SearchConfig, reader: ModelReader | None = None) -> tuple[list[
         total += sp.seconds * sp.trials
     lines.append(f"total: about {_fmt_seconds(total)} for every stage's budget")
     lines.append("dry run only: nothing downloaded, no study created")
-    return lines, stages
+    return lines, plans
