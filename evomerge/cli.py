@@ -101,9 +101,11 @@ def _trial_line(r) -> str:
 @click.option("--device", default=None, help="Override the config's device.")
 @click.option("--stage", "stage", type=click.Choice(["ps", "dfs"]), default=None,
               help="Run one stage only (default: every stage of the config, in order).")
+@click.option("--dry-run", is_flag=True,
+              help="Validate CONFIG without weights: print each stage's space, the memory plan and a time estimate.")
 @friendly_errors
 def search(config: Path, trials: int | None, fresh: bool, fork: bool, storage: str | None,
-           study_name: str | None, device: str | None, stage: str | None) -> None:
+           study_name: str | None, device: str | None, stage: str | None, dry_run: bool) -> None:
     """Search merge recipes for CONFIG; run it again to resume."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -117,6 +119,12 @@ def search(config: Path, trials: int | None, fresh: bool, fork: bool, storage: s
     cfg = SearchConfig.load(config, storage=storage, study=study_name, device=device)
     if fresh and fork:
         raise click.UsageError("--fresh and --fork exclude each other")
+    if dry_run:
+        from evomerge.dryrun import dry_run as plan
+
+        lines, _ = plan(cfg, stages=[stage] if stage else None)
+        click.echo("\n".join(lines))
+        return
     console = Console(stderr=True)
     progress = Progress(TextColumn("[bold]search"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[best]}"), TimeElapsedColumn(), TextColumn("eta"),
@@ -214,6 +222,25 @@ def status(study_name: str, storage: str | None, top: int) -> None:
         table.add_row(str(r["number"]), f"{r['fitness']:.4f}", *[f"{r['scores'].get(t, float('nan')):.4f}" for t in tasks],
                       r["method"] or "", f"{r['seconds']:.1f}" if r["seconds"] else "", r["baseline"] or "")
     Console().print(table)
+
+
+@main.command()
+@_study_options
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=None,
+              help="Output folder (default reports/<study>/).")
+@friendly_errors
+def report(study_name: str, storage: str | None, out: Path | None) -> None:
+    """Plot a study: fitness per trial, the best recipe or layer path, parameter importances, the
+    Pareto front (multi-objective); and report.md linking them."""
+    from evomerge.report import write_report
+
+    study = _load_study(study_name, storage)
+    result = write_report(study, out or Path("reports", study_name))
+    for path in result.files:
+        click.echo(f"wrote {path}")
+    for reason in result.skipped:
+        click.echo(f"skipped {reason}")
+    click.echo(f"wrote {result.markdown}")
 
 
 @main.command()

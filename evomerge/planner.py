@@ -137,12 +137,13 @@ def host_available() -> int:
 
 
 def make_plan(device: torch.device, *, scratch: int, memory_limit: int | None = None,
-              host_memory_limit: int | None = None) -> MemoryPlan:
+              host_memory_limit: int | None = None, device_free: int | None = None) -> MemoryPlan:
     """Budgets for a workspace on ``device``. ``scratch``: bytes reserved for per-tensor
     temporaries; ``memory_limit`` caps what the workspace keeps on the device (the live model is
-    not counted: it exists already)."""
+    not counted: it exists already). ``device_free``: free bytes on a CUDA device (default: asked
+    from CUDA; ``--dry-run`` passes an assumed size on a machine without the GPU)."""
     if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
+        free = device_free if device_free is not None else torch.cuda.mem_get_info(device)[0]
         auto = max(0, int(free * 0.95) - scratch - GiB // 2)
         host_auto = max(0, int(host_available() * 0.8) - 2 * GiB)
     else:

@@ -1,0 +1,173 @@
+"""`evomerge search --dry-run` and the real-world configs: offline (HF_HUB_OFFLINE, set in conftest),
+the hub models' facts come from the bundled table; local models' from their config.json. Also the
+MGSM-ja task's answer extraction, language check and fitness/held-out split."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from evomerge.checkpoint import Checkpoint
+from evomerge.cli import main
+from evomerge.config import SearchConfig
+from evomerge.dryrun import KNOWN_MODELS, ModelReader, dry_run, read_models
+from evomerge.space import build_space
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+sys.path.insert(0, str(ROOT / "tasks"))
+import mgsm_ja_utils  # noqa: E402
+
+
+def test_ja_math_dry_run_offline_prints_space_plan_and_time():
+    cfg = SearchConfig.load(CONFIGS / "ja_math.yml")
+    lines, stages = dry_run(cfg)
+    # ps: 32 layers x 3 models x (weight, density); dfs: (32 ps + 32 wizard layers) x 3 repeats x (use, scale)
+    assert [(s.name, s.dimensions) for s in stages] == [("ps", 192), ("dfs", 384)]
+    assert stages[0].examples == ["L00.ja.weight", "L00.wizard.weight", "L00.abel.weight", "L00.ja.density", "...",
+                                  "L31.abel.density"]
+    assert stages[1].examples[:2] == ["r0.ps.L00.use", "r0.ps.L00.scale"] and stages[1].examples[-1] == "r2.wizard.L31.scale"
+    text = "\n".join(lines)
+    assert ("  base     mistralai/Mistral-7B-v0.1: 32 layers, hidden 4096, intermediate 14336, 32 heads (8 kv), "
+            "vocab 32000, 7.24B params [assumed: evomerge's bundled table]") in lines
+    assert "[assumed: same architecture as mistralai/Mistral-7B-v0.1]" in text
+    assert "  hub: HF_HUB_OFFLINE is set" in lines
+    assert "stage ps (study ja_math): 192 dimensions, 1000 trials" in lines
+    assert "stage dfs (study ja_math.dfs): 384 dimensions, 500 trials" in lines
+    # four bf16 Mistral-7B sources of 7,241,732,096 parameters each
+    assert text.count("source                 ") == 4 and "13.49 GiB" in text
+    assert "mgsm_ja_fitness: 150 examples x (200 prompt + 300 generated tokens)" in text
+    assert all(s.seconds > 0 for s in stages)
+
+
+def test_mistral_parameter_count_matches_the_published_size():
+    facts = ModelReader().read("mistralai/Mistral-7B-v0.1")
+    assert facts.params == 7_241_732_096 and facts.assumed and facts.num_layers == 32
+
+
+def test_dry_run_cli_exits_0_and_creates_nothing(tmp_path):
+    config = tmp_path / "ja.yml"
+    data = yaml.safe_load((CONFIGS / "ja_math.yml").read_text())
+    data["fitness"]["include_path"] = str(ROOT / "tasks")
+    config.write_text(yaml.safe_dump(data))
+    result = CliRunner().invoke(main, ["search", str(config), "--dry-run", "--stage", "dfs"])
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[0].startswith("dry run of study ja_math: stages dfs; device cuda, dtype bfloat16")
+    assert "stage dfs (study ja_math.dfs): 384 dimensions, 500 trials" in result.output
+    assert "stage ps" not in result.output
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("name", ["code_chat_math_ties", "label_free_ja_math", "ja_math"])
+def test_real_world_configs_validate_offline(name):
+    result = CliRunner().invoke(main, ["search", str(CONFIGS / f"{name}.yml"), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[-1] == "dry run only: nothing downloaded, no study created"
+
+
+def test_local_models_are_read_from_their_config(tiny_models, tmp_path):
+    cfg = SearchConfig.from_dict({
+        "study": "local", "base_model": str(tiny_models["base"]),
+        "models": {"a": str(tiny_models["a"]), "b": str(tiny_models["b"])},
+        "merge": {"method": "ties", "search": {"weight": [0, 1], "density": [0.3, 1]}, "layer_groups": "full"},
+        "fitness": {"tasks": [{"task": "some_task"}]}, "stages": ["ps", "dfs"]}, root=tmp_path)
+    facts = read_models(cfg)
+    assert {n: f.source for n, f in facts.items()} == {
+        n: f"read {tiny_models[n] / 'config.json'}" for n in ("base", "a", "b")}
+    with Checkpoint.open(tiny_models["base"]) as ck:
+        expected = len(build_space(cfg, ck.num_layers).bounds())
+        stored = sum(ck.get(n).numel() for n in ck.tensor_names())
+    assert facts["base"].params == stored
+    lines, stages = dry_run(cfg)
+    assert stages[0].dimensions == expected == 2 * 2 * 2  # 2 layers x 2 models x 2 knobs
+    assert stages[1].dimensions == 3 * 2 * 3 * 2  # (ps, a, b) x 2 layers x 3 repeats x (use, scale)
+    assert "assumed" not in "\n".join(lines).split("fitness:")[0]
+    assert "some_task: 500 examples x (200 prompt + 256 generated tokens) (unknown task: sizes assumed)" in "\n".join(lines)
+
+
+def test_unknown_hub_model_offline_is_one_line(tmp_path):
+    config = tmp_path / "c.yml"
+    config.write_text(yaml.safe_dump({
+        "study": "x", "base_model": "someone/unknown-base", "models": {"a": "someone/ft-a", "b": "someone/ft-b"},
+        "merge": {"method": "ties", "search": {"weight": None, "density": None}},
+        "fitness": {"tasks": [{"task": "t"}]}}))
+    result = CliRunner().invoke(main, ["search", str(config), "--dry-run"])
+    assert result.exit_code == 1
+    assert result.output.splitlines() == [
+        "error: base_model someone/unknown-base: no local folder, no cached or reachable config.json on the hub "
+        f"(HF_HUB_OFFLINE is set), and not in the bundled table ({', '.join(KNOWN_MODELS)}); give base_model one "
+        "of those or a local folder"]
+
+
+def test_unreachable_hub_is_tried_once(monkeypatch):
+    import huggingface_hub
+
+    calls = []
+
+    def fail(repo_id, filename, **kw):
+        calls.append(kw.get("local_files_only", False))
+        raise OSError("no route to host")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fail)
+    reader = ModelReader()
+    reader.hub_ok, reader.hub_note = True, ""
+    base = reader.read("mistralai/Mistral-7B-v0.1")
+    ft = reader.read("someone/ft", base)
+    assert calls == [True, False, True]  # cache, network (fails), then the cache only
+    assert reader.hub_note == "hub not reachable: OSError"
+    assert ft.source == "assumed: same architecture as mistralai/Mistral-7B-v0.1" and ft.config == base.config
+
+
+# --------------------------------------------------------------------------- MGSM-ja task
+@pytest.mark.parametrize("text, number", [
+    ("答えは 18 です。", 18.0), ("1,234円と５６７円で、合計は１，８０１円", 1801.0), ("-3.5 度", -3.5),
+    ("答えが分かりません", None), ("The answer is 72.", 72.0)])
+def test_last_number(text, number):
+    assert mgsm_ja_utils.last_number(text) == number
+
+
+def test_acc_ja_counts_only_japanese_answers():
+    doc = {"answer_number": 18}
+    assert mgsm_ja_utils.process_results(doc, ["ジャネットは 16 - 3 - 4 = 9 個を売るので、9 * 2 = 18 ドルです。"]) == {
+        "acc": 1.0, "acc_ja": 1.0}
+    assert mgsm_ja_utils.process_results(doc, ["She sells 16 - 3 - 4 = 9 eggs, so 9 * 2 = 18 dollars."]) == {
+        "acc": 1.0, "acc_ja": 0.0}
+    assert mgsm_ja_utils.process_results(doc, ["答えは 17 ドルです。"]) == {"acc": 0.0, "acc_ja": 0.0}
+    assert mgsm_ja_utils.japanese_share("abc あいう") == 0.5
+
+
+def test_fitness_and_heldout_splits_partition_the_test_set():
+    from datasets import Dataset
+
+    test = Dataset.from_dict({"question": [f"q{i}" for i in range(250)], "answer_number": list(range(250))})
+    fit, held = mgsm_ja_utils.fitness_docs(test), mgsm_ja_utils.heldout_docs(test)
+    assert (len(fit), len(held)) == (150, 100)
+    assert list(fit["answer_number"]) + list(held["answer_number"]) == list(range(250))
+
+
+def test_lm_eval_indexes_the_mgsm_ja_tasks():
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=str(ROOT / "tasks"))
+    assert {"mgsm_ja", "mgsm_ja_fitness", "mgsm_ja_heldout"} <= set(manager.all_tasks)
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    config = load_yaml(ROOT / "tasks" / "mgsm_ja_fitness.yaml")  # the template included, functions resolved
+    assert config["dataset_path"] == "juletxara/mgsm" and config["dataset_name"] == "ja"
+    assert config["process_docs"].__name__ == "fitness_docs" and config["process_results"].__name__ == "process_results"
+    assert [m["metric"] for m in config["metric_list"]] == ["acc", "acc_ja"]
+
+
+def test_missing_local_model_folder_is_one_line(tmp_path):
+    config = tmp_path / "c.yml"
+    config.write_text(yaml.safe_dump({
+        "study": "x", "base_model": str(tmp_path / "nowhere" / "base"),
+        "models": {"a": str(tmp_path / "nowhere" / "a")},
+        "merge": {"method": "task_arithmetic"}, "fitness": {"tasks": [{"task": "t"}]}}))
+    result = CliRunner().invoke(main, ["search", str(config), "--dry-run"])
+    assert result.exit_code == 1
+    assert result.output.splitlines() == [f"error: base_model {tmp_path / 'nowhere' / 'base'}: model folder does not exist"]
