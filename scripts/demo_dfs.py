@@ -3,6 +3,9 @@ DFS stage over the PS winner and both specialists; the parents, the PS winner an
 scored on the held-out test splits.
 
     python scripts/demo_dfs.py --out demo_out --dfs-trials 96 --max-layers 8
+
+Rows: the parents, the ps winner, the dfs winner (which may be its baseline, the ps winner's own
+path) and the best searched dfs path.
 """
 
 from __future__ import annotations
@@ -40,19 +43,21 @@ def main() -> None:
     t2 = time.perf_counter()
 
     rows: dict[str, dict] = {n: {"dev": None, "layers": 4, "test": score_on_test(p, a.out / "tasks")} for n, p in models.items()}
-    for stage in ("ps", "dfs"):
+    # the dfs study's baseline is the ps winner itself: show the best searched path as well
+    for stage, label, baselines in (("ps", "ps best", True), ("dfs", "dfs best", True), ("dfs", "dfs path", False)):
         study = load_existing_study(cfg.stage_study(stage), cfg.storage_url)
-        trial = best_trial(study)
+        trial = best_trial(study, include_baselines=baselines)
         recipe, trial = trial_recipe(study, trial.number)
-        folder = build_trial_model(study, trial, recipe, a.out / f"{stage}-best", overwrite=True)
+        folder = build_trial_model(study, trial, recipe, a.out / label.replace(" ", "-"), overwrite=True)
         path = trial.user_attrs.get("evomerge:path")
-        rows[f"{stage} best"] = {"dev": trial_fitness(trial), "trial": trial.number, "layers": len(path) if path else 4,
+        rows[label] = {"dev": trial_fitness(trial), "trial": trial.number, "layers": len(path) if path else 4,
                                  "path": path, "test": score_on_test(folder, a.out / "tasks")}
     print(f"{'':>10} {'dev':>6} {'layers':>6} " + " ".join(f"{t:>12}" for t in DEMO_TASKS))
     for name, r in rows.items():
         dev = f"{r['dev']:6.3f}" if r["dev"] is not None else f"{'':>6}"
         print(f"{name:>10} {dev} {r['layers']:6d} " + " ".join(f"{r['test'][t]:12.3f}" for t in DEMO_TASKS))
-    print(f"dfs path (source layer, scale): {rows['dfs best']['path']}")
+    for label in ("dfs best", "dfs path"):
+        print(f"{label} #{rows[label]['trial']} (source layer, scale): {rows[label]['path']}")
     print(f"search seconds: ps {t1 - t0:.0f}, dfs {t2 - t1:.0f} ({a.dfs_trials} trials)")
     (a.out / "demo_dfs.json").write_text(json.dumps({"rows": rows, "seconds": {"ps": t1 - t0, "dfs": t2 - t1}}, indent=2))
 
