@@ -332,5 +332,5 @@ def demo(out: Path, trials: int | None, sampler: str | None, seed: int, fresh: b
         table.add_row(name if name != "merged" else "[bold]best merge[/]",
                       *[f"{scores[t]:.3f}" for t in DEMO_TASKS])
     Console().print(table)
-    click.echo(f"wrote {out}/best.yml, {out}/merged/, {out}/summary.json "
+    click.echo(f"wrote {out}/best.yml, {out}/merged/, {out}/summary.json, {out}/report/ "
                f"({summary['seconds']['total']:.0f} s)")

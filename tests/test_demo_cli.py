@@ -27,6 +27,9 @@ def test_demo_runs_end_to_end_on_a_tiny_world(tmp_path):
     assert best["merge_method"] in ("task_arithmetic", "linear")
     written = json.loads((out / "summary.json").read_text())
     assert written == summary and written["trials"] == 5
+    # the report of the run: fitness and recipe plots (too few trials for importances, and it says so)
+    assert sorted(p.name for p in (out / "report").iterdir()) == ["fitness.png", "recipe.png", "report.md"]
+    assert "fewer than the 10 needed" in (out / "report" / "report.md").read_text()
     for model in ("base", "math", "lang", "merged"):
         scores = written["test_scores"][model]
         assert set(scores) == set(DEMO_TASKS) and all(0.0 <= v <= 1.0 for v in scores.values())

@@ -96,5 +96,9 @@ def run_demo(out: Path, *, trials: int | None = None, sampler: str | None = None
         "best_yml": str(best_yml),
         "merged": str(merged),
     }
+    from evomerge.report import write_report
+
+    report = write_report(study, out / "report")
+    summary["report"] = str(report.markdown)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
