@@ -241,6 +241,16 @@ def generators_for(task: TensorTask, method: Method, seed: int, device: torch.de
             for i in range(len(task.inputs))]
 
 
+def all_finite(t: torch.Tensor) -> torch.Tensor:
+    """0-dim bool tensor: no NaN or inf in ``t``. One reduction (``aminmax`` propagates NaN) instead
+    of ``isfinite(t).all()``, whose boolean temporary made it cost as much as a whole linear merge
+    on CPU (297 ms vs 21 ms per 99M float32 elements, 2-core machine)."""
+    if t.numel() == 0:
+        return torch.ones((), dtype=torch.bool, device=t.device)
+    lo, hi = torch.aminmax(t)
+    return torch.isfinite(lo) & torch.isfinite(hi)
+
+
 def execute_task(task: TensorTask, method: Method, fetch: Callable[[TensorRef], Tensor], *, seed: int,
                  device: torch.device, compute_dtype: torch.dtype = torch.float32) -> Tensor:
     """Merge one tensor; returns it in ``compute_dtype`` on ``device``."""
@@ -253,7 +263,7 @@ def execute_task(task: TensorTask, method: Method, fetch: Callable[[TensorRef], 
             base = base[:rows] if base is not None else None
             xs = [x[:rows] for x in xs]
     out = run_method(method, base, xs, task.params, generators_for(task, method, seed, device))
-    if not torch.isfinite(out).all():
+    if not all_finite(out):
         raise MergeError(f"{task.out_name}: the merge produced non-finite values (NaN or inf)")
     return out
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -45,6 +46,7 @@ from evomerge.engine import (
     TensorTask,
     _as_slices,
     _resolve_params,
+    all_finite,
     plan_merge,
     resolve_device,
     tensor_seed,
@@ -52,13 +54,12 @@ from evomerge.engine import (
 from evomerge.errors import CheckpointError, MergeError
 from evomerge.methods import Method
 from evomerge.methods.interpolate import (
-    linear,
+    linear_normalizer,
     nearswap,
     nuslerp_angles,
     nuslerp_combine,
     nuslerp_unview,
     nuslerp_view,
-    passthrough,
     slerp_coefficients,
     slerp_dot,
 )
@@ -180,6 +181,7 @@ class Workspace:
         self._small: dict[Any, Any] = {}  # per-tensor scalars and per-row vectors (not planned)
         self._verified_numels: set[int] = set()
         self._pool: Any = None
+        self._tls = threading.local()  # per-thread scratch buffers (see _scratch)
         self._workers = torch.get_num_threads() if self.device.type == "cpu" else 1
         if self._workers > 1:
             from concurrent.futures import ThreadPoolExecutor
@@ -529,24 +531,49 @@ class Workspace:
         if name == "nuslerp":
             return self._nuslerp(task, target, rows)
         p = task.params
+        # linear, passthrough and slerp: the pure functions' operations in the same order (so the
+        # same rounding), written into per-thread scratch buffers instead of fresh temporaries
         if name == "linear":
             xs = [self._src(r, rows).view(-1) for r in task.inputs]
-            return self._flat(target, lambda sl: linear([self._cv(x[sl]) for x in xs], weights=p["weight"],
-                                                          normalize=p["normalize"]))
+            return self._flat(target, lambda sl: self._weighted_sum(
+                [x[sl] for x in xs], [float(w) for w in p["weight"]], linear_normalizer(p["weight"], p["normalize"])))
         if name == "passthrough":
-            x = self._src(task.inputs[0], rows).view(-1)
-            return self._flat(target, lambda sl: passthrough([self._cv(x[sl])], scale=p["scale"][0]))
+            x, scale = self._src(task.inputs[0], rows).view(-1), p["scale"][0]
+            if scale is None or scale == 1:
+                return self._flat(target, lambda sl: self._cv(x[sl]))
+            return self._flat(target, lambda sl: self._weighted_sum([x[sl]], [scale], None))
         if name == "slerp":
             base, other = task.base, task.inputs[0]
             dot = self._small_cache(("slerp", base, other, rows), lambda: slerp_dot(
                 self._cv(self._src(base, rows)), self._cv(self._src(other, rows))))
             c0, c1 = slerp_coefficients(dot, p["t"])
             b, x = self._src(base, rows).view(-1), self._src(other, rows).view(-1)
-            return self._flat(target, lambda sl: self._cv(b[sl]) * c0 + self._cv(x[sl]) * c1)
+            return self._flat(target, lambda sl: self._weighted_sum([b[sl], x[sl]], [c0, c1], None))
         if name == "nearswap":
             b, x = self._src(task.base, rows).view(-1), self._src(task.inputs[0], rows).view(-1)
             return self._flat(target, lambda sl: nearswap(self._cv(b[sl]), self._cv(x[sl]), t=p["t"]))
         raise MergeError(f"{name}: no workspace implementation")  # pragma: no cover - registry is covered by tests
+
+    def _scratch(self, n: int, k: int) -> list[Tensor]:
+        """``k`` compute-dtype buffers of ``n`` elements for the calling thread. On CPU they are
+        kept per worker thread: a fresh temporary per chunk and operation cost about as much as
+        the arithmetic (page faults). CUDA's caching allocator makes fresh ones cheap."""
+        if self.device.type != "cpu":
+            return [torch.empty(n, dtype=self.compute_dtype, device=self.device) for _ in range(k)]
+        bufs = getattr(self._tls, "bufs", None)
+        if bufs is None or len(bufs) < k or bufs[0].numel() < n:
+            size = max(n, min(self.chunk_elems, 1 << 22))
+            bufs = self._tls.bufs = [torch.empty(size, dtype=self.compute_dtype) for _ in range(max(k, 2))]
+        return [b[:n] for b in bufs[:k]]
+
+    def _weighted_sum(self, xs: Sequence[Tensor], weights: Sequence[float], factor: float | None) -> Tensor:
+        """``(x0*w0 + x1*w1 + ...) * factor`` as :func:`linear` computes it (each product rounded,
+        then added in order), in scratch buffers; ``xs`` are in their stored dtype."""
+        out, tmp = self._scratch(xs[0].numel(), 2)
+        torch.mul(self._cv(xs[0]), float(weights[0]), out=out)
+        for x, w in zip(xs[1:], weights[1:]):
+            out.add_(torch.mul(self._cv(x), float(w), out=tmp))
+        return out if factor is None else out.mul_(factor)
 
     def _round(self, out: Tensor, target: Tensor) -> Tensor:
         """The engine writes ``out.to(plan.out_dtype)``; round through that dtype when the live
@@ -561,7 +588,7 @@ class Workspace:
         def one(sl: slice) -> Tensor:
             out = chunk(sl)
             flat[sl].copy_(self._round(out, target))
-            return torch.isfinite(out).all()
+            return all_finite(out)
 
         oks = self._map_chunks(flat.numel(), one)
         return torch.stack(oks).all() if len(oks) > 1 else oks[0]
@@ -617,14 +644,14 @@ class Workspace:
             ws = [x.unsqueeze(0) if x.dim() == 1 else x for x in xs]
             out = model_stock_combine(t, cv(w0), [cv(w) for w in ws]).reshape(target.shape)
             target.copy_(self._round(out, target))
-            return torch.isfinite(out).all()
+            return all_finite(out)
         ncols = base.shape[1]
         per = max(1, self.chunk_elems // max(1, ncols))
         oks = []
         for r0 in range(0, base.shape[0], per):
             sl = slice(r0, min(r0 + per, base.shape[0]))
             out = model_stock_combine(t[sl], cv(base[sl]), [cv(x[sl]) for x in xs])
-            oks.append(torch.isfinite(out).all())
+            oks.append(all_finite(out))
             target[sl].copy_(self._round(out, target))
         return torch.stack(oks).all()
 
@@ -663,7 +690,7 @@ class Workspace:
         if base_ref is not None:
             out = self._cv(self._src(base_ref, rows)) + out
         target.copy_(self._round(out, target))
-        return torch.isfinite(out).all()
+        return all_finite(out)
 
 
 # --------------------------------------------------------------------------- shared by the eager path and the kernels

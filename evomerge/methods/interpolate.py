@@ -26,11 +26,17 @@ def linear(tensors: Sequence[Tensor], *, weights: Sequence[float], normalize: bo
     out = tensors[0] * float(weights[0])
     for x, w in zip(tensors[1:], weights[1:]):
         out = out + x * float(w)
-    if normalize:
-        total = float(sum(float(w) for w in weights))
-        if abs(total) >= 1e-8 and total != 1.0:
-            out = out * (1.0 / total)
-    return out
+    factor = linear_normalizer(weights, normalize)
+    return out if factor is None else out * factor
+
+
+def linear_normalizer(weights: Sequence[float], normalize: bool) -> float | None:
+    """What :func:`linear` multiplies the weighted sum by: ``1 / sum(weights)``, or None when it
+    does not divide (``normalize`` off, a sum of 1, or a sum of ~0)."""
+    if not normalize:
+        return None
+    total = float(sum(float(w) for w in weights))
+    return 1.0 / total if abs(total) >= 1e-8 and total != 1.0 else None
 
 
 def slerp(base: Tensor, other: Tensor, *, t: float) -> Tensor:
