@@ -115,7 +115,8 @@ class RayRunner:
 
     def close(self) -> None:
         for worker in getattr(self, "pool", []):
-            ray.kill(worker.actor, no_restart=True)
+            if worker.actor is not None:
+                ray.kill(worker.actor, no_restart=True)
         self.pool = []
         if self._owns_ray and ray.is_initialized():
             ray.shutdown()
@@ -125,52 +126,67 @@ class RayRunner:
         return _Worker(self._actor_class.remote(self.config, self.stage, self.gpu))
 
     def _wait_ready(self, worker: _Worker) -> None:
-        name, error = ray.get(worker.actor.ready.remote())
+        self._take_ready(worker, worker.actor.ready.remote())
+
+    def _take_ready(self, worker: _Worker, ref: Any) -> None:
+        name, error = ray.get(ref)
         if error is not None:
             raise ConfigError(error)
         worker.name = name
 
-    def _replace(self, worker: _Worker) -> _Worker:
-        """Kill ``worker`` (if still alive) and start a ready replacement in its place."""
+    def _restart(self, worker: _Worker) -> Any:
+        """Kill the worker's actor (if alive) and start a new one in its place, without waiting:
+        returns the ref that is ready once the new actor has loaded everything."""
         if worker.actor is not None:
             ray.kill(worker.actor, no_restart=True)
-        for attempt in range(1, MAX_START_FAILURES + 1):
-            new = self._start()
-            try:
-                self._wait_ready(new)
-            except RayActorError as e:
-                log.warning("a replacement worker died while starting (%d/%d): %s", attempt,
-                            MAX_START_FAILURES, _first_line(e))
-                continue
-            self.pool[self.pool.index(worker)] = new
-            log.info("worker %s replaced by %s", worker.name, new.name)
-            return new
-        raise EvomergeError(f"workers: {MAX_START_FAILURES} replacement workers died while starting")
+        worker.actor = self._actor_class.remote(self.config, self.stage, self.gpu)
+        return worker.actor.ready.remote()
 
     # ------------------------------------------------------------------ the driver loop
     def run(self, job: StageJob, stop: _StopFlag) -> list[TrialReport]:
-        """Keep every worker busy until the budget is used (or Ctrl-C); tell results as they come."""
+        """Keep every worker busy until the budget is used (or Ctrl-C); tell results as they
+        come. Dead or hung workers are restarted in the background while the others go on."""
         idle = list(self.pool)
         flights: dict[Any, _Flight] = {}
+        starting: dict[Any, _Worker] = {}  # ready() ref of a replacement -> its worker
         reports: list[TrialReport] = []
+        failed_starts = 0
         try:
             while True:
                 while idle and not stop.requested and job.budget_left() > 0:
                     report = self._dispatch(job, idle, flights)
                     if report is not None:  # the candidate could not even be built
                         reports.append(job.report(report))
-                if not flights:
+                if not flights and (not starting or stop.requested or job.budget_left() <= 0):
                     return reports
-                done, _ = ray.wait(list(flights), num_returns=1, timeout=self._wait_s(flights))
+                done, _ = ray.wait([*flights, *starting], num_returns=1, timeout=self._wait_s(flights))
                 for ref in done:
+                    if ref in starting:
+                        worker = starting.pop(ref)
+                        try:
+                            self._take_ready(worker, ref)
+                        except RayActorError as e:
+                            failed_starts += 1
+                            if failed_starts >= MAX_START_FAILURES:
+                                raise EvomergeError(f"workers: {failed_starts} replacement workers died while "
+                                                    f"starting; last: {_first_line(e)}") from None
+                            worker.actor = None
+                            starting[self._restart(worker)] = worker
+                            continue
+                        failed_starts = 0
+                        log.info("worker %s started", worker.name)
+                        idle.append(worker)
+                        continue
                     flight = flights.pop(ref)
                     reports.append(job.report(self._finish(job, ref, flight, stop)))
-                    if not stop.requested:  # after Ctrl-C no trial starts: no replacement needed
-                        idle.append(self._live(flight.worker))
+                    if flight.worker.actor is None:  # died: replaced
+                        starting[self._restart(flight.worker)] = flight.worker
+                    elif not stop.requested:
+                        idle.append(flight.worker)
                 for ref, flight in self._expired(flights):
                     del flights[ref]
                     reports.append(job.report(self._time_out(job, flight)))
-                    idle.append(self._replace(flight.worker))
+                    starting[self._restart(flight.worker)] = flight.worker
         except BaseException as e:  # second Ctrl-C, a config error, a lost connection
             reason = "interrupted (Ctrl-C)" if isinstance(e, KeyboardInterrupt) else f"interrupted ({type(e).__name__})"
             for flight in flights.values():
@@ -187,23 +203,23 @@ class RayRunner:
         return None
 
     def _finish(self, job: StageJob, ref: Any, flight: _Flight, stop: _StopFlag) -> TrialReport:
-        """Tell a returned trial; a worker that died fails it (or, after Ctrl-C, interrupts it)."""
+        """Tell a returned trial; a worker that died fails it (or, after Ctrl-C, interrupts it)
+        and is marked for replacement (``actor = None``)."""
         try:
             outcome = ray.get(ref)
         except RayActorError as e:
             seconds = time.monotonic() - flight.started
+            flight.worker.actor = None
             if stop.requested:  # Ctrl-C reaches local workers too: not the candidate's fault
                 interrupt_trial(job.study, flight.cand.trial, "interrupted (its worker stopped after Ctrl-C)")
                 return _interrupted_report(job, flight, seconds)
+            log.warning("worker %s died during trial %d: %s", flight.worker.name, flight.cand.trial.number,
+                        _first_line(e))
             outcome = Outcome(None, seconds, f"worker {flight.worker.name} died: {_first_line(e)}")
-            flight.worker.actor = None  # dead: replaced by _live
         return tell_outcome(job.study, job.stage, flight.cand, outcome, job.multi, job.total)
 
-    def _live(self, worker: _Worker) -> _Worker:
-        return worker if worker.actor is not None else self._replace(worker)
-
     def _wait_s(self, flights: dict[Any, _Flight]) -> float:
-        if not self.timeout:
+        if not self.timeout or not flights:
             return POLL_S
         first_deadline = min(f.started for f in flights.values()) + self.timeout
         return max(0.0, min(POLL_S, first_deadline - time.monotonic()))
@@ -237,12 +253,13 @@ def _first_line(e: BaseException) -> str:
 def _connect(config: SearchConfig) -> bool:
     """Join ``ray_address``, or start a local runtime; returns whether this call started it (and
     so shuts it down after). A runtime already initialised in this process is used as it is."""
+    if config.ray_address:
+        _check_reachable(config.ray_address)
     if ray.is_initialized():
         return False
     kwargs: dict[str, Any] = {"include_dashboard": False, "runtime_env": _runtime_env(),
                               "log_to_driver": log.isEnabledFor(logging.DEBUG), "logging_level": logging.WARNING}
     if config.ray_address:
-        _check_reachable(config.ray_address)
         try:
             ray.init(address=config.ray_address, **kwargs)
         except (ConnectionError, RuntimeError, ValueError) as e:
