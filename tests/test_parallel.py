@@ -6,10 +6,12 @@ input is one clear line."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -160,19 +162,20 @@ def test_killed_actor_fails_only_its_trial_and_a_hung_one_times_out(ray_runtime,
     assert all(t.state == TrialState.COMPLETE for t in trials if t.number not in failed)
     workers = [t.user_attrs[ATTR_WORKER] for t in trials]
     assert len(set(workers)) >= 3  # the dead actor was replaced (the hung one too, if trials were left)
-    assert killer.worker not in workers[workers.index(killer.worker) + 1:]  # never used again
-    assert hang.worker not in workers[workers.index(hang.worker) + 1:]
+    for saboteur in (killer, hang):  # a killed or hung actor never gets another trial
+        assert saboteur.worker not in workers[saboteur.victim + 1:]
     assert {r.number for r in reports} == set(range(10))
 
 
 @pytest.mark.slow
 def test_joins_a_cluster_started_with_ray_start(tiny_models, tiny_task, tmp_path):
     port = _free_port()
+    temp = tempfile.mkdtemp(prefix="evr")  # Ray's socket paths must stay under 108 bytes
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "RAY_ADDRESS": ""}
     ray_cli = Path(sys.executable).with_name("ray")
     head = subprocess.Popen([str(ray_cli), "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
                              "--node-ip-address=127.0.0.1", "--include-dashboard=false",
-                             f"--temp-dir={tmp_path / 'ray'}"], env=env, stdout=subprocess.PIPE,
+                             f"--temp-dir={temp}"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
         _wait_for_port(port, head)
@@ -192,6 +195,7 @@ def test_joins_a_cluster_started_with_ray_start(tiny_models, tiny_task, tmp_path
             head.wait(timeout=60)
         except subprocess.TimeoutExpired:
             head.kill()
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def _free_port() -> int:
