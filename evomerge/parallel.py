@@ -260,6 +260,7 @@ def _connect(config: SearchConfig) -> bool:
     kwargs: dict[str, Any] = {"include_dashboard": False, "runtime_env": _runtime_env(),
                               "log_to_driver": log.isEnabledFor(logging.DEBUG), "logging_level": logging.WARNING}
     if config.ray_address:
+        _use_cluster_token()
         try:
             ray.init(address=config.ray_address, **kwargs)
         except (ConnectionError, RuntimeError, ValueError) as e:
@@ -277,6 +278,23 @@ def _runtime_env() -> dict[str, Any]:
     path = os.pathsep.join(p for p in (package_parent, os.environ.get("PYTHONPATH")) if p)
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     return {"env_vars": {"PYTHONPATH": path, **env}}
+
+
+def _use_cluster_token() -> None:
+    """`ray start --head` enables token authentication by default (Ray >= 2.5x) and keeps the
+    token in ~/.ray/auth_token; a driver joining by address only sends it in token mode. With no
+    mode set and a token at hand, use it (an explicit RAY_AUTH_MODE is left as it is)."""
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    if os.environ.get("RAY_AUTH_TOKEN") or path.is_file():
+        os.environ["RAY_AUTH_MODE"] = "token"
+        try:  # Ray read its config at import: make it see the mode (what Ray's own setup does)
+            from ray._raylet import Config
+
+            Config.initialize("")
+        except (ImportError, AttributeError):  # a Ray without token authentication
+            pass
 
 
 def _check_reachable(address: str) -> None:
