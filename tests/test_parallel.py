@@ -255,3 +255,72 @@ def test_one_worker_runs_in_process_without_ray(tiny_models, tiny_task, tmp_path
            "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
+
+
+# --------------------------------------------------------------------------- a shared study on PostgreSQL
+@pytest.fixture(scope="module")
+def postgres_url() -> str:
+    """EVOMERGE_TEST_POSTGRES (set by .ci/run), else a server started by .ci/postgres.sh (root,
+    Debian's postgresql installed); skips, saying why, where neither works."""
+    pytest.importorskip("psycopg2", reason="the PostgreSQL driver psycopg2 is not installed (pip install -e .[test])")
+    url = os.environ.get("EVOMERGE_TEST_POSTGRES")
+    if not url:
+        script = Path(__file__).resolve().parents[1] / ".ci" / "postgres.sh"
+        run = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=120)
+        if run.returncode != 0:
+            pytest.skip(f"no PostgreSQL server: set EVOMERGE_TEST_POSTGRES or run as root with Debian's "
+                        f"postgresql installed ({(run.stderr.strip().splitlines() or ['?'])[-1]})")
+        url = run.stdout.strip()
+    import sqlalchemy
+
+    try:
+        sqlalchemy.create_engine(url).connect().close()
+    except sqlalchemy.exc.SQLAlchemyError as e:
+        pytest.skip(f"no PostgreSQL server at {url}: {str(e).splitlines()[0]}")
+    return url
+
+
+@pytest.mark.slow
+def test_two_drivers_share_one_cmaes_study_on_postgres(postgres_url, tiny_models, slow_task, tmp_path):
+    from evomerge.samplers import ATTR_GENERATION, ATTR_STATE_META, _from_unit, _load_state
+    from evomerge.search import ATTR_OWNER
+
+    budget, popsize, drivers = 15, 4, 2  # 3 baselines, then 3 generations of 4
+    data = parallel_config(tiny_models, slow_task, tmp_path, workers=1, storage=postgres_url,
+                           study=f"shared_{os.getpid()}_{int(time.time())}",
+                           sampler={"name": "cmaes", "popsize": popsize}, budget={"trials": budget})
+    path = write_config(tmp_path / "c.yml", data)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    procs = [subprocess.Popen([sys.executable, "-m", "evomerge", "search", str(path)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(drivers)]
+    outputs = [p.communicate(timeout=400)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0] * drivers, "\n".join(o[-2000:] for o in outputs)
+    study = optuna.load_study(study_name=data["study"], storage=postgres_url)
+    try:
+        trials = study.trials
+        # the budget: a driver starts a trial only while counted + running < budget; two drivers
+        # reading the count at the same instant may overshoot by one (drivers - 1), never more
+        assert budget <= counted(study) <= budget + drivers - 1
+        assert not [t for t in trials if t.state == TrialState.RUNNING]
+        assert all(t.state == TrialState.COMPLETE for t in trials), [t.user_attrs.get(ATTR_ERROR) for t in trials]
+        assert all(ATTR_RECIPE in t.user_attrs for t in trials)
+        assert len({t.user_attrs[ATTR_OWNER] for t in trials}) == drivers  # both drivers worked
+        assert sorted(t.user_attrs.get(ATTR_BASELINE) or "" for t in trials)[-3:] == ["a", "b", "uniform"]
+        assert sum(1 for t in trials if t.user_attrs.get(ATTR_BASELINE)) == 3  # each claimed once
+        cma = [t for t in trials if not t.user_attrs.get(ATTR_BASELINE)]
+        assert len({tuple(sorted(t.params.items())) for t in cma}) == len(cma)  # no candidate twice
+        # coherence: one state per generation, generation g told exactly g * popsize results, and
+        # every indexed trial evaluated its generation's solution at its index
+        generations = sorted({t.system_attrs[ATTR_GENERATION] for t in cma})
+        assert generations == list(range(len(generations))) and len(generations) >= 3
+        for g in generations:
+            holders = [t for t in trials if (t.system_attrs.get(ATTR_STATE_META) or {}).get("generation") == g]
+            assert len(holders) == 1, f"generation {g} opened {len(holders)} times"
+            payload, _ = _load_state(holders)
+            assert payload["es"].countevals == g * popsize
+            indexed = [t for t in cma if t.system_attrs[ATTR_GENERATION] == g and ATTR_EXTRA not in t.system_attrs]
+            assert len({t.system_attrs[ATTR_INDEX] for t in indexed}) == len(indexed)
+            for t in indexed:
+                assert t.params == pytest.approx(_from_unit(payload["space"], payload["solutions"][t.system_attrs[ATTR_INDEX]]))
+    finally:
+        optuna.delete_study(study_name=data["study"], storage=postgres_url)
