@@ -41,7 +41,7 @@ import evomerge
 from evomerge.config import SearchConfig
 from evomerge.errors import ConfigError, EvomergeError
 from evomerge.search import (ATTR_WORKER, Candidate, Outcome, StageJob, TrialReport, _StopFlag, ask_candidate,
-                             default_workers, interrupt_trial, open_evaluator, tell_outcome)
+                             default_workers, error_line, evaluate, interrupt_trial, open_evaluator, tell_outcome)
 
 log = logging.getLogger(__name__)
 
@@ -63,14 +63,14 @@ class TrialWorker:
             self.fitness = open_evaluator(config, stage)
         except EvomergeError as e:  # reported by ready(): one clear line in the driver
             self.error = str(e)
+        except Exception as e:  # e.g. a model folder missing on this worker's machine
+            self.error = f"a worker on {socket.gethostname()} could not start: {error_line(e)}"
 
     def ready(self) -> tuple[str, str | None]:
         """(host:pid of this worker, the error that kept it from starting or None)."""
         return f"{socket.gethostname()}:{os.getpid()}", self.error
 
     def score(self, record: dict[str, Any]) -> Outcome:
-        from evomerge.search import evaluate
-
         return evaluate(self.stage, self.fitness, record)
 
 
