@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Benchmark parallel trials (#7): wall time of a fixed number of demo trials with 1 worker (in
-process) and with N Ray workers (default 2), same world, same config, same run; prints the ratio.
+process, as ``workers: 1`` runs), 1 Ray worker, and N Ray workers (default 2), same world, same
+config, same run; prints the ratios.
 
     python scripts/bench_workers.py --trials 24
     python scripts/bench_workers.py --trials 40 --workers 4 --sampler tpe --out /tmp/bench
@@ -9,7 +10,10 @@ The demo world (``evomerge demo``'s models and tasks) is built once under ``--ou
 Each run searches a fresh study of its own (``configs/demo.yml``, baselines included). Two times
 per run: ``total`` is the whole ``run_search`` call (for Ray: starting the runtime and loading
 every worker's sources and tasks); ``trials`` runs from the moment the workers are ready (the
-study's start) to the end, i.e. the part that grows with the budget.
+study's start) to the end, i.e. the part that grows with the budget. The 1-Ray-worker run
+(``ray_address: local``) separates the gain of parallelism from the difference between the
+in-process loop and an actor (Ray gives a 1-CPU actor one intra-op thread; the in-process torch
+uses every core).
 """
 
 from __future__ import annotations
@@ -33,16 +37,19 @@ from evomerge.demo.world import build_world  # noqa: E402
 from evomerge.search import run_search  # noqa: E402
 
 
-def timed_search(out: Path, models: dict[str, Path], workers: int, trials: int, sampler: str) -> dict[str, Any]:
-    """One fresh study with ``workers`` workers; returns its times and trial states."""
-    cfg = demo_config(out, models, workers=workers, storage=f"sqlite:///{out / 'runs' / f'bench_w{workers}.db'}")
+def timed_search(out: Path, models: dict[str, Path], workers: int, trials: int, sampler: str,
+                 ray: bool) -> dict[str, Any]:
+    """One fresh study with ``workers`` workers (on a new local Ray runtime if ``ray``)."""
+    label = f"{workers} {'Ray' if ray else 'in process'}"
+    cfg = demo_config(out, models, workers=workers, ray_address="local" if ray else None,
+                      storage=f"sqlite:///{out / 'runs' / f'bench_w{workers}_{int(ray)}.db'}")
     cfg = cfg.model_copy(update={"sampler": cfg.sampler.model_copy(update={"name": sampler})})
     started: list[float] = []
     t0 = time.perf_counter()
     result = run_search(cfg, trials=trials, fresh=True, on_start=lambda info: started.append(time.perf_counter()))
     end = time.perf_counter()
     states = [r.state for r in result.reports]
-    return {"workers": workers, "total_s": round(end - t0, 2), "trials_s": round(end - started[0], 2),
+    return {"workers": label, "total_s": round(end - t0, 2), "trials_s": round(end - started[0], 2),
             "completed": result.completed, "failed": states.count("FAIL"), "best": result.best_fitness}
 
 
@@ -61,14 +68,17 @@ def main() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
     models = build_world(args.out, seed=0, log=lambda m: print(m, file=sys.stderr))
-    runs = [timed_search(args.out, models, w, args.trials, args.sampler) for w in (1, args.workers)]
-    one, many = runs
+    runs = [timed_search(args.out, models, w, args.trials, args.sampler, ray)
+            for w, ray in ((1, False), (1, True), (args.workers, True))]
     print(f"{args.trials} demo trials, sampler {args.sampler}, {os.cpu_count()} CPU cores")
-    print(f"{'workers':>7}  {'total s':>8}  {'trials s':>8}  completed  failed")
+    print(f"{'workers':>14}  {'total s':>8}  {'trials s':>8}  completed  failed")
     for r in runs:
-        print(f"{r['workers']:>7}  {r['total_s']:>8.1f}  {r['trials_s']:>8.1f}  {r['completed']:>9}  {r['failed']:>6}")
-    ratio = {"total": round(one["total_s"] / many["total_s"], 2), "trials": round(one["trials_s"] / many["trials_s"], 2)}
-    print(f"speed-up 1 -> {args.workers} workers: total x{ratio['total']:.2f}, trials x{ratio['trials']:.2f}")
+        print(f"{r['workers']:>14}  {r['total_s']:>8.1f}  {r['trials_s']:>8.1f}  {r['completed']:>9}  {r['failed']:>6}")
+    ratio = {}
+    for base in runs[:2]:
+        key = f"{base['workers']} -> {runs[2]['workers']}"
+        ratio[key] = {k: round(base[f"{k}_s"] / runs[2][f"{k}_s"], 2) for k in ("total", "trials")}
+        print(f"speed-up {key}: total x{ratio[key]['total']:.2f}, trials x{ratio[key]['trials']:.2f}")
     if args.json:
         args.json.write_text(json.dumps({"trials": args.trials, "sampler": args.sampler, "runs": runs,
                                          "speedup": ratio, "cpus": os.cpu_count()}, indent=2) + "\n")
