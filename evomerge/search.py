@@ -73,14 +73,20 @@ def directions(config: SearchConfig) -> list[str]:
 
 
 def open_study(config: SearchConfig, sampler: optuna.samplers.BaseSampler, *, fresh: bool = False,
-               fork: bool = False, stage: str = "ps", name: str | None = None) -> tuple[optuna.Study, bool]:
+               fork: bool = False, stage: str = "ps", name: str | None = None,
+               prepare: Callable[[optuna.Study], None] | None = None) -> tuple[optuna.Study, bool]:
     """Create the stage's study or resume it. Returns ``(study, created)``. A study whose
     search-relevant config differs is refused unless ``fresh`` (delete and restart) or ``fork``
-    (new study beside it)."""
+    (new study beside it).
+
+    A new study gets its config, then ``prepare(study)`` (space attrs, baselines), then its
+    fingerprint, last: another driver opening the same study at the same moment waits for the
+    fingerprint (see :func:`_settled_summaries`) and so finds the study complete."""
     storage = storage_for(config.storage_url)
     name = name or config.stage_study(stage)
     relevant = config.search_relevant() if stage == "ps" else config.dfs_relevant()
-    existing = {s.study_name: s for s in optuna.get_all_study_summaries(storage)}
+    existing = (_settled_summaries(storage, name) if not fresh
+                else {s.study_name: s for s in optuna.get_all_study_summaries(storage)})
     if name in existing and fresh:
         optuna.delete_study(study_name=name, storage=storage)
         log.info("deleted study %s (--fresh)", name)
@@ -102,11 +108,32 @@ def open_study(config: SearchConfig, sampler: optuna.samplers.BaseSampler, *, fr
             study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
             return study, False
     dirs = directions(config) if stage == "ps" else ["maximize"]
-    study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, directions=dirs)
+    try:
+        study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, directions=dirs)
+    except optuna.exceptions.DuplicatedStudyError:  # another driver created it just now: join it
+        return open_study(config, sampler, fork=fork, stage=stage, name=name, prepare=prepare)
     study.set_user_attr(ATTR_CONFIG, relevant)
-    study.set_user_attr(ATTR_FINGERPRINT, config.fingerprint(stage))
     study.set_user_attr(ATTR_STAGE, stage)
+    if prepare is not None:
+        prepare(study)
+    study.set_user_attr(ATTR_FINGERPRINT, config.fingerprint(stage))
     return study, True
+
+
+SETTLE_S = 60.0  # longest wait for a study another driver is setting up
+
+
+def _settled_summaries(storage: optuna.storages.BaseStorage, name: str) -> dict[str, Any]:
+    """The storage's study summaries, once study ``name`` (if there) has its fingerprint: a study
+    without one is being set up by another driver (a few writes), or was left half made by a
+    driver killed in those writes (then, after :data:`SETTLE_S`, it is refused as made with a
+    different config)."""
+    deadline = time.monotonic() + SETTLE_S
+    while True:
+        existing = {s.study_name: s for s in optuna.get_all_study_summaries(storage)}
+        if name not in existing or ATTR_FINGERPRINT in existing[name].user_attrs or time.monotonic() > deadline:
+            return existing
+        time.sleep(0.5)
 
 
 def _config_diff(old: Any, new: dict[str, Any]) -> str:
@@ -240,6 +267,13 @@ class _StopFlag:
     def __exit__(self, *exc: Any) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
+
+
+def _prepare(study: optuna.Study, stage: Any) -> None:
+    """A new study's stage attrs and, first in its queue, the baselines."""
+    stage.prepare_study(study)
+    if stage.sampler_config.baselines:
+        enqueue_baselines(study, stage.baselines())
 
 
 def enqueue_baselines(study: optuna.Study, names: list[str]) -> None:
@@ -465,11 +499,8 @@ def _run_stage(config: SearchConfig, stage: Any, *, fresh: bool, fork: bool, tri
     # bad config leaves nothing behind
     with open_runner(config, stage) as runner:
         sampler = make_sampler(config, bounds, stage.sampler_config, stage.x0(), workers=runner.workers)
-        study, created = open_study(config, sampler, fresh=fresh, fork=fork, stage=stage.name, name=name)
-        if created:
-            stage.prepare_study(study)
-            if stage.sampler_config.baselines:
-                enqueue_baselines(study, stage.baselines())
+        study, created = open_study(config, sampler, fresh=fresh, fork=fork, stage=stage.name, name=name,
+                                    prepare=lambda new: _prepare(new, stage))
         fail_stale_trials(study)
         job = StageJob(study, stage, {k: FloatDistribution(lo, hi) for k, (lo, hi) in bounds.items()},
                        config.fitness.objective == "multi" and stage.name == "ps", total, on_trial)

@@ -16,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pytest
 from click.testing import CliRunner
@@ -309,13 +310,16 @@ def test_two_drivers_share_one_cmaes_study_on_postgres(postgres_url, tiny_models
         assert sum(1 for t in trials if t.user_attrs.get(ATTR_BASELINE)) == 3  # each claimed once
         cma = [t for t in trials if not t.user_attrs.get(ATTR_BASELINE)]
         assert len({tuple(sorted(t.params.items())) for t in cma}) == len(cma)  # no candidate twice
-        # coherence: one state per generation, generation g told exactly g * popsize results, and
-        # every indexed trial evaluated its generation's solution at its index
+        # coherence: generation g was told exactly g * popsize results; when both drivers opened
+        # it at once (the race the sampler tolerates), both computed the same state from the same
+        # results; every indexed trial evaluated its generation's solution at its index
         generations = sorted({t.system_attrs[ATTR_GENERATION] for t in cma})
         assert generations == list(range(len(generations))) and len(generations) >= 3
         for g in generations:
             holders = [t for t in trials if (t.system_attrs.get(ATTR_STATE_META) or {}).get("generation") == g]
-            assert len(holders) == 1, f"generation {g} opened {len(holders)} times"
+            assert 1 <= len(holders) <= drivers
+            states = [_load_state([h])[0] for h in holders]
+            assert all(np.array_equal(s["solutions"], states[0]["solutions"]) for s in states)
             payload, _ = _load_state(holders)
             assert payload["es"].countevals == g * popsize
             indexed = [t for t in cma if t.system_attrs[ATTR_GENERATION] == g and ATTR_EXTRA not in t.system_attrs]
