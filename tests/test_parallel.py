@@ -14,6 +14,7 @@ import sys
 import tempfile
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,8 @@ from test_search import config_dict, tiny_task, write_config  # noqa: F401 (tiny
 from evomerge.cli import main
 from evomerge.config import SearchConfig
 from evomerge.samplers import ATTR_EXTRA, ATTR_INDEX, cma_state
-from evomerge.search import ATTR_BASELINE, ATTR_ERROR, ATTR_RECIPE, ATTR_WORKER, counted, run_search
+from evomerge.search import (ATTR_BASELINE, ATTR_ERROR, ATTR_INTERRUPTED, ATTR_RECIPE, ATTR_WORKER, counted,
+                             run_search)
 
 ray = pytest.importorskip("ray")
 
@@ -41,19 +43,23 @@ def ray_runtime():
     ray.shutdown()
 
 
-@pytest.fixture(scope="module")
-def slow_task(tiny_task, tmp_path_factory) -> Path:
-    """tiny_task with 120 questions: a trial takes about a second, long enough to be caught."""
+def task_of(tiny_task: Path, root: Path, questions: int) -> Path:
+    """tiny_task with ``questions`` dev questions (a trial's time grows with them)."""
     import json
 
-    root = tmp_path_factory.mktemp("slow_task")
     with open(root / "dev.jsonl", "w") as f:
-        for i in range(120):
+        for i in range(questions):
             a, b = i % 10, (3 * i) % 7
             f.write(json.dumps({"q": f"{a} plus {b}", "choices": [str(x) for x in range(8)], "label": (a + b) % 8}) + "\n")
     (root / "tiny_mc.yaml").write_text((tiny_task / "tiny_mc.yaml").read_text().replace(
         str(tiny_task / "dev.jsonl"), str(root / "dev.jsonl")))
     return root
+
+
+@pytest.fixture(scope="module")
+def slow_task(tiny_task, tmp_path_factory) -> Path:
+    """120 questions: a trial takes 0.3 to 1 s, long enough to be caught running."""
+    return task_of(tiny_task, tmp_path_factory.mktemp("slow_task"), 120)
 
 
 def parallel_config(tiny_models, tiny_task, tmp_path, **changes) -> dict:
@@ -328,3 +334,44 @@ def test_two_drivers_share_one_cmaes_study_on_postgres(postgres_url, tiny_models
                 assert t.params == pytest.approx(_from_unit(payload["space"], payload["solutions"][t.system_attrs[ATTR_INDEX]]))
     finally:
         optuna.delete_study(study_name=data["study"], storage=postgres_url)
+
+
+@pytest.mark.slow
+def test_ctrl_c_twice_interrupts_trials_in_flight_and_resume_finishes(tiny_models, tiny_task, tmp_path):
+    """Ctrl-C (to the whole process group, as a terminal sends it) twice: the trials in flight are
+    marked interrupted (not counted), Ray stops, exit 130; the next run finishes the budget."""
+    slower_task = task_of(tiny_task, tmp_path, 480)  # about 1.5 s a trial
+    data = parallel_config(tiny_models, slower_task, tmp_path, sampler={"name": "random", "baselines": False},
+                           budget={"trials": 8})
+    path = write_config(tmp_path / "c.yml", data)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "evomerge", "search", str(path)], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:  # a trial dispatched just now (they take ~1 s)
+        time.sleep(0.05)
+        try:
+            fresh = [t for t in trials_of(data["storage"]) if t.state == TrialState.RUNNING and t.number >= 2
+                     and ATTR_WORKER in t.user_attrs and (datetime.now() - t.datetime_start).total_seconds() < 0.4]
+        except Exception:  # study not created yet
+            continue
+        if fresh:
+            os.killpg(proc.pid, signal.SIGINT)
+            time.sleep(0.5)  # two presses, not one (signals arriving together are merged)
+            os.killpg(proc.pid, signal.SIGINT)
+            break
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130 and output.strip().splitlines()[-1] == "interrupted", output[-3000:]
+    trials = trials_of(data["storage"])
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    interrupted = [t for t in trials if t.state == TrialState.FAIL]
+    assert interrupted and all(t.user_attrs[ATTR_ERROR] == "interrupted (Ctrl-C)" and t.user_attrs[ATTR_INTERRUPTED]
+                               for t in interrupted)
+    done = sum(t.state == TrialState.COMPLETE for t in trials)
+    assert counted(optuna.load_study(study_name="t", storage=data["storage"])) == done < 8
+
+    run = subprocess.run([sys.executable, "-m", "evomerge", "search", str(path), "--workers", "1"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    study = optuna.load_study(study_name="t", storage=data["storage"])
+    assert counted(study) == 8 and len(study.trials) == 8 + len(interrupted)
