@@ -45,7 +45,10 @@ from evomerge.search import (ATTR_WORKER, Candidate, Outcome, StageJob, TrialRep
 
 log = logging.getLogger(__name__)
 
-POLL_S = 1.0  # longest wait for a result before the stop flag and the timeouts are looked at again
+# longest wait for a result before the stop flag and the timeouts are looked at again; Python runs
+# a signal handler only between waits, so this is also how late a Ctrl-C is seen (and two presses
+# within it count as one)
+POLL_S = 0.25
 MAX_START_FAILURES = 3  # replacement actors that die while starting, in a row, before giving up
 # passed on to workers (a cluster's workers do not inherit the driver's environment)
 FORWARDED_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "HF_TOKEN")

@@ -347,8 +347,11 @@ def test_ctrl_c_twice_interrupts_trials_in_flight_and_resume_finishes(tiny_model
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "evomerge", "search", str(path)], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
     deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:  # a trial dispatched just now (they take ~1 s)
+    while time.time() < deadline and proc.poll() is None:  # a trial dispatched just now (they take ~1.5 s)
         time.sleep(0.05)
         try:
             fresh = [t for t in trials_of(data["storage"]) if t.state == TrialState.RUNNING and t.number >= 2
@@ -357,10 +360,13 @@ def test_ctrl_c_twice_interrupts_trials_in_flight_and_resume_finishes(tiny_model
             continue
         if fresh:
             os.killpg(proc.pid, signal.SIGINT)
-            time.sleep(0.5)  # two presses, not one (signals arriving together are merged)
+            while time.time() < deadline and not any("stopping after" in ln for ln in lines):
+                time.sleep(0.02)  # the first press seen, then the second
             os.killpg(proc.pid, signal.SIGINT)
             break
-    output = proc.communicate(timeout=120)[0]
+    proc.wait(timeout=120)
+    reader.join(timeout=10)
+    output = "".join(lines)
     assert proc.returncode == 130 and output.strip().splitlines()[-1] == "interrupted", output[-3000:]
     trials = trials_of(data["storage"])
     assert not [t for t in trials if t.state == TrialState.RUNNING]
