@@ -40,8 +40,9 @@ from ray.exceptions import RayActorError
 import evomerge
 from evomerge.config import SearchConfig
 from evomerge.errors import ConfigError, EvomergeError
-from evomerge.search import (ATTR_WORKER, Candidate, Outcome, StageJob, TrialReport, _StopFlag, ask_candidate,
-                             default_workers, error_line, evaluate, interrupt_trial, open_evaluator, tell_outcome)
+from evomerge.search import (ATTR_WORKER, Candidate, Outcome, StageJob, TrialReport, _report, _StopFlag,
+                             ask_candidate, default_workers, error_line, evaluate, interrupt_trial, open_evaluator,
+                             tell_outcome)
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +78,10 @@ class TrialWorker:
         return evaluate(self.stage, self.fitness, record)
 
 
-@dataclass(eq=False)  # compared by identity: a dead worker is found in the pool by itself
+@dataclass(eq=False)  # a slot of the pool: its actor is replaced in place when it dies
 class _Worker:
-    actor: Any
-    name: str = ""  # host:pid, known once ready
+    actor: Any  # None once dead, until restarted
+    name: str = ""  # host:pid of the current actor, known once ready
 
 
 @dataclass
@@ -125,11 +126,17 @@ class RayRunner:
             ray.shutdown()
 
     # ------------------------------------------------------------------ actors
+    def _new_actor(self) -> Any:
+        return self._actor_class.remote(self.config, self.stage, self.gpu)
+
     def _start(self) -> _Worker:
-        return _Worker(self._actor_class.remote(self.config, self.stage, self.gpu))
+        return _Worker(self._new_actor())
 
     def _wait_ready(self, worker: _Worker) -> None:
-        self._take_ready(worker, worker.actor.ready.remote())
+        try:
+            self._take_ready(worker, worker.actor.ready.remote())
+        except RayActorError as e:  # died while loading (out of memory, crash)
+            raise EvomergeError(f"workers: a worker died while starting: {_first_line(e)}") from None
 
     def _take_ready(self, worker: _Worker, ref: Any) -> None:
         name, error = ray.get(ref)
@@ -142,7 +149,7 @@ class RayRunner:
         returns the ref that is ready once the new actor has loaded everything."""
         if worker.actor is not None:
             ray.kill(worker.actor, no_restart=True)
-        worker.actor = self._actor_class.remote(self.config, self.stage, self.gpu)
+        worker.actor = self._new_actor()
         return worker.actor.ready.remote()
 
     # ------------------------------------------------------------------ the driver loop
@@ -241,8 +248,6 @@ class RayRunner:
 
 
 def _interrupted_report(job: StageJob, flight: _Flight, seconds: float) -> TrialReport:
-    from evomerge.search import _report
-
     return _report(job.study, flight.cand.trial.number, "FAIL", None, {}, seconds,
                    job.stage.summarize(flight.cand.params), flight.cand.baseline, "interrupted", job.total)
 
