@@ -103,10 +103,17 @@ def _trial_line(r) -> str:
               help="Run one stage only (default: every stage of the config, in order).")
 @click.option("--dry-run", is_flag=True,
               help="Validate CONFIG without weights: print each stage's space, the memory plan and a time estimate.")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Trials evaluated at once, each by a Ray worker (default: one per visible GPU for a cuda "
+                   "device, else 1; 1 runs in this process).")
+@click.option("--ray-address", default=None, help="Join this Ray cluster (host:port of `ray start --head`).")
+@click.option("--trial-timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Fail a trial still running after this many seconds and restart its worker.")
 @friendly_errors
 def search(config: Path, trials: int | None, fresh: bool, fork: bool, storage: str | None,
-           study_name: str | None, device: str | None, stage: str | None, dry_run: bool) -> None:
-    """Search merge recipes for CONFIG; run it again to resume."""
+           study_name: str | None, device: str | None, stage: str | None, dry_run: bool, workers: int | None,
+           ray_address: str | None, trial_timeout: float | None) -> None:
+    """Search merge recipes for CONFIG; run it again to resume (with any number of workers)."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -116,7 +123,10 @@ def search(config: Path, trials: int | None, fresh: bool, fork: bool, storage: s
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    cfg = SearchConfig.load(config, storage=storage, study=study_name, device=device)
+    cfg = SearchConfig.load(config, storage=storage, study=study_name, device=device, workers=workers,
+                            ray_address=ray_address)
+    if trial_timeout is not None:
+        cfg = cfg.model_copy(update={"budget": cfg.budget.model_copy(update={"timeout_s": trial_timeout})})
     if fresh and fork:
         raise click.UsageError("--fresh and --fork exclude each other")
     if dry_run:
@@ -138,7 +148,8 @@ def search(config: Path, trials: int | None, fresh: bool, fork: bool, storage: s
             progress.stop()
             progress.remove_task(task_id)
         console.print(f"stage {info['stage']}: {verb} study [bold]{info['study']}[/] in {info['storage']} "
-                      f"({info['dimensions']} dimensions, {info['done']}/{info['total']} trials done)")
+                      f"({info['dimensions']} dimensions, {info['done']}/{info['total']} trials done"
+                      + (f", {info['workers']} workers)" if info.get("workers", 1) > 1 else ")"))
         progress.start()
         task_id = progress.add_task("search", total=info["total"], completed=info["done"], best="")
 

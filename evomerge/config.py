@@ -154,7 +154,10 @@ class Sampler(_Strict):
 
 class Budget(_Strict):
     trials: int = Field(50, ge=1)
-    timeout_s: float | None = None  # per trial; a slower trial fails (recorded) and the search goes on
+    # per trial, in seconds: a slower trial fails ("timed out after Ns", recorded), its worker is
+    # restarted and the search goes on. Needs a worker process that can be killed, so a search
+    # with a timeout runs its trials in Ray actors even with one worker (see evomerge.parallel).
+    timeout_s: float | None = Field(None, gt=0)
 
 
 class DfsSpace(_Strict):
@@ -203,6 +206,10 @@ class SearchConfig(_Strict, YamlConfig):
     dfs: DfsSpace = Field(default_factory=DfsSpace)
     device: str = "cpu"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # Parallel trials (evomerge.parallel). Neither changes the fingerprint: a study may be resumed
+    # with more or fewer workers, on one machine or a cluster.
+    workers: int | None = Field(None, ge=1)  # None: one per visible GPU (device cuda), else 1
+    ray_address: str | None = None  # join a running Ray cluster (`ray start --head`); None: local
     root: Path = Field(default=Path("."), exclude=True)  # the config file's folder
 
     @field_validator("study")
@@ -218,6 +225,13 @@ class SearchConfig(_Strict, YamlConfig):
         for name in v:
             if not _NAME.match(name):
                 raise ValueError(f"model name {name!r}: expected a short identifier (letters, digits, _)")
+        return v
+
+    @field_validator("ray_address")
+    @classmethod
+    def _address(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("expected host:port of a Ray cluster's head (or 'auto')")
         return v
 
     @model_validator(mode="after")

@@ -58,8 +58,9 @@ search distribution (``es.ask(1)`` on a throw-away copy, seeded from
 (its result is only recorded in the study, so it can still become the best trial).  Within one
 process sampling is serialised by a lock; between processes sharing a storage races cannot be
 fully prevented: two workers may pick the same free index (or both open the same next
-generation).  Each claim is re-checked once written (the lower trial number keeps the index, the
-other moves on to the next free one), which leaves only near-simultaneous claims; a remaining
+generation).  Each claim is re-checked once written, after :data:`CLAIM_SETTLE_S` when other
+trials are running (the lower trial number keeps the index, the other moves on to the next free
+one), which leaves only claims whose writes are further apart than that; a remaining
 duplicate is tolerated: it is evaluated, the *first finished* trial of an
 index counts, and when several trials hold the state of the same generation the one with the
 lowest trial number wins (they are computed from the same data, so they normally agree).
@@ -80,6 +81,7 @@ import base64
 import math
 import pickle
 import threading
+import time
 import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -130,6 +132,10 @@ _PURPOSE_ASK = 0
 _PURPOSE_EXTRA = 1
 # pycma uses numpy's global RNG: serialise every pycma call in this process.
 _LOCK = threading.RLock()
+# Wait between writing an index claim and checking it, when other trials are running: a claim of
+# another process written a moment later is then seen, and the higher-numbered trial moves on
+# (two drivers on PostgreSQL duplicated a candidate without it).
+CLAIM_SETTLE_S = 0.05
 
 
 # --------------------------------------------------------------------------------------------
@@ -428,6 +434,8 @@ class PyCmaSampler(optuna.samplers.BaseSampler):
         # the cross-process race to near-simultaneous claims; what remains is tolerated.
         taken = set(done) | running
         claimed = False
+        # another process may be claiming right now only if another trial is running
+        settle = any(t.state == TrialState.RUNNING and t._trial_id != trial_id for t in trials)
         while True:
             free = [i for i in range(popsize) if i not in taken]
             if not free:
@@ -436,6 +444,9 @@ class PyCmaSampler(optuna.samplers.BaseSampler):
             storage.set_trial_system_attr(trial_id, ATTR_INDEX, index)
             storage.set_trial_system_attr(trial_id, ATTR_GENERATION, g)
             claimed = True
+            if settle:  # let a concurrent claim land before checking (once)
+                time.sleep(CLAIM_SETTLE_S)
+                settle = False
             if not self._lost_claim(storage, study._study_id, me, g, index):
                 return _from_unit(self._spec, payload["solutions"][index])
             taken.add(index)

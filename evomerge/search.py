@@ -38,6 +38,7 @@ ATTR_SECONDS = "evomerge:seconds"
 ATTR_ERROR = "evomerge:error"
 ATTR_INTERRUPTED = "evomerge:interrupted"
 ATTR_OWNER = "evomerge:owner"
+ATTR_WORKER = "evomerge:worker"  # host:pid of the Ray actor that evaluated the trial (parallel runs)
 ATTR_STAGE = "evomerge:stage"
 ATTR_PATH = "evomerge:path"  # dfs trials: [[source layer, scale], ...]
 ATTR_DFS_SOURCES = "evomerge:dfs_sources"  # dfs studies: [[model, layer index], ...]
@@ -72,14 +73,20 @@ def directions(config: SearchConfig) -> list[str]:
 
 
 def open_study(config: SearchConfig, sampler: optuna.samplers.BaseSampler, *, fresh: bool = False,
-               fork: bool = False, stage: str = "ps", name: str | None = None) -> tuple[optuna.Study, bool]:
+               fork: bool = False, stage: str = "ps", name: str | None = None,
+               prepare: Callable[[optuna.Study], None] | None = None) -> tuple[optuna.Study, bool]:
     """Create the stage's study or resume it. Returns ``(study, created)``. A study whose
     search-relevant config differs is refused unless ``fresh`` (delete and restart) or ``fork``
-    (new study beside it)."""
+    (new study beside it).
+
+    A new study gets its config, then ``prepare(study)`` (space attrs, baselines), then its
+    fingerprint, last: another driver opening the same study at the same moment waits for the
+    fingerprint (see :func:`_settled_summaries`) and so finds the study complete."""
     storage = storage_for(config.storage_url)
     name = name or config.stage_study(stage)
     relevant = config.search_relevant() if stage == "ps" else config.dfs_relevant()
-    existing = {s.study_name: s for s in optuna.get_all_study_summaries(storage)}
+    existing = (_settled_summaries(storage, name) if not fresh
+                else {s.study_name: s for s in optuna.get_all_study_summaries(storage)})
     if name in existing and fresh:
         optuna.delete_study(study_name=name, storage=storage)
         log.info("deleted study %s (--fresh)", name)
@@ -101,11 +108,32 @@ def open_study(config: SearchConfig, sampler: optuna.samplers.BaseSampler, *, fr
             study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
             return study, False
     dirs = directions(config) if stage == "ps" else ["maximize"]
-    study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, directions=dirs)
+    try:
+        study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, directions=dirs)
+    except optuna.exceptions.DuplicatedStudyError:  # another driver created it just now: join it
+        return open_study(config, sampler, fork=fork, stage=stage, name=name, prepare=prepare)
     study.set_user_attr(ATTR_CONFIG, relevant)
-    study.set_user_attr(ATTR_FINGERPRINT, config.fingerprint(stage))
     study.set_user_attr(ATTR_STAGE, stage)
+    if prepare is not None:
+        prepare(study)
+    study.set_user_attr(ATTR_FINGERPRINT, config.fingerprint(stage))
     return study, True
+
+
+SETTLE_S = 60.0  # longest wait for a study another driver is setting up
+
+
+def _settled_summaries(storage: optuna.storages.BaseStorage, name: str) -> dict[str, Any]:
+    """The storage's study summaries, once study ``name`` (if there) has its fingerprint: a study
+    without one is being set up by another driver (a few writes), or was left half made by a
+    driver killed in those writes (then, after :data:`SETTLE_S`, it is refused as made with a
+    different config)."""
+    deadline = time.monotonic() + SETTLE_S
+    while True:
+        existing = {s.study_name: s for s in optuna.get_all_study_summaries(storage)}
+        if name not in existing or ATTR_FINGERPRINT in existing[name].user_attrs or time.monotonic() > deadline:
+            return existing
+        time.sleep(0.5)
 
 
 def _config_diff(old: Any, new: dict[str, Any]) -> str:
@@ -159,13 +187,18 @@ def _counted_of(trials: list[optuna.trial.FrozenTrial]) -> int:
 
 # --------------------------------------------------------------------------- samplers
 def make_sampler(config: SearchConfig, bounds: dict[str, tuple[float, float]], sampler: Any = None,
-                 x0: dict[str, float] | None = None) -> optuna.samplers.BaseSampler:
+                 x0: dict[str, float] | None = None, workers: int = 1) -> optuna.samplers.BaseSampler:
+    """The stage's sampler. With several workers CMA-ES's population (when not set) is pycma's
+    default rounded up to a multiple of the worker count, so a generation keeps every worker busy.
+    Only the first generation reads it (later ones come from the stored state), so resuming a
+    study with another worker count keeps its population."""
     s = sampler or config.sampler
     if s.name == "cmaes":
         from evomerge.samplers import PyCmaSampler
 
         space = {k: FloatDistribution(lo, hi) for k, (lo, hi) in bounds.items()}
-        return PyCmaSampler(space, seed=config.seed, sigma0=s.sigma0, popsize=s.popsize, x0=x0)
+        popsize = s.popsize if s.popsize is not None or workers < 2 else parallel_popsize(len(space), workers)
+        return PyCmaSampler(space, seed=config.seed, sigma0=s.sigma0, popsize=popsize, x0=x0)
     if s.name == "tpe":
         return optuna.samplers.TPESampler(seed=config.seed, multivariate=True)
     if s.name == "random":
@@ -175,6 +208,12 @@ def make_sampler(config: SearchConfig, bounds: dict[str, tuple[float, float]], s
     if s.name == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=config.seed, population_size=s.popsize or 20)
     raise ConfigError(f"sampler.name: unknown sampler {s.name!r}")
+
+
+def parallel_popsize(dimensions: int, workers: int) -> int:
+    """pycma's default population ``4 + floor(3 ln n)`` rounded up to a multiple of ``workers``."""
+    default = 4 + int(3 * math.log(max(dimensions, 1)))
+    return -(-default // workers) * workers
 
 
 # --------------------------------------------------------------------------- the loop
@@ -228,6 +267,13 @@ class _StopFlag:
     def __exit__(self, *exc: Any) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
+
+
+def _prepare(study: optuna.Study, stage: Any) -> None:
+    """A new study's stage attrs and, first in its queue, the baselines."""
+    stage.prepare_study(study)
+    if stage.sampler_config.baselines:
+        enqueue_baselines(study, stage.baselines())
 
 
 def enqueue_baselines(study: optuna.Study, names: list[str]) -> None:
@@ -480,50 +526,126 @@ def dfs_stage(config: SearchConfig, ps_study: str) -> DfsStage:
 def _run_stage(config: SearchConfig, stage: Any, *, fresh: bool, fork: bool, trials: int | None,
                on_trial: Callable[[TrialReport], None] | None, on_start: Callable[[dict[str, Any]], None] | None,
                name: str | None = None) -> SearchResult:
-    from evomerge.evaluate import LmEvalFitness
-
     total = trials if trials is not None else stage.budget
     bounds = stage.bounds()
-    sampler = make_sampler(config, bounds, stage.sampler_config, stage.x0())
-    # validate tasks and models before a study is created, so a bad config leaves nothing behind
-    if config.fitness.kind == "consistency":
-        if stage.name != "ps":
-            raise ConfigError("fitness.kind: the consistency fitness scores merge recipes (stage ps) only")
-        from evomerge.consistency import ConsistencyFitness
-
-        fitness: Any = ConsistencyFitness(config)  # label-free; builds neighbours in the stage's workspace
-    else:
-        fitness = LmEvalFitness(config.fitness, config.include_paths)
-    stage.open()
-    if hasattr(fitness, "bind"):
-        fitness.bind(stage.workspace)
-    try:
-        study, created = open_study(config, sampler, fresh=fresh, fork=fork, stage=stage.name, name=name)
-        if created:
-            stage.prepare_study(study)
-            if stage.sampler_config.baselines:
-                enqueue_baselines(study, stage.baselines())
+    # the runner validates tasks and models (it builds the fitness) before a study is created, so a
+    # bad config leaves nothing behind
+    with open_runner(config, stage) as runner:
+        sampler = make_sampler(config, bounds, stage.sampler_config, stage.x0(), workers=runner.workers)
+        study, created = open_study(config, sampler, fresh=fresh, fork=fork, stage=stage.name, name=name,
+                                    prepare=lambda new: _prepare(new, stage))
         fail_stale_trials(study)
-        distributions = {k: FloatDistribution(lo, hi) for k, (lo, hi) in bounds.items()}
-        multi = config.fitness.objective == "multi" and stage.name == "ps"
+        job = StageJob(study, stage, {k: FloatDistribution(lo, hi) for k, (lo, hi) in bounds.items()},
+                       config.fitness.objective == "multi" and stage.name == "ps", total, on_trial)
         if on_start:
             on_start({"study": study.study_name, "stage": stage.name, "storage": config.storage_url,
-                      "created": created, "dimensions": len(distributions), "done": counted(study), "total": total})
+                      "created": created, "dimensions": len(job.distributions), "done": counted(study),
+                      "total": total, "workers": runner.workers})
         result = SearchResult(study.study_name, config.storage_url, 0, None, None)
         with _StopFlag() as stop:
-            while counted(study) < total and not stop.requested:
-                report = _run_one(study, stage, distributions, fitness, multi, total)
-                result.reports.append(report)
-                if on_trial:
-                    on_trial(report)
+            result.reports = runner.run(job, stop)
             result.interrupted = stop.requested and counted(study) < total
-    finally:
-        stage.close()
     result.completed = counted(study)
     best = best_trial(study)
     if best is not None:
         result.best_number, result.best_fitness = best.number, trial_fitness(best)
     return result
+
+
+def make_fitness(config: SearchConfig, stage: Any) -> Any:
+    """The configured fitness (lm-eval tasks built, or the consistency scorer) for ``stage``."""
+    if config.fitness.kind == "consistency":
+        if stage.name != "ps":
+            raise ConfigError("fitness.kind: the consistency fitness scores merge recipes (stage ps) only")
+        from evomerge.consistency import ConsistencyFitness
+
+        return ConsistencyFitness(config)  # label-free; builds neighbours in the stage's workspace
+    from evomerge.evaluate import LmEvalFitness
+
+    return LmEvalFitness(config.fitness, config.include_paths)
+
+
+def open_evaluator(config: SearchConfig, stage: Any) -> Any:
+    """Build the fitness, then open the stage (load the sources) and bind the two: what a process
+    that evaluates trials holds for the whole stage. Returns the fitness."""
+    fitness = make_fitness(config, stage)
+    stage.open()
+    if hasattr(fitness, "bind"):
+        fitness.bind(stage.workspace)
+    return fitness
+
+
+def open_runner(config: SearchConfig, stage: Any) -> Any:
+    """In-process trials (one worker, no timeout, no cluster: no Ray imported) or a pool of Ray
+    actors (:mod:`evomerge.parallel`). Both are context managers with ``workers`` and ``run``."""
+    if uses_ray(config):
+        from evomerge.parallel import RayRunner
+
+        return RayRunner(config, stage)
+    return InProcessRunner(config, stage)
+
+
+def uses_ray(config: SearchConfig) -> bool:
+    """Several workers, a cluster, or a trial timeout (only a separate process can be stopped)."""
+    return bool(config.ray_address or config.budget.timeout_s or default_workers(config) > 1)
+
+
+def default_workers(config: SearchConfig) -> int:
+    """``workers`` as configured, else one per visible local GPU for a cuda device, else 1."""
+    if config.workers is not None:
+        return config.workers
+    if config.device.startswith("cuda"):
+        import torch
+
+        return max(1, torch.cuda.device_count())
+    return 1
+
+
+@dataclass
+class StageJob:
+    """What a runner needs to run a stage's trials: the study, the stage (candidates), the
+    distributions to suggest, whether objectives are told one per task, the budget, the callback."""
+
+    study: optuna.Study
+    stage: Any
+    distributions: dict[str, FloatDistribution]
+    multi: bool
+    total: int
+    on_trial: Callable[[TrialReport], None] | None = None
+
+    def budget_left(self) -> int:
+        """Trials still to start: the budget less the counted trials and those running anywhere
+        (this driver's and other drivers' on a shared storage), read in one storage call."""
+        trials = self.study.get_trials(deepcopy=False)
+        running = sum(1 for t in trials if t.state == TrialState.RUNNING)
+        return self.total - _counted_of(trials) - running
+
+    def report(self, report: TrialReport) -> TrialReport:
+        if self.on_trial:
+            self.on_trial(report)
+        return report
+
+
+class InProcessRunner:
+    """One trial at a time in this process, with the stage's workspace and the fitness."""
+
+    workers = 1
+
+    def __init__(self, config: SearchConfig, stage: Any):
+        self.stage = stage
+        self.fitness = open_evaluator(config, stage)
+
+    def __enter__(self) -> "InProcessRunner":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stage.close()
+
+    def run(self, job: StageJob, stop: _StopFlag) -> list[TrialReport]:
+        reports = []
+        while job.budget_left() > 0 and not stop.requested:
+            reports.append(job.report(_run_one(job, self.fitness)))
+        return reports
 
 
 def ask_owned(study: optuna.Study) -> optuna.Trial:
@@ -556,11 +678,32 @@ def ask_owned(study: optuna.Study) -> optuna.Trial:
     return optuna.Trial(study, trial_id)  # runs the sampler's before_trial / sample_relative
 
 
-def _run_one(study: optuna.Study, stage: Any, distributions: dict[str, FloatDistribution], fitness: Any,
-             multi: bool, total: int) -> TrialReport:
+@dataclass
+class Candidate:
+    """An asked trial and what the driver built for it: the record (recipe attrs, already stored
+    on the trial) that a worker evaluates, or the error that kept it from being built."""
+
+    trial: optuna.Trial
+    params: dict[str, float]
+    baseline: str | None
+    record: dict[str, Any] | None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A candidate's evaluation, as a worker (this process or a Ray actor) returns it."""
+
+    score: Any  # evaluate.Score, None when it failed
+    seconds: float
+    error: str | None = None
+    fatal: bool = False  # a config problem (not this candidate's): the search stops
+
+
+def ask_candidate(study: optuna.Study, stage: Any, distributions: dict[str, FloatDistribution]) -> Candidate:
+    """Ask a trial (owned by this process), suggest its params and store its recipe record."""
     trial = ask_owned(study)
     baseline = trial.user_attrs.get(ATTR_BASELINE)
-    start = time.perf_counter()
     params: dict[str, float] = {}
     try:
         if not baseline:
@@ -568,32 +711,80 @@ def _run_one(study: optuna.Study, stage: Any, distributions: dict[str, FloatDist
         record = stage.candidate(params, baseline)
         for key, value in record.items():
             trial.set_user_attr(key, value)
-        model, tokenizer = stage.load(record)
-        score = fitness.score(model, tokenizer)
     except ConfigError as e:  # a problem with the config, not with this candidate: stop here
         trial.set_user_attr(ATTR_ERROR, str(e))
         study.tell(trial, state=TrialState.FAIL)
         raise
     except KeyboardInterrupt:
-        trial.set_user_attr(ATTR_INTERRUPTED, True)
-        trial.set_user_attr(ATTR_ERROR, "interrupted (Ctrl-C)")
-        study.tell(trial, state=TrialState.FAIL)
+        interrupt_trial(study, trial, "interrupted (Ctrl-C)")
         raise
-    except (EvomergeError, RuntimeError, ValueError, FloatingPointError, MemoryError) as e:
-        seconds = time.perf_counter() - start
-        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        trial.set_user_attr(ATTR_ERROR, reason)
-        trial.set_user_attr(ATTR_SECONDS, seconds)
-        study.tell(trial, state=TrialState.FAIL)
+    except TRIAL_ERRORS as e:
+        return Candidate(trial, params, baseline, None, error_line(e))
+    return Candidate(trial, params, baseline, record)
+
+
+# a candidate's own failure (bad weights, invalid knob values, out of memory): recorded, search goes on
+TRIAL_ERRORS = (EvomergeError, RuntimeError, ValueError, FloatingPointError, MemoryError)
+
+
+def error_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+def evaluate(stage: Any, fitness: Any, record: dict[str, Any]) -> Outcome:
+    """Build the record's model in the stage's workspace and score it (the worker's side)."""
+    start = time.perf_counter()
+    try:
+        model, tokenizer = stage.load(record)
+        score = fitness.score(model, tokenizer)
+    except ConfigError as e:
+        return Outcome(None, time.perf_counter() - start, str(e), fatal=True)
+    except TRIAL_ERRORS as e:
         _free_cuda()
-        return _report(study, trial.number, "FAIL", None, {}, seconds, stage.summarize(params), baseline,
-                       reason, total)
-    seconds = time.perf_counter() - start
+        return Outcome(None, time.perf_counter() - start, error_line(e))
+    return Outcome(score, time.perf_counter() - start)
+
+
+def tell_outcome(study: optuna.Study, stage: Any, cand: Candidate, outcome: Outcome, multi: bool,
+                 total: int) -> TrialReport:
+    """Record the outcome on the trial and tell it; raises ConfigError for a fatal outcome."""
+    trial, summary = cand.trial, stage.summarize(cand.params)
+    if outcome.error is not None:
+        trial.set_user_attr(ATTR_ERROR, outcome.error)
+        if not outcome.fatal:
+            trial.set_user_attr(ATTR_SECONDS, outcome.seconds)
+        study.tell(trial, state=TrialState.FAIL)
+        if outcome.fatal:
+            raise ConfigError(outcome.error)
+        return _report(study, trial.number, "FAIL", None, {}, outcome.seconds, summary, cand.baseline,
+                       outcome.error, total)
+    score = outcome.score
     trial.set_user_attr(ATTR_SCORES, score.values)
-    trial.set_user_attr(ATTR_SECONDS, seconds)
+    trial.set_user_attr(ATTR_SECONDS, outcome.seconds)
     study.tell(trial, score.objectives if multi else score.fitness)
-    return _report(study, trial.number, "COMPLETE", score.fitness, score.values, seconds, stage.summarize(params),
-                   baseline, None, total)
+    return _report(study, trial.number, "COMPLETE", score.fitness, score.values, outcome.seconds, summary,
+                   cand.baseline, None, total)
+
+
+def interrupt_trial(study: optuna.Study, trial: optuna.Trial, reason: str) -> None:
+    """Fail a trial as interrupted: it does not count and its candidate is evaluated again."""
+    trial.set_user_attr(ATTR_INTERRUPTED, True)
+    trial.set_user_attr(ATTR_ERROR, reason)
+    study.tell(trial, state=TrialState.FAIL)
+
+
+def _run_one(job: StageJob, fitness: Any) -> TrialReport:
+    """One trial in this process: ask, evaluate, tell."""
+    cand = ask_candidate(job.study, job.stage, job.distributions)
+    if cand.record is None:
+        outcome = Outcome(None, 0.0, cand.error)
+    else:
+        try:
+            outcome = evaluate(job.stage, fitness, cand.record)
+        except KeyboardInterrupt:
+            interrupt_trial(job.study, cand.trial, "interrupted (Ctrl-C)")
+            raise
+    return tell_outcome(job.study, job.stage, cand, outcome, job.multi, job.total)
 
 
 def _report(study: optuna.Study, number: int, state: str, fitness: float | None, values: dict[str, float],
