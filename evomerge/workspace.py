@@ -55,7 +55,6 @@ from evomerge.errors import CheckpointError, MergeError
 from evomerge.methods import Method
 from evomerge.methods.interpolate import (
     linear_normalizer,
-    nearswap,
     nuslerp_angles,
     nuslerp_combine,
     nuslerp_unview,
@@ -551,7 +550,7 @@ class Workspace:
             return self._flat(target, lambda sl: self._weighted_sum([b[sl], x[sl]], [c0, c1], None))
         if name == "nearswap":
             b, x = self._src(task.base, rows).view(-1), self._src(task.inputs[0], rows).view(-1)
-            return self._flat(target, lambda sl: nearswap(self._cv(b[sl]), self._cv(x[sl]), t=p["t"]))
+            return self._flat(target, lambda sl: self._nearswap(self._cv(b[sl]), self._cv(x[sl]), float(p["t"])))
         raise MergeError(f"{name}: no workspace implementation")  # pragma: no cover - registry is covered by tests
 
     def _scratch(self, n: int, k: int) -> list[Tensor]:
@@ -563,7 +562,7 @@ class Workspace:
         bufs = getattr(self._tls, "bufs", None)
         if bufs is None or len(bufs) < k or bufs[0].numel() < n:
             size = max(n, min(self.chunk_elems, 1 << 22))
-            bufs = self._tls.bufs = [torch.empty(size, dtype=self.compute_dtype) for _ in range(max(k, 2))]
+            bufs = self._tls.bufs = [torch.empty(size, dtype=self.compute_dtype) for _ in range(max(k, 3))]
         return [b[:n] for b in bufs[:k]]
 
     def _weighted_sum(self, xs: Sequence[Tensor], weights: Sequence[float], factor: float | None) -> Tensor:
@@ -574,6 +573,14 @@ class Workspace:
         for x, w in zip(xs[1:], weights[1:]):
             out.add_(torch.mul(self._cv(x), float(w), out=tmp))
         return out if factor is None else out.mul_(factor)
+
+    def _nearswap(self, b: Tensor, x: Tensor, t: float) -> Tensor:
+        """:func:`nearswap` step by step in scratch buffers (each operation rounds as there)."""
+        w, out, tmp = self._scratch(b.numel(), 3)
+        torch.sub(b, x, out=w).abs_().clamp_(min=1e-6).reciprocal_().mul_(t).clamp_(0, 1)  # weight of x
+        torch.mul(w, x, out=out)
+        torch.mul(w, -1.0, out=tmp).add_(1.0).mul_(b)  # (1 - w) * b
+        return out.add_(tmp)
 
     def _round(self, out: Tensor, target: Tensor) -> Tensor:
         """The engine writes ``out.to(plan.out_dtype)``; round through that dtype when the live
