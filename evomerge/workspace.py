@@ -73,6 +73,7 @@ from evomerge.methods.task_arithmetic import (
     della_row_ranks,
     descending_ranks,
     l1_scale,
+    linear_total,
     magnitude_mask,
     mix_task_vectors,
 )
@@ -602,8 +603,10 @@ class Workspace:
 
     # GTA: task arithmetic, TIES, DARE, breadcrumbs, DELLA
     def _gta(self, task: TensorTask, method: Method, seed: int, target: Tensor, rows: int | None) -> Tensor:
-        _, consensus = GTA_KINDS[method.name]
+        sparsifier, consensus = GTA_KINDS[method.name]
         p = task.params
+        if sparsifier is None and consensus is None:
+            return self._task_arithmetic(task, target, rows)
         specs = gta_model_specs(self, task, method, seed, rows)
         assert specs is not None
         b = self._src(task.base, rows).view(-1)
@@ -624,6 +627,30 @@ class Workspace:
             sparse = [sp.sparse(cv(x[sl]) - bb, sl) for sp, x in zip(specs, xs)]
             return mix_task_vectors(bb, sparse, p["weight"], consensus=consensus, normalize=p["normalize"],
                                     lambda_=p["lambda"])
+
+        return self._flat(target, chunk)
+
+    def _task_arithmetic(self, task: TensorTask, target: Tensor, rows: int | None) -> Tensor:
+        """:func:`mix_task_vectors` without sparsifier or consensus, step by step in scratch
+        buffers: ``base + lambda * (sum_i (x_i - base) * w_i) [/ sum w]``, same order, same rounding."""
+        p = task.params
+        b = self._src(task.base, rows).view(-1)
+        xs = [self._src(r, rows).view(-1) for r in task.inputs]
+        weights = [float(w) for w in p["weight"]]
+        total = linear_total(weights) if p["normalize"] else 1.0
+        lam = float(p["lambda"])
+
+        def chunk(sl: slice) -> Tensor:
+            bb = self._cv(b[sl])
+            acc, tmp = self._scratch(bb.numel(), 2)
+            torch.sub(self._cv(xs[0][sl]), bb, out=acc).mul_(weights[0])
+            for x, w in zip(xs[1:], weights[1:]):
+                acc.add_(torch.sub(self._cv(x[sl]), bb, out=tmp).mul_(w))
+            if total != 1.0:
+                acc.mul_(1.0 / total)
+            if lam != 1:
+                acc.mul_(lam)
+            return acc.add_(bb)
 
         return self._flat(target, chunk)
 
