@@ -17,14 +17,13 @@ from typing import Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 from evomerge.consistency import ConsistencySpec
-from evomerge.configfile import YamlConfig
+from evomerge.configfile import IDENTIFIER, YamlConfig, check_file_name
 from evomerge.files import resolve_ref
 from evomerge.methods import METHODS, get_method
 from evomerge.recipe import DTYPES
 
 SAMPLERS = ("cmaes", "tpe", "random", "qmc", "nsga2")
 MULTI_OBJECTIVE_SAMPLERS = ("nsga2", "tpe", "random", "qmc")
-_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 
 
 _COUNT = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([kmbt]?)\s*$", re.IGNORECASE)
@@ -215,15 +214,13 @@ class SearchConfig(_Strict, YamlConfig):
     @field_validator("study")
     @classmethod
     def _study_name(cls, v: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", v):
-            raise ValueError("expected letters, digits, '_', '-' or '.'")
-        return v
+        return check_file_name(v)
 
     @field_validator("models")
     @classmethod
     def _model_names(cls, v: dict[str, str]) -> dict[str, str]:
         for name in v:
-            if not _NAME.match(name):
+            if not IDENTIFIER.match(name):
                 raise ValueError(f"model name {name!r}: expected a short identifier (letters, digits, _)")
         return v
 

@@ -3,6 +3,7 @@ error one line naming the file and the field. Paths inside are relative to the f
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -13,6 +14,16 @@ from evomerge.files import read_yaml
 from evomerge.recipe import format_validation_error
 
 C = TypeVar("C", bound="YamlConfig")
+
+IDENTIFIER = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")  # model and coefficient names (they appear in dimension names)
+_FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def check_file_name(value: str) -> str:
+    """A study or sweep name: it names files and folders (runs/<name>.db, runs/<name>/)."""
+    if not _FILE_NAME.fullmatch(value):
+        raise ValueError("expected letters, digits, '_', '-' or '.'")
+    return value
 
 
 class YamlConfig(BaseModel):

