@@ -26,12 +26,12 @@ SAMPLERS = ("cmaes", "tpe", "random", "qmc", "nsga2")
 MULTI_OBJECTIVE_SAMPLERS = ("nsga2", "tpe", "random", "qmc")
 
 
-_COUNT = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([kmbt]?)\s*$", re.IGNORECASE)
-_SUFFIX = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}
+_COUNT = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([kmbgt]?)\s*$", re.IGNORECASE)
+_SUFFIX = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
 
 
 def parse_count(text: str) -> float:
-    """``"10B"`` -> 1e10, ``"350M"`` -> 3.5e8, ``"1.5e9"`` -> 1.5e9 (K, M, B, T; any case)."""
+    """``"10B"`` -> 1e10, ``"350M"`` -> 3.5e8, ``"1.5e9"`` -> 1.5e9 (K, M, B or G, T; any case)."""
     match = _COUNT.match(text)
     if not match:
         raise ValueError(f"expected a number such as 10B, 350M or 1.5e9, got {text!r}")

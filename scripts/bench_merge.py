@@ -36,6 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from evomerge.config import parse_count as config_parse_count  # noqa: E402
 from evomerge.methods import METHODS  # noqa: E402
 from evomerge.recipe import Recipe  # noqa: E402
 
@@ -46,9 +47,7 @@ VOCAB = 32000
 
 # --------------------------------------------------------------------------- synthetic models
 def parse_count(text: str) -> int:
-    text = text.strip().upper()
-    mult = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9}.get(text[-1], 1)
-    return int(float(text[:-1] if text[-1] in "KMBG" else text) * mult)
+    return int(config_parse_count(text))  # 100M, 1.1B, 20G
 
 
 def llama_shape(params: int) -> dict[str, int]:

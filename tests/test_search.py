@@ -416,7 +416,7 @@ def _tensor_sizes(folder: Path) -> tuple[int, int]:
     return max(per_layer.values()), other
 
 
-@pytest.mark.parametrize("text, value", [("10B", 1e10), ("350m", 3.5e8), ("1.5e9", 1.5e9), ("2.5K", 2500.0), ("7", 7.0)])
+@pytest.mark.parametrize("text, value", [("10B", 1e10), ("350m", 3.5e8), ("1.5e9", 1.5e9), ("2.5K", 2500.0), ("20G", 2e10), ("7", 7.0)])
 def test_parse_count(text, value):
     from evomerge.config import parse_count
 
