@@ -360,26 +360,25 @@ class PsStage:
             self.workspace.close()
 
 
-def _layers_for_budget(config: SearchConfig, refs: dict[str, str], max_params: float, max_layers: int | None) -> int:
-    """``dfs.max_params`` as a number of hops (the smaller of it and ``dfs.max_layers``)."""
-    from evomerge.checkpoint import Checkpoint
+def _param_split(ck: Any) -> tuple[int, int]:
+    """(parameters of the checkpoint's largest layer, parameters outside the layers)."""
+    per_layer: dict[int, int] = {}
+    other = 0
+    for tensor in ck.tensor_names():
+        numel = math.prod(ck.shape(tensor))
+        index = ck.arch.layer_index(tensor)
+        if index is None:
+            other += numel
+        else:
+            per_layer[index] = per_layer.get(index, 0) + numel
+    return max(per_layer.values(), default=0), other
+
+
+def _layers_for_budget(config: SearchConfig, max_params: float, layer_params: int, other_params: int) -> int:
+    """``dfs.max_params`` as a number of hops (the smaller of it and ``dfs.max_layers``), given the
+    largest source layer and the host's parameters outside the layers."""
     from evomerge.dfs import layers_within
 
-    layer_params, other_params = 0, 0
-    for name in config.dfs_models:
-        with Checkpoint.open(refs[name]) as ck:
-            per_layer: dict[int, int] = {}
-            other = 0
-            for tensor in ck.tensor_names():
-                numel = math.prod(ck.shape(tensor))
-                index = ck.arch.layer_index(tensor)
-                if index is None:
-                    other += numel
-                else:
-                    per_layer[index] = per_layer.get(index, 0) + numel
-            layer_params = max([layer_params, *per_layer.values()])
-            if name == config.dfs_host:
-                other_params = other
     n = layers_within(max_params, layer_params, other_params)
     need = 1 + (config.dfs.keep_first and config.dfs.keep_last)
     if n < need:
@@ -387,6 +386,7 @@ def _layers_for_budget(config: SearchConfig, refs: dict[str, str], max_params: f
                           f"({other_params:,} outside the layers, {layer_params:,} per layer); need at least {need}")
     log.info("dfs.max_params %.4g: at most %d layers (%s per layer, %s outside)", max_params, n,
              f"{layer_params:,}", f"{other_params:,}")
+    max_layers = config.dfs.max_layers
     return n if max_layers is None else min(n, max_layers)
 
 
@@ -403,14 +403,19 @@ class DfsStage:
         self.config = config
         self.refs = refs  # dfs model name -> folder (the PS winner is a folder too)
         self.ps_trial = ps_trial
+        d = config.dfs
         sources = []
+        layer_params, other_params = 0, 0  # for dfs.max_params
         for name in config.dfs_models:
             with Checkpoint.open(refs[name]) as ck:
                 sources += [SourceLayer(name, i) for i in range(ck.num_layers)]
-        d = config.dfs
+                if d.max_params is not None:
+                    largest, other = _param_split(ck)
+                    layer_params = max(layer_params, largest)
+                    other_params = other if name == config.dfs_host else other_params
         max_layers = d.max_layers
         if d.max_params is not None:
-            max_layers = _layers_for_budget(config, refs, d.max_params, max_layers)
+            max_layers = _layers_for_budget(config, d.max_params, layer_params, other_params)
         self.space = DfsSpace(tuple(sources), config.dfs_host, d.repeats, d.scales, tuple(d.scale_range),
                               max_layers, d.keep_first, d.keep_last)
         self.sampler_config = d.sampler
