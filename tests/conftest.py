@@ -14,6 +14,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import json
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -158,3 +159,29 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def make_tiny_llama_factory():
     """The ``make_tiny_llama`` function, for tests that prefer a fixture over an import."""
     return make_tiny_llama
+
+
+def write_mc_task(folder: Path, name: str, validation: Path, test: Path, metrics: tuple[str, ...] = ("acc",)) -> Path:
+    """An lm-eval multiple-choice task YAML over local JSONL rows ``{q, choices, label}``."""
+    metric_list = "".join(f"""
+          - metric: {m}
+            aggregation: mean
+            higher_is_better: true""" for m in metrics)
+    path = folder / f"{name}.yaml"
+    path.write_text(textwrap.dedent(f"""
+        task: {name}
+        dataset_path: json
+        dataset_kwargs:
+          data_files:
+            validation: {validation}
+            test: {test}
+        output_type: multiple_choice
+        validation_split: validation
+        test_split: test
+        doc_to_text: "{{{{q}}}} ="
+        doc_to_target: label
+        doc_to_choice: choices
+        metric_list:{metric_list}
+        """))
+    return path
+

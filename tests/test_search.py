@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from conftest import load_state
+from conftest import load_state, write_mc_task
 
 from evomerge.cli import main
 from evomerge.config import SearchConfig
@@ -37,27 +36,7 @@ def tiny_task(tmp_path_factory) -> Path:
             for i in range(6):
                 a, b = (i + offset) % 10, (2 * i + offset) % 7
                 f.write(json.dumps({"q": f"{a} plus {b}", "choices": [str(x) for x in range(8)], "label": (a + b) % 8}) + "\n")
-    (root / "tiny_mc.yaml").write_text(textwrap.dedent(f"""
-        task: tiny_mc
-        dataset_path: json
-        dataset_kwargs:
-          data_files:
-            validation: {root / 'dev.jsonl'}
-            test: {root / 'test.jsonl'}
-        output_type: multiple_choice
-        validation_split: validation
-        test_split: test
-        doc_to_text: "{{{{q}}}} ="
-        doc_to_target: label
-        doc_to_choice: choices
-        metric_list:
-          - metric: acc
-            aggregation: mean
-            higher_is_better: true
-          - metric: acc_norm
-            aggregation: mean
-            higher_is_better: true
-        """))
+    write_mc_task(root, "tiny_mc", root / "dev.jsonl", root / "test.jsonl", metrics=("acc", "acc_norm"))
     return root
 
 

@@ -6,7 +6,6 @@ consistency fitness in a tiny search."""
 from __future__ import annotations
 
 import json
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +13,7 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
+from conftest import write_mc_task
 
 import evomerge.sweep as sweep_mod
 from evomerge.cli import main
@@ -182,24 +182,7 @@ def world(tiny_models, tmp_path_factory) -> Path:
     with open(tasks / "test.jsonl", "w") as f:
         for i in range(4):
             f.write(json.dumps({"q": f"{i} plus {i}", "choices": [str(x) for x in range(8)], "label": (2 * i) % 8}) + "\n")
-    (tasks / "tiny_qa.yaml").write_text(textwrap.dedent(f"""
-        task: tiny_qa
-        dataset_path: json
-        dataset_kwargs:
-          data_files:
-            validation: {tasks / 'test.jsonl'}
-            test: {tasks / 'test.jsonl'}
-        output_type: multiple_choice
-        validation_split: validation
-        test_split: test
-        doc_to_text: "{{{{q}}}} ="
-        doc_to_target: label
-        doc_to_choice: choices
-        metric_list:
-          - metric: acc
-            aggregation: mean
-            higher_is_better: true
-        """))
+    write_mc_task(tasks, "tiny_qa", tasks / "test.jsonl", tasks / "test.jsonl")
     return root
 
 
