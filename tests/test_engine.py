@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import load_state, make_tiny_llama
 
-from evomerge.engine import merge_in_memory, merge_to_dir, open_sources, plan_merge, tensor_seed
+from evomerge.engine import all_finite, merge_in_memory, merge_to_dir, open_sources, plan_merge, tensor_seed
 from evomerge.errors import CheckpointError, ConfigError, MergeError
 from evomerge.methods import METHODS
 from evomerge.methods.task_arithmetic import generalized_task_arithmetic
@@ -243,3 +243,16 @@ def test_plan_errors(four):
                 "models": [{"model": str(four["a"]), "parameters": {"weight": 1, "density": [0.5, 0.9], "epsilon": 0.15}}]})
     with pytest.raises(MergeError, match="keep probabilities outside"):
         plan_merge(r, open_sources(r))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_all_finite_sees_nan_and_inf_anywhere(dtype):
+
+    x = torch.randn(1001, dtype=torch.float64).to(dtype)
+    assert bool(all_finite(x)) and bool(all_finite(x[:0]))
+    for index in (0, 500, 1000):
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            y = x.clone()
+            y[index] = bad
+            assert not bool(all_finite(y)), (index, bad)
+            assert not bool(all_finite(y.view(7, 143)))
