@@ -247,7 +247,6 @@ def test_plan_errors(four):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_all_finite_sees_nan_and_inf_anywhere(dtype):
-
     x = torch.randn(1001, dtype=torch.float64).to(dtype)
     assert bool(all_finite(x)) and bool(all_finite(x[:0]))
     for index in (0, 500, 1000):
