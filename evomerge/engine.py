@@ -201,6 +201,9 @@ def plan_merge(recipe: Recipe, sources: Mapping[str, Checkpoint]) -> MergePlan:
     config_source = recipe.base_model or s0.sources[0].model
     config = dict(sources[config_source].config)
     config[arch.num_layers_key] = out_layer
+    head = arch.tied_head()
+    if head is not None:  # say what the tensors are: a separate head is written, or the embeddings serve
+        config["tie_word_embeddings"] = not any(task.out_name == head.name for task in tasks)
     out_dtype_name = recipe.out_dtype or recipe.dtype
     if out_dtype_name:
         out_dtype = TORCH_DTYPES[out_dtype_name]

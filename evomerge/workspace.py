@@ -134,6 +134,17 @@ def bernoulli_thresholds(seed: int, shape: Sequence[int], device: torch.device, 
     return hi.view(torch.float32)
 
 
+def _checkpoint_targets(model: Any, arch: Any, num_layers: int) -> dict[str, Tensor]:
+    """Checkpoint tensor name -> the live tensor (or view of one) that holds it. Names agree
+    except where the architecture file says otherwise (``live``: experts fused by transformers)."""
+    targets = dict(model.named_parameters())
+    targets.update({k: v for k, v in model.named_buffers() if k not in targets})
+    for spec in arch.all_weights(num_layers):
+        if spec.live is not None and spec.live.name in targets:
+            targets[spec.name] = spec.live.view(targets[spec.live.name])
+    return targets
+
+
 def _rank_dtype(n: int) -> torch.dtype:
     return torch.int16 if n <= 32767 else torch.int32 if n <= 2**31 - 1 else torch.int64
 
@@ -170,8 +181,8 @@ class Workspace:
         self._template_path = tpl.path
         self._tokenizer: Any = None
         self.num_layers = tpl.num_layers
-        self.params = dict(self.model.named_parameters())
-        self.params.update({k: v for k, v in self.model.named_buffers() if k not in self.params})
+        self.arch = tpl.arch
+        self.params = _checkpoint_targets(self.model, tpl.arch, self.num_layers)
         self.chunk_elems = chunk_elems or (1 << 18 if self.device.type == "cpu" else 1 << 26)
         self.verbose = verbose
         self._memory_limit = memory_limit
@@ -238,8 +249,11 @@ class Workspace:
         plan, structure = self._plan(recipe)
         if plan.num_layers != self.num_layers:
             raise MergeError(f"the recipe has {plan.num_layers} layers; this workspace holds {self.num_layers}")
+        head = self.arch.tied_head()
         for task in plan.tasks:
             target = self.params.get(task.out_name)
+            if target is None and head is not None and task.out_name == head.name:
+                target = self._untie_head(head.name)
             if target is None:
                 raise MergeError(f"{task.out_name}: the model has no such parameter")
         self.recipe = None
@@ -260,6 +274,11 @@ class Workspace:
             bad_eager = torch.zeros_like(flags)
             bad_eager[torch.tensor(eager, device=self.device)] = (~torch.stack(oks)).to(torch.int32)
             flags = flags + bad_eager
+        if head is not None and head.name in self.params and not any(t.out_name == head.name for t in plan.tasks):
+            for tied in head.tied_names:  # a separate live head, but the recipe's head is the embeddings
+                if tied in self.params and self.params[tied].data_ptr() != self.params[head.name].data_ptr():
+                    self.params[head.name].copy_(self.params[tied])
+                    break
         bad = flags.cpu()  # the one host sync of a candidate
         if bool(bad.any()):
             name = plan.tasks[int(bad.nonzero()[0, 0])].out_name
@@ -268,6 +287,20 @@ class Workspace:
             torch.cuda.synchronize(self.device)
         self.recipe = recipe
         self.last_load_seconds = time.perf_counter() - start
+
+    def _untie_head(self, name: str) -> Tensor | None:
+        """Give the live model a head of its own (a merge of tied and untied sources writes one);
+        None if the model has no parameter ``name`` at all."""
+        shared = dict(self.model.named_parameters(remove_duplicate=False)).get(name)
+        if shared is None:
+            return None
+        owner, _, leaf = name.rpartition(".")
+        own = torch.nn.Parameter(shared.detach().clone(), requires_grad=False)
+        setattr(self.model.get_submodule(owner), leaf, own)
+        self.model.config.tie_word_embeddings = False
+        self.params[name] = own
+        log.info("%s: the live model's head is no longer tied to its embeddings", name)
+        return own
 
     def state_dict(self) -> dict[str, Tensor]:
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
