@@ -49,6 +49,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
+from evomerge.architectures import architecture_for
 from evomerge.checkpoint import CheckpointWriter
 from evomerge.errors import CheckpointError, ConfigError
 from evomerge.recipe import Recipe
@@ -193,6 +194,15 @@ def _same_device(actual: torch.device, wanted: torch.device) -> bool:
     return actual.index == wanted.index
 
 
+def _layer_attributes(config: Any) -> tuple[str, ...]:
+    """The per-layer config entries of ``config``'s architecture (none for a model no
+    architecture file describes)."""
+    try:
+        return architecture_for(config.to_dict()).layer_attributes
+    except CheckpointError:
+        return ()
+
+
 def _layer_signature(layer: nn.Module) -> list[tuple[str, tuple[int, ...], str]]:
     return [(n, tuple(t.shape), type(layer).__name__) for n, t in layer.state_dict().items()]
 
@@ -241,20 +251,29 @@ class LayerPathModel:
         self._prefix = _layers_prefix(self.model)
         self.sources: list[SourceLayer] = []
         self._layers: list[nn.Module] = []
-        self._layer_types: list[str | None] = []
+        # config entries with one value per layer (the architecture file's layer_attributes, such as
+        # layer_types: which layers use sliding-window attention) travel with their layers
+        self._attr_names = [k for k in _layer_attributes(self.model.config)
+                            if getattr(self.model.config, k, None) is not None]
+        self._layer_attrs: dict[str, list[Any]] = {k: [] for k in self._attr_names}
         for name in self.names:
             inst = self.instances[name]
             layers = list(_decoder(inst).layers)[: inst.config.num_hidden_layers]
-            types = getattr(inst.config, "layer_types", None)
+            for key in self._attr_names:
+                values = getattr(inst.config, key, None)
+                if not isinstance(values, (list, tuple)) or len(values) < len(layers):
+                    raise ConfigError(f"models.{name}: config '{key}' must list one value per layer "
+                                      f"({len(layers)}), got {values!r}")
+                self._layer_attrs[key] += list(values[: len(layers)])
             for i, layer in enumerate(layers):
                 self.sources.append(SourceLayer(name, i))
                 self._layers.append(layer)
-                self._layer_types.append(types[i] if types and i < len(types) else None)
         if SourceLayer(host, 0) not in self.sources:
             raise ConfigError(f"host: model {host!r} has no decoder layers")
         self._check_compatible()
         cfg = self.model.config
-        self._original = (self._decoder.layers, cfg.num_hidden_layers, copy.copy(getattr(cfg, "layer_types", None)))
+        self._original = (self._decoder.layers, cfg.num_hidden_layers,
+                          {k: copy.copy(getattr(cfg, k)) for k in self._attr_names})
         self._original_flags = [m.__dict__.get(_HOOKS_FLAG) for m in (self.model, self._decoder)]
         host_start = self.sources.index(SourceLayer(host, 0))
         n_host = sum(1 for s in self.sources if s.model == host)
@@ -332,12 +351,16 @@ class LayerPathModel:
             shells.append(shell)
         self._decoder.layers = nn.ModuleList(shells)
         cfg.num_hidden_layers = len(hops)
-        if getattr(cfg, "layer_types", None) is not None:
-            cfg.layer_types = [self._layer_types[h.layer] or "full_attention" for h in hops]
-            if isinstance(getattr(self._decoder, "has_sliding_layers", None), bool):  # Qwen2 & co. cache this
-                self._decoder.has_sliding_layers = "sliding_attention" in cfg.layer_types
+        self._set_layer_attributes({k: [v[h.layer] for h in hops] for k, v in self._layer_attrs.items()})
         self._reset_capturing_hooks()
         self._path = hops
+
+    def _set_layer_attributes(self, values: Mapping[str, list[Any]]) -> None:
+        for key, per_layer in values.items():
+            setattr(self.model.config, key, per_layer)
+        types = values.get("layer_types")
+        if types is not None and isinstance(getattr(self._decoder, "has_sliding_layers", None), bool):
+            self._decoder.has_sliding_layers = "sliding_attention" in types  # transformers caches this
 
     def _reset_capturing_hooks(self) -> None:
         """transformers installs its output-capturing hooks (``output_hidden_states``) once per model,
@@ -351,13 +374,10 @@ class LayerPathModel:
 
     def restore(self) -> None:
         """Give the host back its own layers and config (the LayerPathModel is unusable afterwards)."""
-        layers, n, types = self._original
+        layers, n, attrs = self._original
         self._decoder.layers = layers
         self.model.config.num_hidden_layers = n
-        if types is not None:
-            self.model.config.layer_types = types
-            if isinstance(getattr(self._decoder, "has_sliding_layers", None), bool):
-                self._decoder.has_sliding_layers = "sliding_attention" in types
+        self._set_layer_attributes(attrs)
         for module, flag in zip((self.model, self._decoder), self._original_flags):
             module.__dict__.pop(_HOOKS_FLAG, None)
             if flag is not None:  # the original layers still carry the hooks installed back then
@@ -404,8 +424,8 @@ class LayerPathModel:
         """config.json of the exported model (``input_scales``/``auto_map`` only for a scaled path)."""
         cfg = self.model.config.to_dict()
         cfg["num_hidden_layers"] = len(self._path)
-        if getattr(self.model.config, "layer_types", None) is not None:
-            cfg["layer_types"] = list(self.model.config.layer_types)
+        for key in self._attr_names:
+            cfg[key] = list(getattr(self.model.config, key))
         for key in ("input_scales", "auto_map", "_name_or_path", "transformers_version"):
             cfg.pop(key, None)
         cls = type(self.model).__name__
