@@ -125,10 +125,9 @@ class Checkpoint:
             raise CheckpointError(f"{config_path}: unreadable JSON ({exc})") from exc
         if not isinstance(config, dict):
             raise CheckpointError(f"{config_path}: expected a JSON object")
-        weight_map = cls._weight_map_of(path)
-        arch = architecture_for(config, source=str(config_path), tensor_names=list(weight_map))
+        arch = architecture_for(config, source=str(config_path), tensor_names=lambda: list(cls._weight_map_of(path)))
         arch = arch.for_config(config, source=str(config_path))
-        ckpt = cls(str(ref), path, config, arch, weight_map)
+        ckpt = cls(str(ref), path, config, arch, cls._weight_map_of(path))
         logger.debug("opened %s (%s, %d tensors)", path, arch.name, len(ckpt._weight_map))
         return ckpt
 

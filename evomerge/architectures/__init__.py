@@ -43,7 +43,7 @@ import os
 import re
 from dataclasses import dataclass, replace
 from importlib import resources
-from typing import Any
+from typing import Any, Callable
 
 from evomerge.errors import CheckpointError
 
@@ -329,12 +329,13 @@ def load_architectures() -> dict[str, Architecture]:
 
 
 def architecture_for(config: dict[str, Any], source: str = "config.json",
-                     tensor_names: list[str] | None = None) -> Architecture:
+                     tensor_names: Callable[[], list[str]] | None = None) -> Architecture:
     """The architecture of a model ``config``: by ``architectures[0]``, then by ``model_type``.
 
     An unknown model is refused in one line naming it and the supported list, unless
-    ``EVOMERGE_INFER_ARCHITECTURE=1`` and ``tensor_names`` are given (then it is inferred from them,
-    with a warning; see :func:`infer_architecture`)."""
+    ``EVOMERGE_INFER_ARCHITECTURE=1`` and ``tensor_names`` (a function listing the checkpoint's
+    tensors, called only then) is given: then the layout is inferred from them, with a warning
+    (see :func:`infer_architecture`)."""
     archs = _load_all()
     names = config.get("architectures")
     first = names[0] if isinstance(names, list) and names else None
@@ -346,7 +347,7 @@ def architecture_for(config: dict[str, Any], source: str = "config.json",
         if model_type is not None and model_type in arch.model_types:
             return arch
     if os.environ.get(INFER_ENV) == "1" and tensor_names is not None:
-        return infer_architecture(config, tensor_names, source)
+        return infer_architecture(config, tensor_names(), source)
     supported = ", ".join(a for arch in archs for a in arch.architectures)
     raise CheckpointError(
         f"{source}: unsupported model (architectures[0]={first!r}, model_type={model_type!r}); "
