@@ -17,7 +17,7 @@ these shells, so a search can call it once per trial; memory does not grow with 
 Exporting (:meth:`LayerPathModel.export`) materialises the layers in path order into a normal
 Hugging Face folder (``model.layers.{hop}.*``, ``num_hidden_layers = len(path)``):
 
-* every scale 1: a plain ``LlamaForCausalLM`` (or the host's class) that loads anywhere;
+* every scale 1: a plain model of the host's class that loads anywhere;
 * otherwise the folder also holds ``modeling_evopath.py``, a self-contained file (it imports only
   ``transformers``) defining ``EvoPath<HostClass>``, and config.json gets ``"input_scales"`` and an
   ``"auto_map"``, so ``AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)``

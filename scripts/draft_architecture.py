@@ -1,4 +1,5 @@
-"""One-off: draft evomerge/architectures/<family>.json from the tensors transformers saves."""
+"""Draft evomerge/architectures/<family>.json from the tensors transformers 5 saves for a tiny random model
+(run from the repository root: `python scripts/draft_architecture.py [family ...]`); review the draft by hand."""
 import json, os, re, sys, tempfile
 from transformers import AutoConfig, AutoModelForCausalLM
 from safetensors import safe_open
@@ -70,7 +71,7 @@ for fam in sys.argv[1:] or FAM:
     post.sort(key=lambda t: t == "lm_head.weight")
     out = {"name": fam, "model_types": [mt], "architectures": m.config.architectures or [type(m).__name__],
            "num_layers_key": "num_hidden_layers"}
-    if nek: out["num_experts_key"] = nek
+    if nek: out["num_experts_key"] = [nek]  # qwen3_moe also takes "num_experts" (older configs): add by hand
     if attrs: out["layer_attributes"] = attrs
     out |= {"pre_weights": [w(t) for t in pre], "layer_weights": [w(t) for t in layer], "post_weights": [w(t) for t in post]}
     path = f"evomerge/architectures/{fam}.json"
