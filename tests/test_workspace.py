@@ -18,7 +18,8 @@ from evomerge.engine import merge_in_memory
 from evomerge.errors import MergeError
 from evomerge.methods import METHODS
 from evomerge.recipe import Recipe
-from evomerge.workspace import Workspace, bernoulli_thresholds
+from evomerge.methods.task_arithmetic import bernoulli_thresholds
+from evomerge.workspace import Workspace
 
 
 # --------------------------------------------------------------------------- fixtures
