@@ -18,8 +18,8 @@ from evomerge.engine import merge_in_memory
 from evomerge.errors import MergeError
 from evomerge.methods import METHODS, Method, Param
 from evomerge.methods.steps import whole_tensor
-from evomerge.recipe import Recipe
 from evomerge.methods.task_arithmetic import bernoulli_thresholds
+from evomerge.recipe import Recipe
 from evomerge.workspace import Workspace
 
 
@@ -228,8 +228,7 @@ def _noisy_mean(base, xs, p, generators):
 def test_a_method_with_only_a_whole_tensor_function_runs_in_the_workspace(models3, monkeypatch, stochastic):
     """The registry's generic steps: a new method (one function, one entry) merges in the
     workspace exactly as in the engine, seeded draws included."""
-    prepare, combine = whole_tensor(_noisy_mean)
-    entry = Method(name="noisy_mean", prepare=prepare, combine=combine,
+    entry = Method(name="noisy_mean", **whole_tensor(_noisy_mean),
                    params=(Param("scale", "global", default=1.0, search=(0.5, 1.5)),),
                    base="required", min_models=1, max_models=None, stochastic=stochastic)
     monkeypatch.setitem(METHODS, "noisy_mean", entry)

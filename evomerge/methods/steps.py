@@ -19,7 +19,8 @@ Backends are ways of running these steps, never a second copy of a method:
 - the fused Triton kernels: a method's registry entry names a ``kernel`` that consumes its
   prepared value; a backend without it (or a kernel that declines) runs ``combine``.
 
-A method that only has a whole-tensor function gets both steps from :func:`whole_tensor`.
+A method that only has a whole-tensor function gets both steps from :func:`whole_tensor`:
+``Method(name=..., **whole_tensor(fn), params=..., ...)``.
 """
 
 from __future__ import annotations
@@ -167,9 +168,10 @@ class _Whole(Prepared):
     chunked = False
 
 
-def whole_tensor(fn: Callable[..., Tensor]) -> tuple[Callable, Callable]:
-    """``(prepare, combine)`` for a method given as one whole-tensor function
-    ``fn(base, tensors, params, generators)``: every backend runs it on whole tensors."""
+def whole_tensor(fn: Callable[..., Tensor]) -> dict[str, Callable]:
+    """``prepare`` and ``combine`` (a dict, for ``Method(..., **whole_tensor(fn))``) of a method
+    given as one whole-tensor function ``fn(base, tensors, params, generators)``: every backend
+    runs it on whole tensors (the workspace with its sources, the engine's generators)."""
 
     def prepare(inputs: Inputs, params: Mapping[str, Any]) -> _Whole:
         return _Whole(dict(params))
@@ -179,4 +181,4 @@ def whole_tensor(fn: Callable[..., Tensor]) -> tuple[Callable, Callable]:
         xs = [inputs.x(i) for i in range(inputs.n)]
         return fn(base, xs, prep.params, [inputs.generator(i) for i in range(inputs.n)])
 
-    return prepare, combine
+    return {"prepare": prepare, "combine": combine}
