@@ -2,8 +2,9 @@
 
 A kernel is keyed on a *prepared value* (see :mod:`evomerge.methods.steps`), never on a method:
 a registry entry names the kernel (``Method.kernel``) that consumes what its ``prepare`` returns
-(:data:`KERNELS`): ``weighted_sum``, ``nearswap``, ``task_vectors``, ``nuslerp``, ``model_stock``,
-``sce``. A new method reuses one by returning the same prepared type, or has none.
+(``FusedKernels``): ``weighted_sum``, ``distance_blend``, ``task_vector_mix``, ``spherical_blend``,
+``mean_toward_base``, ``elected_mix``. A new method reuses one by returning the same prepared type,
+or has none.
 
 Each kernel reads the stored source tensors (bf16/fp16/fp32) once, does the method's float32 math
 in registers and writes the live parameter once: the memory-bandwidth floor, give or take the
@@ -14,7 +15,7 @@ exactly the engine's sequence of IEEE float32 operations (see ``evomerge/methods
 sums across models, multiplications by ``1/x`` instead of divisions by Python scalars), with
 floating-point contraction (FMA) disabled, divisions correctly rounded (``div_rn``), and the final
 float32 -> bfloat16 rounding done as torch does it (round to nearest even). Anything a kernel does
-not cover (more than four models, non-flattened nuslerp, non-float32 compute) returns ``None`` and
+not cover (more than four models, per-vector spherical blends, non-float32 compute) returns False and
 the workspace's eager path runs instead.
 
 Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors (numpy), which is how the tests check
@@ -29,11 +30,16 @@ import torch
 import triton
 import triton.language as tl
 
-from evomerge.methods.interpolate import NearSwap, NuSlerp, WeightedSum, nuslerp_coefficients
-from evomerge.methods.model_stock import ModelStock
-from evomerge.methods.sce import SCE
+from evomerge.methods import (
+    SM_SCALE_PTR,
+    DistanceBlend,
+    ElectedMix,
+    MeanTowardBase,
+    SphericalBlend,
+    TaskVectorMix,
+    WeightedSum,
+)
 from evomerge.methods.steps import Inputs
-from evomerge.methods.task_arithmetic import SM_SCALE_PTR, TaskVectorMix, linear_total
 
 BLOCK = 2048
 NUM_WARPS = 8
@@ -43,7 +49,7 @@ _LAUNCH = {"num_warps": NUM_WARPS, "enable_fp_fusion": False}
 OUT_F32, OUT_BF16, OUT_F16 = 0, 1, 2
 _OUT_KINDS = {torch.float32: OUT_F32, torch.bfloat16: OUT_BF16, torch.float16: OUT_F16}
 
-# a task vector's mask modes (MM) and rescale modes (SM) are evomerge.methods.task_arithmetic's
+# a task vector's mask modes (MM) and rescale modes (SM) are those of evomerge.methods' ModelSpec
 
 
 # --------------------------------------------------------------------------- helpers
@@ -119,7 +125,7 @@ def _sparse(bb, X, A, B, S, lo, hi, f1, f2, f3, offs, m, MM: tl.constexpr, SM: t
 
 # --------------------------------------------------------------------------- kernels
 @triton.jit
-def _linear_kernel(X0, X1, X2, X3, OUT, FLAG, N, w0, w1, w2, w3, inv,
+def _weighted_sum_kernel(X0, X1, X2, X3, OUT, FLAG, N, w0, w1, w2, w3, inv,
                    NM: tl.constexpr, HAS_INV: tl.constexpr, OUT_KIND: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < N
@@ -137,7 +143,7 @@ def _linear_kernel(X0, X1, X2, X3, OUT, FLAG, N, w0, w1, w2, w3, inv,
 
 
 @triton.jit
-def _nearswap_kernel(Bp, Xp, OUT, FLAG, N, t, OUT_KIND: tl.constexpr, BLOCK: tl.constexpr):
+def _distance_blend_kernel(Bp, Xp, OUT, FLAG, N, t, OUT_KIND: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < N
     b = _ld(Bp, offs, m)
@@ -151,7 +157,7 @@ def _nearswap_kernel(Bp, Xp, OUT, FLAG, N, t, OUT_KIND: tl.constexpr, BLOCK: tl.
 
 
 @triton.jit
-def _gta_kernel(
+def _task_vector_kernel(
     Bp, OUT, FLAG, N,
     X0, A0, B0, S0, lo0, hi0, f10, f20, f30, w0,
     X1, A1, B1, S1, lo1, hi1, f11, f21, f31, w1,
@@ -237,9 +243,9 @@ def _masked_abs_kernel(Bp, X, A, B, OUT, N, lo, hi, f1, f2, MM: tl.constexpr, BL
 
 
 @triton.jit
-def _nuslerp_kernel(Bp, X0, X1, OUT, FLAG, N, AB, t, omt, HAS_BASE: tl.constexpr, OUT_KIND: tl.constexpr,
+def _spherical_kernel(Bp, X0, X1, OUT, FLAG, N, AB, t, omt, HAS_BASE: tl.constexpr, OUT_KIND: tl.constexpr,
                     BLOCK: tl.constexpr):
-    """Flattened nuslerp: AB holds [sin((1-t)theta), sin(t theta), safe_sin, colinear] (float32)."""
+    """Spherical blend of two whole (flattened) vectors: AB holds [sin((1-t)theta), sin(t theta), safe_sin, colinear] (float32)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < N
     v0 = _ld(X0, offs, m)
@@ -261,7 +267,7 @@ def _nuslerp_kernel(Bp, X0, X1, OUT, FLAG, N, AB, t, omt, HAS_BASE: tl.constexpr
 
 
 @triton.jit
-def _model_stock_kernel(Bp, X0, X1, X2, X3, T, OUT, FLAG, N, ncols, inv_n, NM: tl.constexpr,
+def _toward_base_kernel(Bp, X0, X1, X2, X3, T, OUT, FLAG, N, ncols, inv_n, NM: tl.constexpr,
                         HAS_INV: tl.constexpr, PER_ROW: tl.constexpr, OUT_KIND: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < N
@@ -284,9 +290,9 @@ def _model_stock_kernel(Bp, X0, X1, X2, X3, T, OUT, FLAG, N, ncols, inv_n, NM: t
 
 
 @triton.jit
-def _sce_kernel(Bp, D0, D1, D2, D3, W, OUT, FLAG, N, NM: tl.constexpr, FROM_X: tl.constexpr,
+def _elected_mix_kernel(Bp, D0, D1, D2, D3, W, OUT, FLAG, N, NM: tl.constexpr, FROM_X: tl.constexpr,
                 OUT_KIND: tl.constexpr, BLOCK: tl.constexpr):
-    """SCE's erase-and-merge; D_i are the sources (FROM_X: task vector = D_i - base) or masked
+    """ElectedMix's erase-and-merge; D_i are the sources (FROM_X: task vector = D_i - base) or masked
     float32 task vectors."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < N
@@ -344,8 +350,9 @@ class FusedKernels:
         self.device = device
         self.dummy = torch.zeros(1, dtype=torch.float32, device=device)
         self._launch: dict[str, Callable[..., bool]] = {
-            "weighted_sum": self._weighted_sum, "nearswap": self._nearswap, "task_vectors": self._task_vectors,
-            "nuslerp": self._nuslerp, "model_stock": self._model_stock, "sce": self._sce,
+            "weighted_sum": self._weighted_sum, "distance_blend": self._distance_blend,
+            "task_vector_mix": self._task_vector_mix, "spherical_blend": self._spherical_blend,
+            "mean_toward_base": self._mean_toward_base, "elected_mix": self._elected_mix,
         }
 
     def _pad(self, xs: list[Any], fill: Any) -> list[Any]:
@@ -369,19 +376,19 @@ class FusedKernels:
         out = target.view(-1)
         n = out.numel()
         inv = prep.factor
-        _linear_kernel[_grid(n)](*self._pad(xs, xs[0]), out, flag, n, *self._pad(list(prep.weights), 0.0),
+        _weighted_sum_kernel[_grid(n)](*self._pad(xs, xs[0]), out, flag, n, *self._pad(list(prep.weights), 0.0),
                                  inv if inv is not None else 1.0, NM=len(xs), HAS_INV=inv is not None,
                                  OUT_KIND=kind, BLOCK=BLOCK, **_LAUNCH)
         return True
 
-    def _nearswap(self, prep: NearSwap, inputs: Inputs, target: torch.Tensor, flag: torch.Tensor, kind: int) -> bool:
+    def _distance_blend(self, prep: DistanceBlend, inputs: Inputs, target: torch.Tensor, flag: torch.Tensor, kind: int) -> bool:
         out = target.view(-1)
         n = out.numel()
-        _nearswap_kernel[_grid(n)](inputs.base_flat(), inputs.x_flat(0), out, flag, n, float(prep.t),
+        _distance_blend_kernel[_grid(n)](inputs.base_flat(), inputs.x_flat(0), out, flag, n, float(prep.t),
                                    OUT_KIND=kind, BLOCK=BLOCK, **_LAUNCH)
         return True
 
-    def _task_vectors(self, prep: TaskVectorMix, inputs: Inputs, target: torch.Tensor, flag: torch.Tensor,
+    def _task_vector_mix(self, prep: TaskVectorMix, inputs: Inputs, target: torch.Tensor, flag: torch.Tensor,
                       kind: int) -> bool:
         specs = prep.specs
         base = inputs.base_flat()
@@ -408,30 +415,27 @@ class FusedKernels:
                 args += [base, self.dummy, self.dummy, self.dummy, 0, 0, 0.0, 0.0, 0.0, 0.0]
                 consts[f"MM{i}"], consts[f"SM{i}"] = 0, 0
         cons = {None: 0, "sum": 1, "count": 2}[prep.consensus]
-        inv = None
-        if prep.consensus is None and prep.normalize:
-            total = linear_total(prep.weights)
-            inv = 1.0 / total if total != 1.0 else None
+        inv = prep.inverse_total()
         lam = prep.lam
-        _gta_kernel[_grid(n)](base, out, flag, n, *args, inv if inv is not None else 1.0, lam, NM=len(specs),
+        _task_vector_kernel[_grid(n)](base, out, flag, n, *args, inv if inv is not None else 1.0, lam, NM=len(specs),
                               CONS=cons, NORM=prep.normalize and cons != 0, HAS_INV=inv is not None,
                               HAS_LAM=lam != 1, OUT_KIND=kind, BLOCK=BLOCK, **consts, **_LAUNCH)
         return True
 
-    def _nuslerp(self, prep: NuSlerp, inputs: Inputs, target: torch.Tensor, flag: torch.Tensor, kind: int) -> bool:
+    def _spherical_blend(self, prep: SphericalBlend, inputs: Inputs, target: torch.Tensor, flag: torch.Tensor, kind: int) -> bool:
         if not prep.flatten:
             return False
         t = prep.t
-        a, b = nuslerp_coefficients(t, prep.theta)
+        a, b = prep.coefficients()
         ab = torch.cat([a.reshape(1), b.reshape(1), prep.safe_sin.reshape(1), prep.colinear.reshape(1).to(torch.float32)])
         x0, x1 = inputs.x_flat(0), inputs.x_flat(1)
         base = inputs.base_flat() if inputs.has_base else x0
         n = x0.numel()
-        _nuslerp_kernel[_grid(n)](base, x0, x1, target.view(-1), flag, n, ab, float(t), float(1 - t),
+        _spherical_kernel[_grid(n)](base, x0, x1, target.view(-1), flag, n, ab, float(t), float(1 - t),
                                   HAS_BASE=inputs.has_base, OUT_KIND=kind, BLOCK=BLOCK, **_LAUNCH)
         return True
 
-    def _model_stock(self, prep: ModelStock, inputs: Inputs, target: torch.Tensor, flag: torch.Tensor,
+    def _mean_toward_base(self, prep: MeanTowardBase, inputs: Inputs, target: torch.Tensor, flag: torch.Tensor,
                      kind: int) -> bool:
         if prep.filter_wise and len(inputs.shape) > 2:
             return False
@@ -441,15 +445,15 @@ class FusedKernels:
         ncols = inputs.shape[-1] if inputs.shape else 1
         k = len(xs)
         tt = prep.t.reshape(-1).contiguous()
-        _model_stock_kernel[_grid(n)](base, *self._pad(xs, xs[0]), tt, target.view(-1), flag, n, ncols,
+        _toward_base_kernel[_grid(n)](base, *self._pad(xs, xs[0]), tt, target.view(-1), flag, n, ncols,
                                       1.0 / k, NM=k, HAS_INV=k != 1, PER_ROW=prep.filter_wise, OUT_KIND=kind,
                                       BLOCK=BLOCK, **_LAUNCH)
         return True
 
-    def _sce(self, prep: SCE, inputs: Inputs, target: torch.Tensor, flag: torch.Tensor, kind: int) -> bool:
+    def _elected_mix(self, prep: ElectedMix, inputs: Inputs, target: torch.Tensor, flag: torch.Tensor, kind: int) -> bool:
         ds = prep.ds
         base = inputs.base_flat()
         n = base.numel()
-        _sce_kernel[_grid(n)](base, *self._pad(ds, ds[0]), prep.weights.contiguous(), target.view(-1), flag, n,
+        _elected_mix_kernel[_grid(n)](base, *self._pad(ds, ds[0]), prep.weights.contiguous(), target.view(-1), flag, n,
                               NM=len(ds), FROM_X=prep.from_x, OUT_KIND=kind, BLOCK=BLOCK, **_LAUNCH)
         return True

@@ -11,7 +11,7 @@ memory is short):
   ``base`` in float32, bit-identical to the engine's), upcast to the compute dtype on a CPU (one
   conversion less per element; also exact);
 - the arrays a method's ``caches`` declares (magnitude, row and variance ranks, Bernoulli
-  thresholds of the seeded masks: see :mod:`evomerge.methods.task_arithmetic`), keyed by the
+  thresholds of the seeded masks: see the method files in :mod:`evomerge.methods`), keyed by the
   sources they are computed from, and the small values its ``prepare`` memoizes (norms, angles,
   ratios, energies). Where the plan has no room for an array, ``prepare`` computes the candidate's
   mask directly instead.
@@ -20,8 +20,8 @@ Planning a candidate reuses the plan of the previous candidate with the same rec
 (only the per-tensor parameters are resolved again). A candidate then costs one pass (CPU:
 ``combine`` in cache-sized chunks spread over worker threads, so intermediates stay in cache; CUDA:
 the method's fused Triton kernel, see :mod:`evomerge.kernels`), plus the prepared value's
-``reduce`` where the engine's semantics need a reduction over the *masked* tensor (L1 rescale of
-DARE/DELLA) and SCE's masked task vectors below ``select_topk = 1``. A method without chunked steps
+``reduce`` where the engine's semantics need a reduction over the *masked* tensor (the L1 rescale
+of random masks), and whatever a ``prepare`` materializes for the candidate. A method without chunked steps
 runs whole-tensor. Results equal ``evomerge merge`` for the same recipe: deterministic methods
 exactly, seeded ones identically on the same device.
 """

@@ -26,6 +26,9 @@ from torch import Tensor
 
 from evomerge.errors import ConfigError
 from evomerge.methods.interpolate import (
+    DistanceBlend,
+    SphericalBlend,
+    WeightedSum,
     linear_prepare,
     nearswap_combine,
     nearswap_prepare,
@@ -35,10 +38,14 @@ from evomerge.methods.interpolate import (
     slerp_prepare,
     weighted_sum_combine,
 )
-from evomerge.methods.model_stock import model_stock_combine_step, model_stock_prepare
-from evomerge.methods.sce import sce_caches, sce_combine_step, sce_prepare
+from evomerge.methods.model_stock import MeanTowardBase, model_stock_combine_step, model_stock_prepare
+from evomerge.methods.sce import ElectedMix, sce_caches, sce_combine_step, sce_prepare
 from evomerge.methods.steps import Cache, Inputs, WholeInputs, no_caches
-from evomerge.methods.task_arithmetic import gta_caches, gta_combine, gta_prepare
+from evomerge.methods.task_arithmetic import SM_SCALE_PTR, TaskVectorMix, gta_caches, gta_combine, gta_prepare
+
+# re-exported: the prepared values the fused kernels (evomerge.kernels) consume
+__all__ = ["METHODS", "Method", "Param", "get_method", "run_method", "WeightedSum", "DistanceBlend",
+           "TaskVectorMix", "SM_SCALE_PTR", "SphericalBlend", "MeanTowardBase", "ElectedMix"]
 
 Scope = Literal["global", "model"]
 BaseUse = Literal["required", "optional", "unused"]
@@ -162,7 +169,7 @@ def _gta(name, *, sparsifier, consensus, normalize, rescale, reference, summary)
         prepare=partial(gta_prepare, sparsifier=sparsifier, consensus=consensus),
         combine=gta_combine,
         caches=partial(gta_caches, sparsifier=sparsifier),
-        kernel="task_vectors",
+        kernel="task_vector_mix",
         params=(*model_params, _normalize(normalize), _rescale(rescale), LAMBDA, RESCALE_MODE, INT8_MASK),
         base="required",
         min_models=1,
@@ -194,7 +201,7 @@ METHODS: dict[str, Method] = {
         ),
         Method(
             name="nuslerp",
-            prepare=nuslerp_prepare, combine=nuslerp_combine_step, kernel="nuslerp",
+            prepare=nuslerp_prepare, combine=nuslerp_combine_step, kernel="spherical_blend",
             params=(_weight(),
                     Param("nuslerp_row_wise", "global", kind=bool, default=False, doc="slerp rows, not columns"),
                     Param("nuslerp_flatten", "global", kind=bool, default=True, doc="slerp whole tensors")),
@@ -203,7 +210,7 @@ METHODS: dict[str, Method] = {
         ),
         Method(
             name="nearswap",
-            prepare=nearswap_prepare, combine=nearswap_combine, kernel="nearswap",
+            prepare=nearswap_prepare, combine=nearswap_combine, kernel="distance_blend",
             params=(Param("t", "global", required=True, low=0.0, search=(0.0, 0.01),
                           doc="distance below which the other model's value is taken"),),
             base="required", min_models=1, max_models=1,
@@ -228,14 +235,14 @@ METHODS: dict[str, Method] = {
              reference="https://arxiv.org/abs/2406.11617", summary="magnitude-ranked random drop, task arithmetic"),
         Method(
             name="model_stock",
-            prepare=model_stock_prepare, combine=model_stock_combine_step, kernel="model_stock",
+            prepare=model_stock_prepare, combine=model_stock_combine_step, kernel="mean_toward_base",
             params=(Param("filter_wise", "global", kind=bool, default=False, doc="one angle per row"),),
             base="required", min_models=2, max_models=None,
             reference="https://arxiv.org/abs/2403.19522", summary="average pulled to the base by the task-vector angle",
         ),
         Method(
             name="sce",
-            prepare=sce_prepare, combine=sce_combine_step, caches=sce_caches, kernel="sce",
+            prepare=sce_prepare, combine=sce_combine_step, caches=sce_caches, kernel="elected_mix",
             params=(Param("select_topk", "global", default=1.0, low=0.0, high=1.0, low_open=True,
                           search=(0.1, 1.0), doc="fraction of highest-variance positions kept"),
                     INT8_MASK),

@@ -148,7 +148,7 @@ def nuslerp_combine(t: float, v0: Tensor, v1: Tensor, theta: Tensor, safe_sin: T
 
 
 def nearswap(base: Tensor, other: Tensor, *, t: float) -> Tensor:
-    """NearSwap: take ``other`` where it is close to ``base``; per element the weight of
+    """DistanceBlend: take ``other`` where it is close to ``base``; per element the weight of
     ``other`` is ``clamp(t / |base - other|, 0, 1)`` (distances below 1e-6 count as 1e-6)."""
     return nearswap_into(base, other, t, [torch.empty_like(base) for _ in range(3)])
 
@@ -220,21 +220,21 @@ def slerp_prepare(inputs: Inputs, p: Mapping[str, Any]) -> WeightedSum:
 
 
 @dataclass
-class NearSwap(Prepared):
+class DistanceBlend(Prepared):
     t: float
 
 
-def nearswap_prepare(inputs: Inputs, p: Mapping[str, Any]) -> NearSwap:
-    return NearSwap(float(p["t"]))
+def nearswap_prepare(inputs: Inputs, p: Mapping[str, Any]) -> DistanceBlend:
+    return DistanceBlend(float(p["t"]))
 
 
-def nearswap_combine(prep: NearSwap, inputs: Inputs, sl: slice | None) -> Tensor:
+def nearswap_combine(prep: DistanceBlend, inputs: Inputs, sl: slice | None) -> Tensor:
     b, x = _chunk(inputs, inputs.base_flat(), sl), _chunk(inputs, inputs.x_flat(0), sl)
     return _shaped(inputs, nearswap_into(b, x, prep.t, inputs.scratch(b.numel(), 3)), sl)
 
 
 @dataclass
-class NuSlerp(Prepared):
+class SphericalBlend(Prepared):
     """nuslerp's angles (trial-invariant) and ``t``; chunked only when ``flatten``."""
 
     t: float
@@ -248,8 +248,11 @@ class NuSlerp(Prepared):
     def chunked(self) -> bool:  # type: ignore[override]
         return self.flatten
 
+    def coefficients(self) -> tuple[Tensor, Tensor]:
+        return nuslerp_coefficients(self.t, self.theta)
 
-def nuslerp_prepare(inputs: Inputs, p: Mapping[str, Any]) -> NuSlerp:
+
+def nuslerp_prepare(inputs: Inputs, p: Mapping[str, Any]) -> SphericalBlend:
     if inputs.n != 2:
         raise ValueError("nuslerp merges exactly two models")
     w = p["weight"]
@@ -258,10 +261,10 @@ def nuslerp_prepare(inputs: Inputs, p: Mapping[str, Any]) -> NuSlerp:
     dim, flatten = (0 if p["nuslerp_row_wise"] else -1), bool(p["nuslerp_flatten"])
     theta, safe_sin, colinear = inputs.memo(("nuslerp_angles", dim, flatten), (0, 1), lambda: nuslerp_angles(
         nuslerp_view(inputs.delta(0), dim, flatten), nuslerp_view(inputs.delta(1), dim, flatten)))
-    return NuSlerp(t, theta, safe_sin, colinear, dim, flatten)
+    return SphericalBlend(t, theta, safe_sin, colinear, dim, flatten)
 
 
-def nuslerp_combine_step(prep: NuSlerp, inputs: Inputs, sl: slice | None) -> Tensor:
+def nuslerp_combine_step(prep: SphericalBlend, inputs: Inputs, sl: slice | None) -> Tensor:
     args = (prep.theta, prep.safe_sin, prep.colinear)
     if prep.flatten:
         x0, x1 = _chunk(inputs, inputs.x_flat(0), sl), _chunk(inputs, inputs.x_flat(1), sl)

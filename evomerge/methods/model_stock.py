@@ -61,7 +61,7 @@ def model_stock_combine(t: Tensor, w0: Tensor, ws: Sequence[Tensor]) -> Tensor:
 
 # --------------------------------------------------------------------------- steps (evomerge.methods.steps)
 @dataclass
-class ModelStock(Prepared):
+class MeanTowardBase(Prepared):
     """The ratio ``t`` (trial-invariant): shape ``(1,)``, or one per vector along the last dimension
     (``filter_wise``, laid out in the tensor's order)."""
 
@@ -69,16 +69,16 @@ class ModelStock(Prepared):
     filter_wise: bool
 
 
-def model_stock_prepare(inputs: Inputs, p: Mapping[str, Any]) -> ModelStock:
+def model_stock_prepare(inputs: Inputs, p: Mapping[str, Any]) -> MeanTowardBase:
     if inputs.n < 2:
         raise ValueError("model_stock needs at least two fine-tuned models besides the base")
     fw = bool(p["filter_wise"])
     t = inputs.memo(("model_stock_ratio", fw), tuple(range(inputs.n)), lambda: model_stock_ratio(
         inputs.base(), [inputs.x(i) for i in range(inputs.n)], filter_wise=fw))
-    return ModelStock(t, fw)
+    return MeanTowardBase(t, fw)
 
 
-def model_stock_combine_step(prep: ModelStock, inputs: Inputs, sl: slice | None) -> Tensor:
+def model_stock_combine_step(prep: MeanTowardBase, inputs: Inputs, sl: slice | None) -> Tensor:
     b = inputs.base_flat()
     xs = [inputs.x_flat(i) for i in range(inputs.n)]
     whole = sl is None

@@ -1,4 +1,4 @@
-"""SCE: Select, Calculate, Erase (FuseChat 2.0, arXiv 2408.07990), with mergekit's semantics."""
+"""ElectedMix: Select, Calculate, Erase (FuseChat 2.0, arXiv 2408.07990), with mergekit's semantics."""
 
 from __future__ import annotations
 
@@ -87,7 +87,7 @@ def sce_caches(inputs: Inputs, p: Mapping[str, Any]) -> list[Cache]:
 
 
 @dataclass
-class SCE(Prepared):
+class ElectedMix(Prepared):
     """The combine step's inputs: the sources (``from_x``: task vector = source - base) or the
     masked task vectors (compute dtype, flat), and the models' weights."""
 
@@ -96,7 +96,7 @@ class SCE(Prepared):
     from_x: bool
 
 
-def sce_prepare(inputs: Inputs, p: Mapping[str, Any]) -> SCE:
+def sce_prepare(inputs: Inputs, p: Mapping[str, Any]) -> ElectedMix:
     """Below ``select_topk = 1`` the masked task vectors are materialized, because the weights are
     their energies, a reduction over the whole tensor."""
     topk = p["select_topk"]
@@ -105,7 +105,7 @@ def sce_prepare(inputs: Inputs, p: Mapping[str, Any]) -> SCE:
     if topk >= 1:
         energy = inputs.memo(("sce_energy",), _all(inputs), lambda: torch.stack(
             [sce_energy(inputs.delta(i)) for i in range(inputs.n)]))
-        return SCE(xs, sce_weights_from_energy(energy), True)
+        return ElectedMix(xs, sce_weights_from_energy(energy), True)
     rank = inputs.cached(variance_ranks(inputs))
     if rank is not None:
         nnz = inputs.memo(("sce_nonzero_variance",), _all(inputs), lambda: int(torch.count_nonzero(_variance(inputs))))
@@ -126,10 +126,10 @@ def sce_prepare(inputs: Inputs, p: Mapping[str, Any]) -> SCE:
 
     inputs.map_chunks(one)
     weights = sce_weights_from_energy(torch.stack([sce_energy(buf.view(inputs.shape)) for buf in bufs]))
-    return SCE(bufs, weights, False)
+    return ElectedMix(bufs, weights, False)
 
 
-def sce_combine_step(prep: SCE, inputs: Inputs, sl: slice | None) -> Tensor:
+def sce_combine_step(prep: ElectedMix, inputs: Inputs, sl: slice | None) -> Tensor:
     cv = inputs.cv
     whole = slice(0, inputs.numel) if sl is None else sl
     bb = cv(inputs.base_flat()[whole])

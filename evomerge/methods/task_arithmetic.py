@@ -487,6 +487,13 @@ class TaskVectorMix(Prepared):
     normalize: bool
     lam: float
 
+    def inverse_total(self) -> float | None:
+        """What a consensus-free, normalized mix is multiplied by (None: nothing)."""
+        if self.consensus is not None or not self.normalize:
+            return None
+        total = linear_total(self.weights)
+        return 1.0 / total if total != 1.0 else None
+
     @property
     def plain(self) -> bool:
         """Task arithmetic: no mask, no election."""
