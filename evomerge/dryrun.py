@@ -233,26 +233,23 @@ def _examples(names: list[str], k: int = 4) -> list[str]:
 def ps_memory(cfg: SearchConfig, facts: dict[str, ModelFacts], device_free: int | None) -> MemoryPlan:
     """The workspace planner's placement of every source tensor and derived cache (sizes from the
     config.json facts), for the config's device."""
-    from evomerge.workspace import GTA_KINDS, _rank_dtype
+    from evomerge.methods import METHODS
+    from evomerge.methods.steps import ShapeOnly
 
     device = torch.device(cfg.device)
     sources = {n: f for n, f in facts.items() if n == "base" or n in cfg.models}
     largest = max(n for f in sources.values() for _, n in f.tensors())
     plan = make_plan(device, scratch=largest * 4 * (len(sources) + 6), device_free=device_free)
     items = [Item("source", (name, t), n * f.stored_bytes, name) for name, f in sources.items() for t, n in f.tensors()]
+    models = list(cfg.models)
     for method in cfg.merge.methods:
-        sparsifier = GTA_KINDS.get(method, (None, None))[0]
-        for name in cfg.models:
-            for t, n in facts[name].tensors():
-                if sparsifier in ("magnitude", "magnitude_outliers"):
-                    items.append(Item("magnitude ranks", ("magrank", name, t), n * _rank_dtype(n).itemsize, name))
-                if sparsifier == "della_magprune":
-                    items.append(Item("row ranks", ("rowrank", name, t), n * _rank_dtype(n).itemsize, name))
-                if sparsifier in ("random", "della_magprune"):
-                    items.append(Item("bernoulli thresholds", ("pstar", name, t), n * 4, name))
-        if method == "sce":
-            items += [Item("variance ranks", ("varrank", t), n * _rank_dtype(n).itemsize, "all models")
-                      for t, n in facts[next(iter(cfg.models))].tensors()]
+        entry = METHODS[method]
+        defaults = {p.name: p.default if p.scope == "global" else [p.default] * len(models) for p in entry.params}
+        for t, n in facts[models[0]].tensors():
+            for cache in entry.caches(ShapeOnly((n,), len(models)), defaults):
+                who = cache.reads if cache.seeded is None else (cache.seeded,)
+                label = models[who[0]] if len(who) == 1 else "all models"
+                items.append(Item(cache.label, (cache.tag, label, t), cache.nbytes, label))
     plan.place_all(items)
     return plan
 

@@ -1,5 +1,11 @@
 """Fused Triton kernels for the workspace's per-candidate pass on CUDA (#6).
 
+A kernel is keyed on a *prepared value* (see :mod:`evomerge.methods.steps`), never on a method:
+a registry entry names the kernel (``Method.kernel``) that consumes what its ``prepare`` returns
+(``FusedKernels``): ``weighted_sum``, ``distance_blend``, ``task_vector_mix``, ``spherical_blend``,
+``mean_toward_base``, ``elected_mix``. A new method reuses one by returning the same prepared type,
+or has none.
+
 Each kernel reads the stored source tensors (bf16/fp16/fp32) once, does the method's float32 math
 in registers and writes the live parameter once: the memory-bandwidth floor, give or take the
 parameter-independent caches it reads (ranks, Bernoulli thresholds).
@@ -9,7 +15,7 @@ exactly the engine's sequence of IEEE float32 operations (see ``evomerge/methods
 sums across models, multiplications by ``1/x`` instead of divisions by Python scalars), with
 floating-point contraction (FMA) disabled, divisions correctly rounded (``div_rn``), and the final
 float32 -> bfloat16 rounding done as torch does it (round to nearest even). Anything a kernel does
-not cover (more than four models, non-flattened nuslerp, non-float32 compute) returns ``None`` and
+not cover (more than four models, per-vector spherical blends, non-float32 compute) returns False and
 the workspace's eager path runs instead.
 
 Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors (numpy), which is how the tests check
@@ -18,15 +24,22 @@ them without a GPU.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Callable
 
 import torch
 import triton
 import triton.language as tl
 
-if TYPE_CHECKING:  # pragma: no cover
-    from evomerge.engine import TensorTask
-    from evomerge.methods import Method
+from evomerge.methods import (
+    SM_SCALE_PTR,
+    DistanceBlend,
+    ElectedMix,
+    MeanTowardBase,
+    SphericalBlend,
+    TaskVectorMix,
+    WeightedSum,
+)
+from evomerge.methods.steps import Inputs
 
 BLOCK = 2048
 NUM_WARPS = 8
@@ -36,10 +49,7 @@ _LAUNCH = {"num_warps": NUM_WARPS, "enable_fp_fusion": False}
 OUT_F32, OUT_BF16, OUT_F16 = 0, 1, 2
 _OUT_KINDS = {torch.float32: OUT_F32, torch.bfloat16: OUT_BF16, torch.float16: OUT_F16}
 
-# mask modes of a task vector in the GTA kernel
-MM_NONE, MM_RANK, MM_MASK, MM_PSTAR_P, MM_PSTAR_ROWRANK, MM_PSTAR_PROBS, MM_MASK_PROBS = range(7)
-# rescale modes
-SM_NONE, SM_SCALE_PTR, SM_MUL, SM_DIV_PROBS = range(4)
+# a task vector's mask modes (MM) and rescale modes (SM) are those of evomerge.methods' ModelSpec
 
 
 # --------------------------------------------------------------------------- helpers
@@ -115,7 +125,7 @@ def _sparse(bb, X, A, B, S, lo, hi, f1, f2, f3, offs, m, MM: tl.constexpr, SM: t
 
 # --------------------------------------------------------------------------- kernels
 @triton.jit
-def _linear_kernel(X0, X1, X2, X3, OUT, FLAG, N, w0, w1, w2, w3, inv,
+def _weighted_sum_kernel(X0, X1, X2, X3, OUT, FLAG, N, w0, w1, w2, w3, inv,
                    NM: tl.constexpr, HAS_INV: tl.constexpr, OUT_KIND: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < N
@@ -133,16 +143,7 @@ def _linear_kernel(X0, X1, X2, X3, OUT, FLAG, N, w0, w1, w2, w3, inv,
 
 
 @triton.jit
-def _affine2_kernel(A, B, OUT, FLAG, N, c0, c1, OUT_KIND: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    m = offs < N
-    out = _ld(A, offs, m) * c0 + _ld(B, offs, m) * c1
-    _flag(FLAG, out, m)
-    _store(OUT, offs, m, out, OUT_KIND)
-
-
-@triton.jit
-def _nearswap_kernel(Bp, Xp, OUT, FLAG, N, t, OUT_KIND: tl.constexpr, BLOCK: tl.constexpr):
+def _distance_blend_kernel(Bp, Xp, OUT, FLAG, N, t, OUT_KIND: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < N
     b = _ld(Bp, offs, m)
@@ -156,7 +157,7 @@ def _nearswap_kernel(Bp, Xp, OUT, FLAG, N, t, OUT_KIND: tl.constexpr, BLOCK: tl.
 
 
 @triton.jit
-def _gta_kernel(
+def _task_vector_kernel(
     Bp, OUT, FLAG, N,
     X0, A0, B0, S0, lo0, hi0, f10, f20, f30, w0,
     X1, A1, B1, S1, lo1, hi1, f11, f21, f31, w1,
@@ -242,9 +243,9 @@ def _masked_abs_kernel(Bp, X, A, B, OUT, N, lo, hi, f1, f2, MM: tl.constexpr, BL
 
 
 @triton.jit
-def _nuslerp_kernel(Bp, X0, X1, OUT, FLAG, N, AB, t, omt, HAS_BASE: tl.constexpr, OUT_KIND: tl.constexpr,
+def _spherical_kernel(Bp, X0, X1, OUT, FLAG, N, AB, t, omt, HAS_BASE: tl.constexpr, OUT_KIND: tl.constexpr,
                     BLOCK: tl.constexpr):
-    """Flattened nuslerp: AB holds [sin((1-t)theta), sin(t theta), safe_sin, colinear] (float32)."""
+    """Spherical blend of two whole (flattened) vectors: AB holds [sin((1-t)theta), sin(t theta), safe_sin, colinear] (float32)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < N
     v0 = _ld(X0, offs, m)
@@ -266,7 +267,7 @@ def _nuslerp_kernel(Bp, X0, X1, OUT, FLAG, N, AB, t, omt, HAS_BASE: tl.constexpr
 
 
 @triton.jit
-def _model_stock_kernel(Bp, X0, X1, X2, X3, T, OUT, FLAG, N, ncols, inv_n, NM: tl.constexpr,
+def _toward_base_kernel(Bp, X0, X1, X2, X3, T, OUT, FLAG, N, ncols, inv_n, NM: tl.constexpr,
                         HAS_INV: tl.constexpr, PER_ROW: tl.constexpr, OUT_KIND: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < N
@@ -289,9 +290,9 @@ def _model_stock_kernel(Bp, X0, X1, X2, X3, T, OUT, FLAG, N, ncols, inv_n, NM: t
 
 
 @triton.jit
-def _sce_kernel(Bp, D0, D1, D2, D3, W, OUT, FLAG, N, NM: tl.constexpr, FROM_X: tl.constexpr,
+def _elected_mix_kernel(Bp, D0, D1, D2, D3, W, OUT, FLAG, N, NM: tl.constexpr, FROM_X: tl.constexpr,
                 OUT_KIND: tl.constexpr, BLOCK: tl.constexpr):
-    """SCE's erase-and-merge; D_i are the sources (FROM_X: task vector = D_i - base) or masked
+    """ElectedMix's erase-and-merge; D_i are the sources (FROM_X: task vector = D_i - base) or masked
     float32 task vectors."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < N
@@ -342,90 +343,67 @@ def _grid(n: int) -> tuple[int]:
 
 
 class FusedKernels:
-    """Dispatches a workspace task to a fused kernel; ``run`` returns ``None`` when it cannot."""
+    """Launches the fused kernel a method names for its prepared value; ``run`` returns False when
+    it cannot (the workspace then runs the method's ``combine``)."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.dummy = torch.zeros(1, dtype=torch.float32, device=device)
+        self._launch: dict[str, Callable[..., bool]] = {
+            "weighted_sum": self._weighted_sum, "distance_blend": self._distance_blend,
+            "task_vector_mix": self._task_vector_mix, "spherical_blend": self._spherical_blend,
+            "mean_toward_base": self._mean_toward_base, "elected_mix": self._elected_mix,
+        }
 
     def _pad(self, xs: list[Any], fill: Any) -> list[Any]:
         return xs + [fill] * (MAX_MODELS - len(xs))
 
-    def run(self, ws: Any, task: "TensorTask", method: "Method", seed: int, target: torch.Tensor,
-            rows: int | None, flag: torch.Tensor) -> bool:
-        """Launch the fused kernel for ``task`` writing ``target``; False if not covered."""
-        if ws.compute_dtype != torch.float32 or target.dtype not in _OUT_KINDS or not target.is_contiguous():
+    def run(self, kernel: str, prep: Any, inputs: Inputs, target: torch.Tensor, out_dtype: torch.dtype,
+            flag: torch.Tensor) -> bool:
+        """Launch ``kernel`` on ``prep`` writing ``target`` (the engine's output dtype: ``out_dtype``)."""
+        launch = self._launch.get(kernel)
+        if launch is None or inputs.dtype != torch.float32 or target.dtype not in _OUT_KINDS:
             return False
-        if len(task.inputs) > MAX_MODELS:
+        if not target.is_contiguous() or inputs.n > MAX_MODELS:
             return False
-        out_dtype = ws._out_dtype
         if out_dtype != target.dtype and out_dtype != torch.float32:
             return False  # the engine would round through another dtype first
-        kind = _OUT_KINDS[target.dtype]
-        name = method.name
-        p = task.params
+        return launch(prep, inputs, target, flag, _OUT_KINDS[target.dtype])
+
+    def _weighted_sum(self, prep: WeightedSum, inputs: Inputs, target: torch.Tensor, flag: torch.Tensor,
+                      kind: int) -> bool:
+        xs = [prep.term(inputs, j) for j in prep.terms]
         out = target.view(-1)
         n = out.numel()
-        if name in ("linear", "passthrough"):
-            xs = [ws._src(r, rows).view(-1) for r in task.inputs]
-            if name == "linear":
-                ws_ = [float(w) for w in p["weight"]]
-                total = float(sum(ws_))
-                inv = 1.0 / total if p["normalize"] and abs(total) >= 1e-8 and total != 1.0 else None
-            else:
-                scale = p["scale"][0]
-                ws_ = [1.0 if scale is None else float(scale)]
-                inv = None
-            _linear_kernel[_grid(n)](*self._pad(xs, xs[0]), out, flag, n, *self._pad(ws_, 0.0),
-                                     inv if inv is not None else 1.0, NM=len(xs), HAS_INV=inv is not None,
-                                     OUT_KIND=kind, BLOCK=BLOCK, **_LAUNCH)
-            return True
-        if name == "slerp":
-            from evomerge.methods.interpolate import slerp_coefficients, slerp_dot
+        inv = prep.factor
+        _weighted_sum_kernel[_grid(n)](*self._pad(xs, xs[0]), out, flag, n, *self._pad(list(prep.weights), 0.0),
+                                 inv if inv is not None else 1.0, NM=len(xs), HAS_INV=inv is not None,
+                                 OUT_KIND=kind, BLOCK=BLOCK, **_LAUNCH)
+        return True
 
-            base, other = task.base, task.inputs[0]
-            dot = ws._small_cache(("slerp", base, other, rows), lambda: slerp_dot(
-                ws._cv(ws._src(base, rows)), ws._cv(ws._src(other, rows))))
-            c0, c1 = slerp_coefficients(dot, p["t"])
-            _affine2_kernel[_grid(n)](ws._src(base, rows).view(-1), ws._src(other, rows).view(-1), out, flag, n,
-                                      float(c0), float(c1), OUT_KIND=kind, BLOCK=BLOCK, **_LAUNCH)
-            return True
-        if name == "nearswap":
-            _nearswap_kernel[_grid(n)](ws._src(task.base, rows).view(-1), ws._src(task.inputs[0], rows).view(-1),
-                                       out, flag, n, float(p["t"]), OUT_KIND=kind, BLOCK=BLOCK, **_LAUNCH)
-            return True
-        if name == "nuslerp":
-            return self._nuslerp(ws, task, out, flag, rows, kind)
-        if name == "model_stock":
-            return self._model_stock(ws, task, target, flag, rows, kind)
-        if name == "sce":
-            return self._sce(ws, task, out, flag, rows, kind)
-        from evomerge.workspace import GTA_KINDS
+    def _distance_blend(self, prep: DistanceBlend, inputs: Inputs, target: torch.Tensor, flag: torch.Tensor, kind: int) -> bool:
+        out = target.view(-1)
+        n = out.numel()
+        _distance_blend_kernel[_grid(n)](inputs.base_flat(), inputs.x_flat(0), out, flag, n, float(prep.t),
+                                   OUT_KIND=kind, BLOCK=BLOCK, **_LAUNCH)
+        return True
 
-        if name in GTA_KINDS:
-            return self._gta(ws, task, method, seed, out, flag, rows, kind)
-        return False
-
-    # ----------------------------------------------------------------- GTA family
-    def _gta(self, ws: Any, task: Any, method: Any, seed: int, out: torch.Tensor, flag: torch.Tensor,
-             rows: int | None, kind: int) -> bool:
-        from evomerge.workspace import gta_model_specs
-
-        specs = gta_model_specs(ws, task, method, seed, rows)
-        if specs is None:
-            return False
-        base = ws._src(task.base, rows).view(-1)
+    def _task_vector_mix(self, prep: TaskVectorMix, inputs: Inputs, target: torch.Tensor, flag: torch.Tensor,
+                      kind: int) -> bool:
+        specs = prep.specs
+        base = inputs.base_flat()
+        out = target.view(-1)
         n = base.numel()
         args: list[Any] = []
         consts: dict[str, Any] = {}
         for i in range(MAX_MODELS):
             if i < len(specs):
                 sp = specs[i]
-                x = ws._src(task.inputs[i], rows).view(-1)
+                x = inputs.x_flat(i)
                 a = sp.a.reshape(-1) if sp.a is not None else self.dummy
                 b = sp.b.reshape(-1) if sp.b is not None else self.dummy
                 s = sp.scale if sp.scale is not None else self.dummy
-                if sp.sm == SM_SCALE_PTR and sp.scale is None:  # L1: |masked| summed by torch
+                if sp.sm == SM_SCALE_PTR and sp.scale is None:  # L1 (the prepared value's reduce): |masked| summed by torch
                     buf = torch.empty(n, dtype=torch.float32, device=self.device)
                     _masked_abs_kernel[_grid(n)](base, x, a, b, buf, n, sp.lo, sp.hi, sp.f1, sp.f2, MM=sp.mm,
                                                  BLOCK=BLOCK, **_LAUNCH)
@@ -436,80 +414,46 @@ class FusedKernels:
             else:
                 args += [base, self.dummy, self.dummy, self.dummy, 0, 0, 0.0, 0.0, 0.0, 0.0]
                 consts[f"MM{i}"], consts[f"SM{i}"] = 0, 0
-        from evomerge.workspace import GTA_KINDS
-        from evomerge.methods.task_arithmetic import linear_total
-
-        p = task.params
-        _, consensus = GTA_KINDS[method.name]
-        cons = {None: 0, "sum": 1, "count": 2}[consensus]
-        weights = [float(w) for w in p["weight"]]
-        inv = None
-        if consensus is None and p["normalize"]:
-            total = linear_total(weights)
-            inv = 1.0 / total if total != 1.0 else None
-        lam = float(p["lambda"])
-        _gta_kernel[_grid(n)](base, out, flag, n, *args, inv if inv is not None else 1.0, lam, NM=len(specs),
-                              CONS=cons, NORM=bool(p["normalize"]) and cons != 0, HAS_INV=inv is not None,
+        cons = {None: 0, "sum": 1, "count": 2}[prep.consensus]
+        inv = prep.inverse_total()
+        lam = prep.lam
+        _task_vector_kernel[_grid(n)](base, out, flag, n, *args, inv if inv is not None else 1.0, lam, NM=len(specs),
+                              CONS=cons, NORM=prep.normalize and cons != 0, HAS_INV=inv is not None,
                               HAS_LAM=lam != 1, OUT_KIND=kind, BLOCK=BLOCK, **consts, **_LAUNCH)
         return True
 
-    # ----------------------------------------------------------------- others
-    def _nuslerp(self, ws: Any, task: Any, out: torch.Tensor, flag: torch.Tensor, rows: int | None, kind: int) -> bool:
-        from evomerge.methods.interpolate import nuslerp_angles, nuslerp_coefficients, nuslerp_view
-
-        p = task.params
-        if not p["nuslerp_flatten"]:
+    def _spherical_blend(self, prep: SphericalBlend, inputs: Inputs, target: torch.Tensor, flag: torch.Tensor, kind: int) -> bool:
+        if not prep.flatten:
             return False
-        w = p["weight"]
-        total = float(w[0]) + float(w[1])
-        t = 0.5 if abs(total) < 1e-6 else float(w[1]) / total
-        base_ref = task.base
-        r0, r1 = task.inputs
-        dim = 0 if p["nuslerp_row_wise"] else -1
-        key = ("nuslerp", base_ref, r0, r1, rows, dim, True)
-
-        def angles() -> Any:
-            v0, v1 = ws._delta(base_ref, r0, rows), ws._delta(base_ref, r1, rows)
-            return nuslerp_angles(nuslerp_view(v0, dim, True), nuslerp_view(v1, dim, True))
-
-        theta, safe_sin, colinear = ws._small_cache(key, angles)
-        a, b = nuslerp_coefficients(t, theta)
-        ab = torch.cat([a.reshape(1), b.reshape(1), safe_sin.reshape(1), colinear.reshape(1).to(torch.float32)])
-        x0, x1 = ws._src(r0, rows).view(-1), ws._src(r1, rows).view(-1)
-        base = ws._src(base_ref, rows).view(-1) if base_ref is not None else x0
+        t = prep.t
+        a, b = prep.coefficients()
+        ab = torch.cat([a.reshape(1), b.reshape(1), prep.safe_sin.reshape(1), prep.colinear.reshape(1).to(torch.float32)])
+        x0, x1 = inputs.x_flat(0), inputs.x_flat(1)
+        base = inputs.base_flat() if inputs.has_base else x0
         n = x0.numel()
-        _nuslerp_kernel[_grid(n)](base, x0, x1, out, flag, n, ab, float(t), float(1 - t), HAS_BASE=base_ref is not None,
-                                  OUT_KIND=kind, BLOCK=BLOCK, **_LAUNCH)
+        _spherical_kernel[_grid(n)](base, x0, x1, target.view(-1), flag, n, ab, float(t), float(1 - t),
+                                  HAS_BASE=inputs.has_base, OUT_KIND=kind, BLOCK=BLOCK, **_LAUNCH)
         return True
 
-    def _model_stock(self, ws: Any, task: Any, target: torch.Tensor, flag: torch.Tensor, rows: int | None,
+    def _mean_toward_base(self, prep: MeanTowardBase, inputs: Inputs, target: torch.Tensor, flag: torch.Tensor,
                      kind: int) -> bool:
-        from evomerge.methods.model_stock import model_stock_ratio
-
-        fw = task.params["filter_wise"]
-        base_ref, inputs = task.base, task.inputs
-        t = ws._small_cache(("mstock", base_ref, inputs, rows, fw), lambda: model_stock_ratio(
-            ws._cv(ws._src(base_ref, rows)), [ws._cv(ws._src(r, rows)) for r in inputs], filter_wise=fw))
-        base = ws._src(base_ref, rows)
-        if fw and base.dim() > 2:
+        if prep.filter_wise and len(inputs.shape) > 2:
             return False
-        xs = [ws._src(r, rows).view(-1) for r in inputs]
+        base = inputs.base_flat()
+        xs = [inputs.x_flat(i) for i in range(inputs.n)]
         n = base.numel()
-        ncols = base.shape[-1] if base.dim() >= 1 else 1
+        ncols = inputs.shape[-1] if inputs.shape else 1
         k = len(xs)
-        tt = t.reshape(-1).contiguous()
-        _model_stock_kernel[_grid(n)](base.view(-1), *self._pad(xs, xs[0]), tt, target.view(-1), flag, n, ncols,
-                                      1.0 / k, NM=k, HAS_INV=k != 1, PER_ROW=bool(fw), OUT_KIND=kind, BLOCK=BLOCK,
-                                      **_LAUNCH)
+        tt = prep.t.reshape(-1).contiguous()
+        _toward_base_kernel[_grid(n)](base, *self._pad(xs, xs[0]), tt, target.view(-1), flag, n, ncols,
+                                      1.0 / k, NM=k, HAS_INV=k != 1, PER_ROW=prep.filter_wise, OUT_KIND=kind,
+                                      BLOCK=BLOCK, **_LAUNCH)
         return True
 
-    def _sce(self, ws: Any, task: Any, out: torch.Tensor, flag: torch.Tensor, rows: int | None, kind: int) -> bool:
-        from evomerge.workspace import sce_prepare
-
-        prepared = sce_prepare(ws, task, rows)
-        ds, weights, from_x = prepared
-        base = ws._src(task.base, rows).view(-1)
+    def _elected_mix(self, prep: ElectedMix, inputs: Inputs, target: torch.Tensor, flag: torch.Tensor, kind: int) -> bool:
+        ds = prep.ds
+        base = inputs.base_flat()
         n = base.numel()
-        _sce_kernel[_grid(n)](base, *self._pad(ds, ds[0]), weights.contiguous(), out, flag, n, NM=len(ds),
-                              FROM_X=from_x, OUT_KIND=kind, BLOCK=BLOCK, **_LAUNCH)
+        _elected_mix_kernel[_grid(n)](base, *self._pad(ds, ds[0]), prep.weights.contiguous(), target.view(-1), flag, n,
+                              NM=len(ds), FROM_X=prep.from_x, OUT_KIND=kind, BLOCK=BLOCK, **_LAUNCH)
         return True

@@ -1,38 +1,37 @@
 """A workspace per worker: one live model whose parameters are overwritten in place for each
 candidate recipe, at (close to) the cost of one pass over the inputs.
 
-What is kept between candidates (placed by :mod:`evomerge.planner` on the device, in pinned host
-memory, or left on disk / recomputed when memory is short):
+The workspace knows no method: it runs each registry entry's two steps
+(:mod:`evomerge.methods.steps`). What is kept between candidates (placed by
+:mod:`evomerge.planner` on the device, in pinned host memory, or left on disk / recomputed when
+memory is short):
 
 - every source tensor, in its stored dtype on a GPU (lossless: the kernels upcast in registers
   exactly as the engine does, and a task vector ``x - base`` is formed on the fly from ``x`` and
   ``base`` in float32, bit-identical to the engine's), upcast to the compute dtype on a CPU (one
   conversion less per element; also exact);
-- everything that does not depend on a candidate's parameters, computed once:
-  magnitude ranks of each task vector (TIES, breadcrumbs: a density becomes one comparison
-  ``rank < k``, no topk/sort per candidate), DELLA's per-row ranks, SCE's variance ranks and
-  non-zero counts, the L1 norms of the task vectors (DARE/DELLA rescale), slerp's cosine, nuslerp's
-  angles, model_stock's ratio, SCE's energies at ``select_topk = 1``;
-- Bernoulli thresholds for the seeded masks (DARE, DELLA): for the engine's per-tensor generator
-  (same seed, same shape, same device) ``torch.bernoulli(p) == (p >= p*)`` for *every* probability
-  tensor ``p``, so a candidate's random mask is one comparison and identical to the engine's.
+- the arrays a method's ``caches`` declares (magnitude, row and variance ranks, Bernoulli
+  thresholds of the seeded masks: see the method files in :mod:`evomerge.methods`), keyed by the
+  sources they are computed from, and the small values its ``prepare`` memoizes (norms, angles,
+  ratios, energies). Where the plan has no room for an array, ``prepare`` computes the candidate's
+  mask directly instead.
 
 Planning a candidate reuses the plan of the previous candidate with the same recipe structure
-(only the per-tensor parameters are resolved again). A candidate then costs one pass (CPU: in
-cache-sized chunks spread over worker threads, so intermediates stay in cache; CUDA: one fused
-Triton kernel per tensor, see :mod:`evomerge.kernels`), plus a second pass only where
-the engine's semantics need a reduction over the *masked* tensor (L1 rescale of DARE/DELLA, SCE's
-energies below ``select_topk = 1``). Results equal ``evomerge merge`` for the same recipe:
-deterministic methods exactly, seeded ones identically on the same device.
+(only the per-tensor parameters are resolved again). A candidate then costs one pass (CPU:
+``combine`` in cache-sized chunks spread over worker threads, so intermediates stay in cache; CUDA:
+the method's fused Triton kernel, see :mod:`evomerge.kernels`), plus the prepared value's
+``reduce`` where the engine's semantics need a reduction over the *masked* tensor (the L1 rescale
+of random masks), and whatever a ``prepare`` materializes for the candidate. A method without chunked steps
+runs whole-tensor. Results equal ``evomerge merge`` for the same recipe: deterministic methods
+exactly, seeded ones identically on the same device.
 """
-
 from __future__ import annotations
 
 import logging
 import sys
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -53,86 +52,11 @@ from evomerge.engine import (
 )
 from evomerge.errors import CheckpointError, MergeError
 from evomerge.methods import Method
-from evomerge.methods.interpolate import (
-    linear_normalizer,
-    nuslerp_angles,
-    nuslerp_combine,
-    nuslerp_unview,
-    nuslerp_view,
-    slerp_coefficients,
-    slerp_dot,
-)
-from evomerge.methods.model_stock import model_stock_combine, model_stock_ratio
-from evomerge.methods.sce import sce_combine, sce_energy, sce_variance, sce_variance_mask, sce_weights_from_energy
-from evomerge.methods.task_arithmetic import (
-    bernoulli_mask,
-    breadcrumbs_counts,
-    breadcrumbs_mask,
-    della_keep_probs,
-    della_probs_from_ranks,
-    della_row_ranks,
-    descending_ranks,
-    l1_scale,
-    linear_total,
-    magnitude_mask,
-    mix_task_vectors,
-)
+from evomerge.methods.steps import Cache
 from evomerge.planner import Item, MemoryPlan, make_plan
 from evomerge.recipe import Recipe
 
 log = logging.getLogger(__name__)
-
-GTA_KINDS: dict[str, tuple[str | None, str | None]] = {  # method -> (sparsifier, consensus)
-    "task_arithmetic": (None, None),
-    "ties": ("magnitude", "sum"),
-    "dare_ties": ("random", "sum"),
-    "dare_linear": ("random", None),
-    "breadcrumbs": ("magnitude_outliers", None),
-    "breadcrumbs_ties": ("magnitude_outliers", "sum"),
-    "della": ("della_magprune", "sum"),
-    "della_linear": ("della_magprune", None),
-}
-
-_F32_ONE_BITS = 0x3F800000  # the bit pattern of 1.0f
-
-
-def bernoulli_thresholds(seed: int, shape: Sequence[int], device: torch.device, *,
-                         verify: bool = True, force_search: bool = False) -> Tensor:
-    """``p*`` (float32, ``shape``) such that, for a generator ``torch.Generator(device).manual_seed(seed)``,
-    ``torch.bernoulli(p, generator=g) == (p >= p*)`` for every float32 probability tensor ``p`` of
-    this shape on ``device``.
-
-    ``torch.bernoulli`` draws one uniform per entry, independent of ``p``, and keeps the entry when
-    the uniform is below ``p`` (``<`` on CPU, ``<=`` on CUDA); the smallest float ``p`` that keeps
-    it is ``p*``. On CPU ``torch.rand`` draws the same uniforms (checked against one Bernoulli draw
-    unless ``verify`` is off); elsewhere, or if that check fails, ``p*`` is found by a bisection over
-    the float32 bit patterns of ``[0, 1]`` (31 Bernoulli draws).
-    """
-    shape = tuple(shape)
-
-    def gen() -> torch.Generator:
-        return torch.Generator(device=device).manual_seed(seed)
-
-    if device.type == "cpu" and not force_search:
-        u = torch.rand(shape, generator=gen(), device=device)
-        cand = torch.nextafter(u, torch.full((), float("inf")))
-        if not verify:
-            return cand
-        probe = torch.rand(shape, generator=torch.Generator(device=device).manual_seed(seed ^ 0x5EED), device=device)
-        if torch.equal(torch.bernoulli(probe, generator=gen()).bool(), probe >= cand):
-            return cand
-        log.warning("torch.rand and torch.bernoulli draw differently here; searching Bernoulli thresholds")
-    lo = torch.zeros(shape, dtype=torch.int32, device=device)
-    hi = torch.full(shape, _F32_ONE_BITS, dtype=torch.int32, device=device)
-    for _ in range(32):
-        if not bool((hi - lo > 1).any()):
-            break
-        mid = (lo + hi) >> 1
-        hit = torch.bernoulli(mid.view(torch.float32), generator=gen()).bool()
-        hi = torch.where(hit, mid, hi)
-        lo = torch.where(hit, lo, mid)
-    return hi.view(torch.float32)
-
 
 def _checkpoint_targets(model: Any, arch: Any, num_layers: int) -> dict[str, Tensor]:
     """Checkpoint tensor name -> the live tensor (or view of one) that holds it. Names agree
@@ -143,10 +67,6 @@ def _checkpoint_targets(model: Any, arch: Any, num_layers: int) -> dict[str, Ten
         if spec.live is not None and spec.live.name in targets:
             targets[spec.name] = spec.live.view(targets[spec.live.name])
     return targets
-
-
-def _rank_dtype(n: int) -> torch.dtype:
-    return torch.int16 if n <= 32767 else torch.int32 if n <= 2**31 - 1 else torch.int64
 
 
 class Workspace:
@@ -190,7 +110,6 @@ class Workspace:
         self.memory: MemoryPlan | None = None
         self._store: dict[Any, Any] = {}  # resident sources and caches, by key
         self._small: dict[Any, Any] = {}  # per-tensor scalars and per-row vectors (not planned)
-        self._verified_numels: set[int] = set()
         self._pool: Any = None
         self._tls = threading.local()  # per-thread scratch buffers (see _scratch)
         self._workers = torch.get_num_threads() if self.device.type == "cpu" else 1
@@ -421,34 +340,12 @@ class Workspace:
 
     def _want_derived(self, task: TensorTask, method: Method, seed: int, rows: int | None, numel: int,
                       want: Callable[..., None]) -> None:
-        name = method.name
-        p = task.params
-        base = task.base
-        if name in GTA_KINDS:
-            sparsifier, _ = GTA_KINDS[name]
-            if sparsifier is None:
-                return
-            for i, ref in enumerate(task.inputs):  # densities change between candidates: cache for all
-                if sparsifier in ("magnitude", "magnitude_outliers"):
-                    dt = _rank_dtype(numel)
-                    want("magnitude ranks", ("magrank", base, ref, rows), numel * dt.itemsize, ref[0],
-                         lambda ref=ref: self._build_magrank(base, ref, rows))
-                if sparsifier == "della_magprune":
-                    shape = self._shape(task, rows)
-                    ncols = shape[1] if len(shape) >= 2 else shape[0]
-                    if ncols >= 2:
-                        dt = _rank_dtype(ncols)
-                        want("row ranks", ("rowrank", base, ref, rows), numel * dt.itemsize, ref[0],
-                             lambda ref=ref: self._build_rowrank(base, ref, rows))
-                if sparsifier in ("random", "della_magprune") and self.compute_dtype == torch.float32:
-                    s = tensor_seed(seed, task.out_name, i)
-                    shape = self._shape(task, rows)
-                    want("bernoulli thresholds", ("pstar", s, shape), numel * 4, ref[0],
-                         lambda s=s, shape=shape: self._build_pstar(s, shape))
-        elif name == "sce":
-            dt = _rank_dtype(numel)
-            want("variance ranks", ("varrank", base, task.inputs, rows), numel * dt.itemsize, "all models",
-                 lambda: self._build_varrank(base, task.inputs, rows))
+        """The method's trial-invariant arrays for this task (the planner decides where each lives)."""
+        inputs = _TaskInputs(self, task, method, seed, rows)
+        for cache in method.caches(inputs, task.params):
+            who = cache.reads if cache.seeded is None else (cache.seeded,)
+            label = task.inputs[who[0]][0] if len(who) == 1 else "all models"
+            want(cache.label, inputs.cache_key(cache), cache.nbytes, label, cache.build)
 
     def _shape(self, task: TensorTask, rows: int | None) -> tuple[int, ...]:
         ref = task.base or task.inputs[0]
@@ -487,29 +384,6 @@ class Workspace:
         x = self._cv(self._src(ref, rows))
         return x if base is None else x - self._cv(self._src(base, rows))
 
-    def _build_magrank(self, base: TensorRef, ref: TensorRef, rows: int | None) -> Tensor:
-        d = self._delta(base, ref, rows)
-        return descending_ranks(d.abs()).to(_rank_dtype(d.numel()))
-
-    def _build_rowrank(self, base: TensorRef, ref: TensorRef, rows: int | None) -> Tensor:
-        d = self._delta(base, ref, rows)
-        ncols = d.shape[1] if d.dim() >= 2 else d.shape[0]
-        return della_row_ranks(d).to(_rank_dtype(ncols))
-
-    def _build_varrank(self, base: TensorRef, inputs: Sequence[TensorRef], rows: int | None) -> Tensor:
-        var = sce_variance(torch.stack([self._delta(base, r, rows) for r in inputs], dim=0))
-        self._small[("nnz", base, tuple(inputs), rows)] = int(torch.count_nonzero(var))
-        return descending_ranks(var).to(_rank_dtype(var.numel()))
-
-    def _build_pstar(self, seed: int, shape: tuple[int, ...]) -> Tensor:
-        numel = 1
-        for s in shape:
-            numel *= s
-        verify = numel not in self._verified_numels
-        out = bernoulli_thresholds(seed, shape, self.device, verify=verify)
-        self._verified_numels.add(numel)
-        return out
-
     def _cached(self, key: Any) -> Tensor | None:
         return self._store.get(key)
 
@@ -539,53 +413,31 @@ class Workspace:
         return list(self._pool.map(run, chunks))
 
     def _run_task(self, task: TensorTask, method: Method, seed: int, target: Tensor, flag: Tensor) -> Tensor | None:
-        """Write one merged tensor into ``target``. Returns a 0-dim bool "all finite" tensor, or
-        None when a fused kernel ran (it counts non-finite values into ``flag``)."""
+        """Write one merged tensor into ``target``: the method's ``prepare`` (from the caches),
+        then its fused kernel, or else ``reduce`` and ``combine`` chunk by chunk (whole when the
+        prepared value is not chunked). Returns a 0-dim bool "all finite" tensor, or None when a
+        fused kernel ran (it counts non-finite values into ``flag``)."""
         rows = self._rows(task)
         shape = self._shape(task, rows)
         if tuple(target.shape) != shape:
             raise MergeError(f"{task.out_name}: merged shape {shape} != model's {tuple(target.shape)}")
-        name = method.name
-        if self.kernels is not None:
+        inputs = _TaskInputs(self, task, method, seed, rows)
+        prep = method.prepare(inputs, task.params)
+        if self.kernels is not None and method.kernel is not None:
             try:
-                if self.kernels.run(self, task, method, seed, target, rows, flag):
+                if self.kernels.run(method.kernel, prep, inputs, target, self._out_dtype, flag):
                     return None
             except Exception as e:  # noqa: BLE001 - a kernel that does not compile here: the eager path is exact too
                 log.warning("fused kernel failed for %s (%s: %s); using the eager path from now on",
                             task.out_name, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
                 self.kernels = None
                 self.kernel_error = f"{type(e).__name__}: {e}"
-        if name in GTA_KINDS:
-            return self._gta(task, method, seed, target, rows)
-        if name == "sce":
-            return self._sce(task, target, rows)
-        if name == "model_stock":
-            return self._model_stock(task, target, rows)
-        if name == "nuslerp":
-            return self._nuslerp(task, target, rows)
-        p = task.params
-        # linear, passthrough and slerp: the pure functions' operations in the same order (so the
-        # same rounding), written into per-thread scratch buffers instead of fresh temporaries
-        if name == "linear":
-            xs = [self._src(r, rows).view(-1) for r in task.inputs]
-            return self._flat(target, lambda sl: self._weighted_sum(
-                [x[sl] for x in xs], [float(w) for w in p["weight"]], linear_normalizer(p["weight"], p["normalize"])))
-        if name == "passthrough":
-            x, scale = self._src(task.inputs[0], rows).view(-1), p["scale"][0]
-            if scale is None or scale == 1:
-                return self._flat(target, lambda sl: self._cv(x[sl]))
-            return self._flat(target, lambda sl: self._weighted_sum([x[sl]], [scale], None))
-        if name == "slerp":
-            base, other = task.base, task.inputs[0]
-            dot = self._small_cache(("slerp", base, other, rows), lambda: slerp_dot(
-                self._cv(self._src(base, rows)), self._cv(self._src(other, rows))))
-            c0, c1 = slerp_coefficients(dot, p["t"])
-            b, x = self._src(base, rows).view(-1), self._src(other, rows).view(-1)
-            return self._flat(target, lambda sl: self._weighted_sum([b[sl], x[sl]], [c0, c1], None))
-        if name == "nearswap":
-            b, x = self._src(task.base, rows).view(-1), self._src(task.inputs[0], rows).view(-1)
-            return self._flat(target, lambda sl: self._nearswap(self._cv(b[sl]), self._cv(x[sl]), float(p["t"])))
-        raise MergeError(f"{name}: no workspace implementation")  # pragma: no cover - registry is covered by tests
+        prep.reduce(inputs)
+        if not prep.chunked:
+            out = method.combine(prep, inputs, None)
+            target.copy_(self._round(out.reshape(target.shape), target))
+            return all_finite(out)
+        return self._flat(target, lambda sl: method.combine(prep, inputs, sl))
 
     def _scratch(self, n: int, k: int) -> list[Tensor]:
         """``k`` compute-dtype buffers of ``n`` elements for the calling thread. On CPU they are
@@ -598,23 +450,6 @@ class Workspace:
             size = max(n, min(self.chunk_elems, 1 << 22))
             bufs = self._tls.bufs = [torch.empty(size, dtype=self.compute_dtype) for _ in range(max(k, 3))]
         return [b[:n] for b in bufs[:k]]
-
-    def _weighted_sum(self, xs: Sequence[Tensor], weights: Sequence[float], factor: float | None) -> Tensor:
-        """``(x0*w0 + x1*w1 + ...) * factor`` as :func:`linear` computes it (each product rounded,
-        then added in order), in scratch buffers; ``xs`` are in their stored dtype."""
-        out, tmp = self._scratch(xs[0].numel(), 2)
-        torch.mul(self._cv(xs[0]), float(weights[0]), out=out)
-        for x, w in zip(xs[1:], weights[1:]):
-            out.add_(torch.mul(self._cv(x), float(w), out=tmp))
-        return out if factor is None else out.mul_(factor)
-
-    def _nearswap(self, b: Tensor, x: Tensor, t: float) -> Tensor:
-        """:func:`nearswap` step by step in scratch buffers (each operation rounds as there)."""
-        w, out, tmp = self._scratch(b.numel(), 3)
-        torch.sub(b, x, out=w).abs_().clamp_(min=1e-6).reciprocal_().mul_(t).clamp_(0, 1)  # weight of x
-        torch.mul(w, x, out=out)
-        torch.mul(w, -1.0, out=tmp).add_(1.0).mul_(b)  # (1 - w) * b
-        return out.add_(tmp)
 
     def _round(self, out: Tensor, target: Tensor) -> Tensor:
         """The engine writes ``out.to(plan.out_dtype)``; round through that dtype when the live
@@ -634,303 +469,78 @@ class Workspace:
         oks = self._map_chunks(flat.numel(), one)
         return torch.stack(oks).all() if len(oks) > 1 else oks[0]
 
-    # GTA: task arithmetic, TIES, DARE, breadcrumbs, DELLA
-    def _gta(self, task: TensorTask, method: Method, seed: int, target: Tensor, rows: int | None) -> Tensor:
-        sparsifier, consensus = GTA_KINDS[method.name]
-        p = task.params
-        if sparsifier is None and consensus is None:
-            return self._task_arithmetic(task, target, rows)
-        specs = gta_model_specs(self, task, method, seed, rows)
-        assert specs is not None
-        b = self._src(task.base, rows).view(-1)
-        xs = [self._src(r, rows).view(-1) for r in task.inputs]
-        numel = b.numel()
-        cv = self._cv
-        # phase 1: L1 rescale factors need the sum over the whole masked task vector
-        for i, sp in enumerate(specs):
-            if sp.sm == SM_SCALE_PTR and sp.scale is None:
-                buf = torch.empty(numel, dtype=self.compute_dtype, device=self.device)
-                self._map_chunks(numel, lambda sl, sp=sp, x=xs[i], buf=buf: torch.abs(
-                    sp.masked(cv(x[sl]) - cv(b[sl]), sl), out=buf[sl]))
-                sp.scale = sp.l1_scale(buf)
-                del buf
 
-        def chunk(sl: slice) -> Tensor:
-            bb = cv(b[sl])
-            sparse = [sp.sparse(cv(x[sl]) - bb, sl) for sp, x in zip(specs, xs)]
-            return mix_task_vectors(bb, sparse, p["weight"], consensus=consensus, normalize=p["normalize"],
-                                    lambda_=p["lambda"])
+class _TaskInputs:
+    """One task's inputs as the workspace holds them (:class:`evomerge.methods.steps.Inputs`):
+    sources where the memory plan put them, caches under keys of the task's sources, small
+    values memoized for the workspace's life, the engine's generators."""
 
-        return self._flat(target, chunk)
+    def __init__(self, ws: Workspace, task: TensorTask, method: Method, seed: int, rows: int | None):
+        self.ws, self.task, self.rows = ws, task, rows
+        self._stochastic, self._seed = method.stochastic, seed
+        self.shape = ws._shape(task, rows)
+        self.numel = 1
+        for s in self.shape:
+            self.numel *= s
+        self.n = len(task.inputs)
+        self.has_base = task.base is not None
+        self.dtype = ws.compute_dtype
+        self.device = ws.device
+        self._flats: dict[int, Tensor] = {}
 
-    def _task_arithmetic(self, task: TensorTask, target: Tensor, rows: int | None) -> Tensor:
-        """:func:`mix_task_vectors` without sparsifier or consensus, step by step in scratch
-        buffers: ``base + lambda * (sum_i (x_i - base) * w_i) [/ sum w]``, same order, same rounding."""
-        p = task.params
-        b = self._src(task.base, rows).view(-1)
-        xs = [self._src(r, rows).view(-1) for r in task.inputs]
-        weights = [float(w) for w in p["weight"]]
-        total = linear_total(weights) if p["normalize"] else 1.0
-        lam = float(p["lambda"])
+    def _ref(self, i: int) -> TensorRef:
+        return self.task.base if i < 0 else self.task.inputs[i]  # type: ignore[return-value]
 
-        def chunk(sl: slice) -> Tensor:
-            bb = self._cv(b[sl])
-            acc, tmp = self._scratch(bb.numel(), 2)
-            torch.sub(self._cv(xs[0][sl]), bb, out=acc).mul_(weights[0])
-            for x, w in zip(xs[1:], weights[1:]):
-                acc.add_(torch.sub(self._cv(x[sl]), bb, out=tmp).mul_(w))
-            if total != 1.0:
-                acc.mul_(1.0 / total)
-            if lam != 1:
-                acc.mul_(lam)
-            return acc.add_(bb)
+    def _flat(self, i: int) -> Tensor:
+        t = self._flats.get(i)
+        if t is None:
+            t = self._flats[i] = self.ws._src(self._ref(i), self.rows).view(-1)
+        return t
 
-        return self._flat(target, chunk)
+    def base(self) -> Tensor:
+        return self.ws._cv(self._flat(-1)).view(self.shape)
 
-    def _sce(self, task: TensorTask, target: Tensor, rows: int | None) -> Tensor:
-        ds, weights, from_x = sce_prepare(self, task, rows)
-        b = self._src(task.base, rows).view(-1)
-        cv = self._cv
-        if from_x:
-            return self._flat(target, lambda sl: sce_combine(cv(b[sl]), [cv(x[sl]) - cv(b[sl]) for x in ds], weights))
-        return self._flat(target, lambda sl: sce_combine(cv(b[sl]), [d[sl] for d in ds], weights))
+    def x(self, i: int) -> Tensor:
+        return self.ws._cv(self._flat(i)).view(self.shape)
 
-    def _model_stock(self, task: TensorTask, target: Tensor, rows: int | None) -> Tensor:
-        fw = task.params["filter_wise"]
-        base_ref, inputs = task.base, task.inputs
-        t = self._small_cache(("mstock", base_ref, inputs, rows, fw), lambda: model_stock_ratio(
-            self._cv(self._src(base_ref, rows)), [self._cv(self._src(r, rows)) for r in inputs], filter_wise=fw))
-        base = self._src(base_ref, rows)
-        xs = [self._src(r, rows) for r in inputs]
-        cv = self._cv
-        if not fw:
-            b, fx = base.view(-1), [x.view(-1) for x in xs]
-            return self._flat(target, lambda sl: model_stock_combine(t, cv(b[sl]), [cv(x[sl]) for x in fx]))
-        if base.dim() != 2:
-            w0 = base.unsqueeze(0) if base.dim() == 1 else base
-            ws = [x.unsqueeze(0) if x.dim() == 1 else x for x in xs]
-            out = model_stock_combine(t, cv(w0), [cv(w) for w in ws]).reshape(target.shape)
-            target.copy_(self._round(out, target))
-            return all_finite(out)
-        ncols = base.shape[1]
-        per = max(1, self.chunk_elems // max(1, ncols))
-        oks = []
-        for r0 in range(0, base.shape[0], per):
-            sl = slice(r0, min(r0 + per, base.shape[0]))
-            out = model_stock_combine(t[sl], cv(base[sl]), [cv(x[sl]) for x in xs])
-            oks.append(all_finite(out))
-            target[sl].copy_(self._round(out, target))
-        return torch.stack(oks).all()
+    def delta(self, i: int) -> Tensor:
+        return self.ws._delta(self.task.base, self.task.inputs[i], self.rows)
 
-    def _nuslerp(self, task: TensorTask, target: Tensor, rows: int | None) -> Tensor:
-        p = task.params
-        w = p["weight"]
-        total = float(w[0]) + float(w[1])
-        t = 0.5 if abs(total) < 1e-6 else float(w[1]) / total
-        row_wise, flatten = p["nuslerp_row_wise"], p["nuslerp_flatten"]
-        dim = 0 if row_wise else -1
-        base_ref = task.base
-        r0, r1 = task.inputs
-        key = ("nuslerp", base_ref, r0, r1, rows, dim, flatten)
+    def base_flat(self) -> Tensor:
+        return self._flat(-1)
 
-        def angles() -> tuple[Tensor, Tensor, Tensor]:
-            v0, v1 = self._delta(base_ref, r0, rows), self._delta(base_ref, r1, rows)
-            return nuslerp_angles(nuslerp_view(v0, dim, flatten), nuslerp_view(v1, dim, flatten))
+    def x_flat(self, i: int) -> Tensor:
+        return self._flat(i)
 
-        theta, safe_sin, colinear = self._small_cache(key, angles)
-        cv = self._cv
-        if flatten:
-            x0, x1 = self._src(r0, rows).view(-1), self._src(r1, rows).view(-1)
-            if base_ref is None:
-                return self._flat(target, lambda sl: nuslerp_combine(t, cv(x0[sl]), cv(x1[sl]), theta, safe_sin, colinear))
-            b = self._src(base_ref, rows).view(-1)
+    def cv(self, t: Tensor) -> Tensor:
+        return self.ws._cv(t)
 
-            def chunk(sl: slice) -> Tensor:
-                bb = cv(b[sl])
-                return bb + nuslerp_combine(t, cv(x0[sl]) - bb, cv(x1[sl]) - bb, theta, safe_sin, colinear)
+    def scratch(self, n: int, k: int) -> list[Tensor]:
+        return self.ws._scratch(n, k)
 
-            return self._flat(target, chunk)
-        v0, v1 = self._delta(base_ref, r0, rows), self._delta(base_ref, r1, rows)
-        shape = v0.shape
-        out = nuslerp_unview(nuslerp_combine(t, nuslerp_view(v0, dim, False), nuslerp_view(v1, dim, False),
-                                             theta, safe_sin, colinear), shape, dim, False)
-        if base_ref is not None:
-            out = self._cv(self._src(base_ref, rows)) + out
-        target.copy_(self._round(out, target))
-        return all_finite(out)
+    def _reads(self, reads: Sequence[int]) -> tuple:
+        return (self.task.base, tuple(self.task.inputs[j] for j in reads), self.rows)
 
+    def cache_key(self, cache: Cache) -> tuple:
+        seed = None if cache.seeded is None else self.seed(cache.seeded)
+        return (cache.tag, self._reads(cache.reads) if cache.reads else None, seed, self.shape)
 
-# --------------------------------------------------------------------------- shared by the eager path and the kernels
-MM_NONE, MM_RANK, MM_MASK, MM_PSTAR_P, MM_PSTAR_ROWRANK, MM_PSTAR_PROBS, MM_MASK_PROBS = range(7)
-SM_NONE, SM_SCALE_PTR, SM_MUL, SM_DIV_PROBS = range(4)
+    def cached(self, cache: Cache) -> Tensor | None:
+        return self.ws._cached(self.cache_key(cache))
 
+    def memo(self, key: tuple, reads: Sequence[int], build: Callable[[], Any]) -> Any:
+        return self.ws._small_cache((key, self._reads(reads)), build)
 
-@dataclass
-class ModelSpec:
-    """How one model's task vector is sparsified in a candidate (flat views of whole tensors).
+    def seed(self, i: int) -> int:
+        return tensor_seed(self._seed, self.task.out_name, i)
 
-    ``mm`` (mask): none; ``rank`` window ``lo <= a < hi``; full bool mask ``a``; Bernoulli
-    thresholds ``a <= f1``; thresholds vs DELLA probabilities ``b * f1 + f2`` (row ranks ``b``);
-    thresholds vs full probabilities ``b``; full mask ``a`` with full probabilities ``b``.
-    ``sm`` (rescale): none; times ``scale`` (L1, 0-dim); times ``f3``; divided by the probabilities.
-    """
+    def generator(self, i: int) -> torch.Generator | None:
+        if not self._stochastic:
+            return None  # as the engine
+        return torch.Generator(device=self.device).manual_seed(self.seed(i))
 
-    mm: int
-    sm: int
-    w: float
-    shape: tuple[int, ...]
-    a: Tensor | None = None
-    b: Tensor | None = None
-    lo: int = 0
-    hi: int = 0
-    f1: float = 0.0
-    f2: float = 0.0
-    f3: float = 0.0
-    before: Tensor | None = None
-    scale: Tensor | None = None
-
-    def probs(self, sl: slice) -> Tensor:
-        if self.mm == MM_PSTAR_ROWRANK:
-            return self.b[sl].to(torch.float32) * self.f1 + self.f2  # = della_probs_from_ranks
-        return self.b[sl]
-
-    def keep(self, sl: slice) -> Tensor:
-        mm = self.mm
-        if mm == MM_RANK:
-            r = self.a[sl]
-            return (r >= self.lo) & (r < self.hi)
-        if mm in (MM_MASK, MM_MASK_PROBS):
-            return self.a[sl]
-        if mm == MM_PSTAR_P:
-            return self.a[sl] <= self.f1
-        return self.probs(sl) >= self.a[sl]
-
-    def masked(self, d: Tensor, sl: slice) -> Tensor:
-        return d if self.mm == MM_NONE else d * self.keep(sl)
-
-    def sparse(self, d: Tensor, sl: slice) -> Tensor:
-        x = self.masked(d, sl)
-        if self.sm == SM_SCALE_PTR:
-            return x * self.scale
-        if self.sm == SM_MUL:
-            return x * self.f3
-        if self.sm == SM_DIV_PROBS:
-            return x / self.probs(sl)
-        return x
-
-    def l1_scale(self, abs_masked: Tensor) -> Tensor:
-        """The engine's ``l1_scale(delta.abs().sum(), masked.abs().sum())``."""
-        return l1_scale(self.before, abs_masked.view(self.shape).sum())
-
-
-def gta_model_specs(ws: Workspace, task: TensorTask, method: Method, seed: int, rows: int | None) -> list[ModelSpec] | None:
-    """Per model: the cached (or, where the planner found no room, recomputed) pieces of its mask."""
-    sparsifier, _ = GTA_KINDS[method.name]
-    p = task.params
-    base_ref = task.base
-    shape = ws._shape(task, rows)
-    numel = 1
-    for s in shape:
-        numel *= s
-    specs = []
-    for i, ref in enumerate(task.inputs):
-        w = float(p["weight"][i])
-        density = p["density"][i] if sparsifier else 1.0
-        if sparsifier is None or density >= 1:
-            specs.append(ModelSpec(MM_NONE, SM_NONE, w, shape))
-            continue
-        sp = ModelSpec(MM_MASK, SM_NONE, w, shape)
-
-        def gen(i: int = i) -> torch.Generator:
-            return torch.Generator(device=ws.device).manual_seed(tensor_seed(seed, task.out_name, i))
-
-        probs_float = False
-        if sparsifier in ("magnitude", "magnitude_outliers"):
-            rank = ws._cached(("magrank", base_ref, ref, rows))
-            if sparsifier == "magnitude":
-                lo, hi = 0, int(density * numel)
-            else:
-                n_top, n_bot = breadcrumbs_counts(numel, density, p["gamma"][i])
-                lo, hi = n_top, numel - n_bot
-            if rank is not None:
-                sp.mm, sp.a, sp.lo, sp.hi = MM_RANK, rank.view(-1), lo, hi
-            else:
-                d = ws._delta(base_ref, ref, rows)
-                full = magnitude_mask(d, density) if sparsifier == "magnitude" else breadcrumbs_mask(d, density, p["gamma"][i])
-                sp.a = full.view(-1).bool()
-        elif sparsifier == "random":
-            pstar = ws._cached(("pstar", tensor_seed(seed, task.out_name, i), shape))
-            probs_float = True
-            if pstar is not None:
-                sp.mm, sp.a, sp.f1 = MM_PSTAR_P, pstar.view(-1), float(density)
-            else:
-                sp.a = bernoulli_mask(ws._delta(base_ref, ref, rows), density, gen()).view(-1).bool()
-        else:  # della_magprune
-            eps = p["epsilon"][i]
-            ncols = shape[1] if len(shape) >= 2 else shape[0]
-            rank = ws._cached(("rowrank", base_ref, ref, rows))
-            pstar = ws._cached(("pstar", tensor_seed(seed, task.out_name, i), shape))
-            if ncols >= 2 and rank is not None and ws.compute_dtype == torch.float32:
-                probs_mode = MM_PSTAR_ROWRANK
-                sp.b, sp.f1, sp.f2 = rank.view(-1), 2 * eps / (ncols - 1), density - eps
-            else:
-                probs_mode = MM_PSTAR_PROBS
-                if ncols < 2:
-                    sp.b = torch.full((numel,), density, dtype=ws.compute_dtype, device=ws.device)
-                else:
-                    sp.b = della_keep_probs(ws._delta(base_ref, ref, rows), density, eps).view(-1)
-            if pstar is not None:
-                sp.mm, sp.a = probs_mode, pstar.view(-1)
-            else:
-                probs = sp.probs(slice(0, numel))
-                sp.mm, sp.b = MM_MASK_PROBS, probs
-                sp.a = torch.bernoulli(probs.view(shape), generator=gen()).view(-1).bool()
-        if p["rescale"]:
-            if p["rescale_mode"] == "l1" or sparsifier in ("magnitude", "magnitude_outliers"):
-                sp.sm = SM_SCALE_PTR
-                sp.before = ws._small_cache(("l1", base_ref, ref, rows),
-                                            lambda ref=ref: ws._delta(base_ref, ref, rows).abs().sum())
-            elif probs_float:
-                sp.sm, sp.f3 = SM_MUL, 1.0 / density
-            else:
-                sp.sm = SM_DIV_PROBS
-        specs.append(sp)
-    return specs
-
-
-def sce_prepare(ws: Workspace, task: TensorTask, rows: int | None) -> tuple[list[Tensor], Tensor, bool]:
-    """SCE's inputs for the combine step: ``(task vectors or sources, weights, from_sources)``.
-    Below ``select_topk = 1`` the masked task vectors are materialized (float32), because the
-    weights are their energies, a reduction over the whole tensor."""
-    topk = task.params["select_topk"]
-    base_ref, inputs = task.base, task.inputs
-    base = ws._src(base_ref, rows)
-    shape, numel = tuple(base.shape), base.numel()
-    b = base.view(-1)
-    xs = [ws._src(r, rows).view(-1) for r in inputs]
-    cv = ws._cv
-    if topk >= 1:
-        energy = ws._small_cache(("sce_energy", base_ref, inputs, rows), lambda: torch.stack(
-            [sce_energy(ws._delta(base_ref, r, rows)) for r in inputs]))
-        return xs, sce_weights_from_energy(energy), True
-    rank = ws._cached(("varrank", base_ref, inputs, rows))
-    if rank is not None:
-        k = int(ws._small[("nnz", base_ref, tuple(inputs), rows)] * topk)
-        r = rank.view(-1)
-        mask = lambda sl: r[sl] < k  # noqa: E731
-    else:
-        full = sce_variance_mask(torch.stack([ws._delta(base_ref, x, rows) for x in inputs]), topk).view(-1)
-        mask = lambda sl: full[sl]  # noqa: E731
-    bufs = [torch.empty(numel, dtype=ws.compute_dtype, device=ws.device) for _ in inputs]
-    def one(sl: slice) -> None:
-        m = mask(sl)
-        bb = cv(b[sl])
-        for i in range(len(inputs)):
-            torch.mul(cv(xs[i][sl]) - bb, m, out=bufs[i][sl])
-
-    ws._map_chunks(numel, one)
-    weights = sce_weights_from_energy(torch.stack([sce_energy(buf.view(shape)) for buf in bufs]))
-    return bufs, weights, False
+    def map_chunks(self, fn: Callable[[slice], Any]) -> list[Any]:
+        return self.ws._map_chunks(self.numel, fn)
 
 
 # --------------------------------------------------------------------------- plan structure

@@ -1076,3 +1076,82 @@ def test_mergekit_parity_sign_mask():
     w[:, 0, 0] = 0.0
     for method in ("sum", "count"):
         assert torch.equal(sign_consensus(w, method).bool(), _mk_get_mask(w, method=method))
+
+
+# =========================================================================== 6. pinned random streams
+# SHA-256 of merged tensors (and of the raw DARE/DELLA masks) for a fixed recipe seed, tensor name and
+# inputs. A change to the seeding scheme (tensor_seed, generator use, draw order) changes every
+# exported recipe's meaning: it must fail here, not pass silently. Computed from the code
+# before the registry refactor (commit 5594513), so the refactor is proven to keep them.
+GOLDEN_SEED = 1234
+GOLDEN_TENSOR = "model.layers.3.mlp.down_proj.weight"
+GOLDEN_OUTPUTS = {
+    "dare_ties": "43a4d08d16012c7fe42fc6cc6987d5ae8b1a69c02d2e55ce30b27e0ec2a1917e",
+    "dare_linear": "e130932ebbc15501a58fe5e0dea2bf1fc998035165f2ff07cad8026ab399576f",
+    "della": "d3082b96263d6c6306952a83b47c7c144953abd89b2d830428d71bc41ec29836",
+    "della_linear": "fba496bc2c8754201d36e597e38d2393e1c5039bc43ccb398ae65d82a41f4014",
+}
+GOLDEN_MASKS = {
+    "dare": "12d598e4f04fd22e648a07d3b7afcc06a72dae8a5786a9d5d98c4f4dc054bd2f",
+    "della": "17c0333fb42e1f826826c7a09b780c3c492fed17a79e73c216e4f7f8f9fdf693",
+}
+
+
+def _golden_inputs(n: int = 3, shape=(24, 40)) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Inputs from a closed formula (no RNG): float32 base and ``n`` models."""
+    k = torch.arange(shape[0] * shape[1], dtype=F64).reshape(shape)
+    base = torch.sin(k * 0.37).to(F32)
+    xs = [(torch.sin(k * 0.37) + 0.05 * torch.cos(k * (0.11 + 0.07 * i) + i)).to(F32) for i in range(n)]
+    return base, xs
+
+
+def _golden_params(m: Method, n: int) -> dict[str, Any]:
+    p = resolved_defaults(m, n, np.random.default_rng(0))
+    p["weight"] = [0.7, 0.4, 0.9][:n]
+    if "density" in p:
+        p["density"] = [0.5, 0.35, 0.6][:n]
+    if "epsilon" in p:
+        p["epsilon"] = [0.1, 0.2, 0.15][:n]
+    return p
+
+
+def _digest(t: torch.Tensor) -> str:
+    import hashlib
+
+    return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()
+
+
+def golden_output(name: str) -> str:
+    from evomerge.engine import TensorTask, execute_task
+
+    m = METHODS[name]
+    base, xs = _golden_inputs()
+    refs = {("base", GOLDEN_TENSOR): base, **{(f"m{i}", GOLDEN_TENSOR): x for i, x in enumerate(xs)}}
+    task = TensorTask(GOLDEN_TENSOR, ("base", GOLDEN_TENSOR), tuple((f"m{i}", GOLDEN_TENSOR) for i in range(len(xs))),
+                      _golden_params(m, len(xs)))
+    out = execute_task(task, m, refs.__getitem__, seed=GOLDEN_SEED, device=torch.device("cpu"))
+    return _digest(out)
+
+
+def golden_mask(kind: str) -> str:
+    from evomerge.engine import tensor_seed
+
+    base, xs = _golden_inputs()
+    g = torch.Generator().manual_seed(tensor_seed(GOLDEN_SEED, GOLDEN_TENSOR, 0))
+    d = xs[0] - base
+    mask = bernoulli_mask(d, 0.4, g) if kind == "dare" else della_mask(d, 0.4, 0.15, g)[0]
+    return _digest(mask.to(torch.uint8))
+
+
+def test_golden_digests_cover_every_stochastic_method():
+    assert set(GOLDEN_OUTPUTS) == set(STOCHASTIC), "a new stochastic method needs a golden digest here"
+
+
+@pytest.mark.parametrize("name", STOCHASTIC)
+def test_golden_output_digest(name):
+    assert golden_output(name) == GOLDEN_OUTPUTS.get(name), f"{name}: the seeded output changed"
+
+
+@pytest.mark.parametrize("kind", ["dare", "della"])
+def test_golden_mask_digest(kind):
+    assert golden_mask(kind) == GOLDEN_MASKS[kind], f"{kind}: the seeded mask changed"

@@ -16,9 +16,11 @@ from safetensors.torch import save_file
 from conftest import load_state, make_tiny_llama
 from evomerge.engine import merge_in_memory
 from evomerge.errors import MergeError
-from evomerge.methods import METHODS
+from evomerge.methods import METHODS, Method, Param
+from evomerge.methods.steps import whole_tensor
+from evomerge.methods.task_arithmetic import bernoulli_thresholds
 from evomerge.recipe import Recipe
-from evomerge.workspace import Workspace, bernoulli_thresholds
+from evomerge.workspace import Workspace
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -208,6 +210,36 @@ def test_ties_among_magnitudes_follow_the_engine(tmp_path):
                 recipe = Recipe.from_dict(data)
                 ws.load(recipe)
                 assert_same(ws, recipe)
+    finally:
+        ws.close()
+
+
+def _noisy_mean(base, xs, p, generators):
+    """A method given only as a whole-tensor function: base + scale * mean of the task vectors,
+    each kept where a seeded coin says so (stochastic) or everywhere."""
+    acc = torch.zeros_like(base)
+    for x, g in zip(xs, generators):
+        d = x - base
+        acc = acc + (d * torch.bernoulli(torch.full_like(d, 0.5), generator=g) if g is not None else d)
+    return base + acc * (p["scale"] / len(xs))
+
+
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_a_method_with_only_a_whole_tensor_function_runs_in_the_workspace(models3, monkeypatch, stochastic):
+    """The registry's generic steps: a new method (one function, one entry) merges in the
+    workspace exactly as in the engine, seeded draws included."""
+    entry = Method(name="noisy_mean", **whole_tensor(_noisy_mean),
+                   params=(Param("scale", "global", default=1.0, search=(0.5, 1.5)),),
+                   base="required", min_models=1, max_models=None, stochastic=stochastic)
+    monkeypatch.setitem(METHODS, "noisy_mean", entry)
+    ws = _workspace(models3, chunk_elems=97)
+    try:
+        for scale in (1.0, 0.7):
+            recipe = Recipe.from_dict({"merge_method": "noisy_mean", "base_model": models3["base"], "random_seed": 3,
+                                       "parameters": {"scale": scale},
+                                       "models": [{"model": models3[k]} for k in ("a", "b", "base")]})
+            ws.load(recipe)
+            assert_same(ws, recipe)
     finally:
         ws.close()
 

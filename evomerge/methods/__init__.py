@@ -1,9 +1,13 @@
 """The merge-method registry: one explicit dict, variants as data.
 
 Every method is a :class:`Method`: its parameters (with defaults, valid ranges and a default
-search range), whether it needs a base model, how many other models it takes, and ``run`` — an
-adapter from resolved parameters to the method's pure function. The engine and the search space
-read only this registry, so a method added here is mergeable and searchable everywhere.
+search range), whether it needs a base model, how many other models it takes, and its two steps
+(see :mod:`evomerge.methods.steps`): ``prepare`` (everything not elementwise; its trial-invariant
+parts declared by ``caches`` or memoized) and ``combine`` (elementwise, whole or in chunks), plus
+``kernel``, the id of a fused accelerator that consumes the prepared value (optional). The engine,
+the workspace, the kernels and the search space read only this registry, so a method added here is
+mergeable and searchable everywhere: a method with only a whole-tensor function gets both steps
+from :func:`~evomerge.methods.steps.whole_tensor`.
 
 Parameter names and defaults are mergekit's. Extensions (documented in the README):
 ``rescale_mode`` (``l1`` = mergekit, ``keep_prob`` = the DARE/DELLA papers).
@@ -20,10 +24,28 @@ from typing import Any, Callable, Literal, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from evomerge.methods.interpolate import linear, nearswap, nuslerp, passthrough, slerp
-from evomerge.methods.model_stock import model_stock
-from evomerge.methods.sce import sce
-from evomerge.methods.task_arithmetic import generalized_task_arithmetic
+from evomerge.errors import ConfigError
+from evomerge.methods.interpolate import (
+    DistanceBlend,
+    SphericalBlend,
+    WeightedSum,
+    linear_prepare,
+    nearswap_combine,
+    nearswap_prepare,
+    nuslerp_combine_step,
+    nuslerp_prepare,
+    passthrough_prepare,
+    slerp_prepare,
+    weighted_sum_combine,
+)
+from evomerge.methods.model_stock import MeanTowardBase, model_stock_combine_step, model_stock_prepare
+from evomerge.methods.sce import ElectedMix, sce_caches, sce_combine_step, sce_prepare
+from evomerge.methods.steps import Cache, Inputs, WholeInputs, no_caches
+from evomerge.methods.task_arithmetic import SM_SCALE_PTR, TaskVectorMix, gta_caches, gta_combine, gta_prepare
+
+# re-exported: the prepared values the fused kernels (evomerge.kernels) consume
+__all__ = ["METHODS", "Method", "Param", "get_method", "run_method", "WeightedSum", "DistanceBlend",
+           "TaskVectorMix", "SM_SCALE_PTR", "SphericalBlend", "MeanTowardBase", "ElectedMix"]
 
 Scope = Literal["global", "model"]
 BaseUse = Literal["required", "optional", "unused"]
@@ -72,7 +94,8 @@ class Param:
 @dataclass(frozen=True)
 class Method:
     name: str
-    run: Callable[..., Tensor]  # run(base, tensors, params, generators) -> Tensor
+    prepare: Callable[[Inputs, Mapping[str, Any]], Any]  # (inputs, params) -> prepared
+    combine: Callable[[Any, Inputs, slice | None], Tensor]  # (prepared, inputs, flat slice or None) -> tensor
     params: tuple[Param, ...]
     base: BaseUse
     min_models: int  # number of models besides the base
@@ -81,6 +104,8 @@ class Method:
     reference: str = ""
     summary: str = ""
     extra_checks: tuple[Callable[[Mapping[str, Any]], str | None], ...] = field(default=())
+    caches: Callable[[Inputs, Mapping[str, Any]], list[Cache]] = no_caches  # trial-invariant arrays
+    kernel: str | None = None  # a fused kernel that consumes the prepared value (evomerge.kernels)
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
@@ -132,25 +157,7 @@ def _della_bounds(params: Mapping[str, Any]) -> str | None:
     return None
 
 
-# --------------------------------------------------------------------------- adapters
-def _run_gta(base, tensors, p, generators, *, sparsifier, consensus):
-    return generalized_task_arithmetic(
-        base,
-        tensors,
-        weights=p["weight"],
-        densities=p.get("density"),
-        gammas=p.get("gamma"),
-        epsilons=p.get("epsilon"),
-        sparsifier=sparsifier,
-        consensus=consensus,
-        normalize=p["normalize"],
-        rescale=p["rescale"],
-        rescale_mode=p["rescale_mode"],
-        lambda_=p["lambda"],
-        generators=generators,
-    )
-
-
+# --------------------------------------------------------------------------- entries
 def _gta(name, *, sparsifier, consensus, normalize, rescale, reference, summary) -> Method:
     model_params = [_weight()] + ([DENSITY] if sparsifier else [])
     if sparsifier == "magnitude_outliers":
@@ -159,7 +166,10 @@ def _gta(name, *, sparsifier, consensus, normalize, rescale, reference, summary)
         model_params.append(EPSILON)
     return Method(
         name=name,
-        run=partial(_run_gta, sparsifier=sparsifier, consensus=consensus),
+        prepare=partial(gta_prepare, sparsifier=sparsifier, consensus=consensus),
+        combine=gta_combine,
+        caches=partial(gta_caches, sparsifier=sparsifier),
+        kernel="task_vector_mix",
         params=(*model_params, _normalize(normalize), _rescale(rescale), LAMBDA, RESCALE_MODE, INT8_MASK),
         base="required",
         min_models=1,
@@ -176,14 +186,14 @@ METHODS: dict[str, Method] = {
     for m in [
         Method(
             name="linear",
-            run=lambda base, xs, p, g: linear(xs, weights=p["weight"], normalize=p["normalize"]),
+            prepare=linear_prepare, combine=weighted_sum_combine, kernel="weighted_sum",
             params=(_weight(), _normalize(True)),
             base="unused", min_models=1, max_models=None,
             reference="https://arxiv.org/abs/2203.05482", summary="weighted average (model soup)",
         ),
         Method(
             name="slerp",
-            run=lambda base, xs, p, g: slerp(base, xs[0], t=p["t"]),
+            prepare=slerp_prepare, combine=weighted_sum_combine, kernel="weighted_sum",
             params=(Param("t", "global", required=True, low=0.0, high=1.0, search=(0.0, 1.0),
                           doc="0 = base model, 1 = the other model"),),
             base="required", min_models=1, max_models=1,
@@ -191,8 +201,7 @@ METHODS: dict[str, Method] = {
         ),
         Method(
             name="nuslerp",
-            run=lambda base, xs, p, g: nuslerp(xs, weights=p["weight"], base=base,
-                                               row_wise=p["nuslerp_row_wise"], flatten=p["nuslerp_flatten"]),
+            prepare=nuslerp_prepare, combine=nuslerp_combine_step, kernel="spherical_blend",
             params=(_weight(),
                     Param("nuslerp_row_wise", "global", kind=bool, default=False, doc="slerp rows, not columns"),
                     Param("nuslerp_flatten", "global", kind=bool, default=True, doc="slerp whole tensors")),
@@ -201,7 +210,7 @@ METHODS: dict[str, Method] = {
         ),
         Method(
             name="nearswap",
-            run=lambda base, xs, p, g: nearswap(base, xs[0], t=p["t"]),
+            prepare=nearswap_prepare, combine=nearswap_combine, kernel="distance_blend",
             params=(Param("t", "global", required=True, low=0.0, search=(0.0, 0.01),
                           doc="distance below which the other model's value is taken"),),
             base="required", min_models=1, max_models=1,
@@ -226,14 +235,14 @@ METHODS: dict[str, Method] = {
              reference="https://arxiv.org/abs/2406.11617", summary="magnitude-ranked random drop, task arithmetic"),
         Method(
             name="model_stock",
-            run=lambda base, xs, p, g: model_stock(base, xs, filter_wise=p["filter_wise"]),
+            prepare=model_stock_prepare, combine=model_stock_combine_step, kernel="mean_toward_base",
             params=(Param("filter_wise", "global", kind=bool, default=False, doc="one angle per row"),),
             base="required", min_models=2, max_models=None,
             reference="https://arxiv.org/abs/2403.19522", summary="average pulled to the base by the task-vector angle",
         ),
         Method(
             name="sce",
-            run=lambda base, xs, p, g: sce(base, xs, select_topk=p["select_topk"]),
+            prepare=sce_prepare, combine=sce_combine_step, caches=sce_caches, kernel="elected_mix",
             params=(Param("select_topk", "global", default=1.0, low=0.0, high=1.0, low_open=True,
                           search=(0.1, 1.0), doc="fraction of highest-variance positions kept"),
                     INT8_MASK),
@@ -242,7 +251,7 @@ METHODS: dict[str, Method] = {
         ),
         Method(
             name="passthrough",
-            run=lambda base, xs, p, g: passthrough(xs, scale=p["scale"][0]),
+            prepare=passthrough_prepare, combine=weighted_sum_combine, kernel="weighted_sum",
             params=(Param("scale", "model", default=None, search=(0.5, 1.5), doc="multiply the tensor"),),
             base="unused", min_models=1, max_models=1,
             summary="copy tensors unchanged (frankenmerge slices)",
@@ -252,8 +261,6 @@ METHODS: dict[str, Method] = {
 
 
 def get_method(name: str) -> Method:
-    from evomerge.errors import ConfigError
-
     try:
         return METHODS[name]
     except KeyError:
@@ -269,5 +276,10 @@ def run_method(
     params: Mapping[str, Any],
     generators: Sequence[torch.Generator | None] | None = None,
 ) -> Tensor:
-    """Apply ``method`` with fully resolved params (globals as scalars, per-model as lists)."""
-    return method.run(base, list(tensors), dict(params), generators)
+    """Apply ``method`` with fully resolved params (globals as scalars, per-model as lists) to
+    whole tensors: ``prepare``, its ``reduce``, then one ``combine``. ``generators[i]`` drives
+    model i's random draws."""
+    inputs = WholeInputs(base, tensors, generators)
+    prep = method.prepare(inputs, dict(params))
+    prep.reduce(inputs)
+    return method.combine(prep, inputs, None)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor
+
+from evomerge.methods.steps import Inputs, Prepared
 
 
 def model_stock(base: Tensor, tensors: Sequence[Tensor], *, filter_wise: bool = False) -> Tensor:
@@ -54,3 +57,36 @@ def model_stock_combine(t: Tensor, w0: Tensor, ws: Sequence[Tensor]) -> Tensor:
         acc = acc + w
     w_avg = acc * (1.0 / len(ws)) if len(ws) != 1 else acc
     return t * w_avg + (1 - t) * w0
+
+
+# --------------------------------------------------------------------------- steps (evomerge.methods.steps)
+@dataclass
+class MeanTowardBase(Prepared):
+    """The ratio ``t`` (trial-invariant): shape ``(1,)``, or one per vector along the last dimension
+    (``filter_wise``, laid out in the tensor's order)."""
+
+    t: Tensor
+    filter_wise: bool
+
+
+def model_stock_prepare(inputs: Inputs, p: Mapping[str, Any]) -> MeanTowardBase:
+    if inputs.n < 2:
+        raise ValueError("model_stock needs at least two fine-tuned models besides the base")
+    fw = bool(p["filter_wise"])
+    t = inputs.memo(("model_stock_ratio", fw), tuple(range(inputs.n)), lambda: model_stock_ratio(
+        inputs.base(), [inputs.x(i) for i in range(inputs.n)], filter_wise=fw))
+    return MeanTowardBase(t, fw)
+
+
+def model_stock_combine_step(prep: MeanTowardBase, inputs: Inputs, sl: slice | None) -> Tensor:
+    b = inputs.base_flat()
+    xs = [inputs.x_flat(i) for i in range(inputs.n)]
+    whole = sl is None
+    if sl is None:
+        sl = slice(0, inputs.numel)
+    t = prep.t
+    if prep.filter_wise:  # the ratio of each element's vector (the engine broadcasts the same values)
+        idx = torch.arange(sl.start, sl.stop, device=t.device) // inputs.shape[-1]
+        t = t.reshape(-1)[idx]
+    out = model_stock_combine(t, inputs.cv(b[sl]), [inputs.cv(x[sl]) for x in xs])
+    return out.view(inputs.shape) if whole else out

@@ -21,10 +21,16 @@ Where mergekit and the papers differ we support both (see ``rescale_mode``):
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+import logging
+from dataclasses import dataclass
+from typing import Any, Literal, Mapping, Sequence
 
 import torch
 from torch import Tensor
+
+from evomerge.methods.steps import Cache, Inputs, Prepared, WholeInputs, rank_dtype
+
+log = logging.getLogger(__name__)
 
 Consensus = Literal["sum", "count"]
 Sparsifier = Literal["magnitude", "random", "magnitude_outliers", "della_magprune"]
@@ -307,24 +313,298 @@ def generalized_task_arithmetic(
     if not tensors:
         return base
     n = len(tensors)
-    densities = densities if densities is not None else [1.0] * n
-    gammas = gammas if gammas is not None else [0.01] * n
-    epsilons = epsilons if epsilons is not None else [0.15] * n
-    generators = generators if generators is not None else [None] * n
+    params = {
+        "weight": list(weights),
+        "density": list(densities) if densities is not None else [1.0] * n,
+        "gamma": list(gammas) if gammas is not None else [0.01] * n,
+        "epsilon": list(epsilons) if epsilons is not None else [0.15] * n,
+        "normalize": normalize, "rescale": rescale, "rescale_mode": rescale_mode, "lambda": lambda_,
+    }
+    inputs = WholeInputs(base, tensors, generators)
+    prep = gta_prepare(inputs, params, sparsifier=sparsifier, consensus=consensus)
+    prep.reduce(inputs)
+    return gta_combine(prep, inputs, None)
 
-    deltas = []
-    for i, x in enumerate(tensors):
-        d = x - base
-        if sparsifier is not None:
-            d = sparsify(
-                d,
-                sparsifier,
-                density=densities[i],
-                gamma=gammas[i],
-                epsilon=epsilons[i],
-                rescale=rescale,
-                rescale_mode=rescale_mode,
-                generator=generators[i],
-            )
-        deltas.append(d)
-    return mix_task_vectors(base, deltas, weights, consensus=consensus, normalize=normalize, lambda_=lambda_)
+
+# --------------------------------------------------------------------------- steps (evomerge.methods.steps)
+_F32_ONE_BITS = 0x3F800000  # the bit pattern of 1.0f
+_VERIFIED: set[tuple[str, int]] = set()  # (device type, numel) where torch.rand was checked against torch.bernoulli
+
+
+def bernoulli_thresholds(seed: int, shape: Sequence[int], device: torch.device, *,
+                         verify: bool = True, force_search: bool = False) -> Tensor:
+    """``p*`` (float32, ``shape``) such that, for a generator ``torch.Generator(device).manual_seed(seed)``,
+    ``torch.bernoulli(p, generator=g) == (p >= p*)`` for every float32 probability tensor ``p`` of
+    this shape on ``device``: a seeded mask becomes one comparison, identical to the draw.
+
+    ``torch.bernoulli`` draws one uniform per entry, independent of ``p``, and keeps the entry when
+    the uniform is below ``p`` (``<`` on CPU, ``<=`` on CUDA); the smallest float ``p`` that keeps
+    it is ``p*``. On CPU ``torch.rand`` draws the same uniforms (checked against one Bernoulli draw
+    unless ``verify`` is off); elsewhere, or if that check fails, ``p*`` is found by a bisection over
+    the float32 bit patterns of ``[0, 1]`` (31 Bernoulli draws).
+    """
+    shape = tuple(shape)
+
+    def gen() -> torch.Generator:
+        return torch.Generator(device=device).manual_seed(seed)
+
+    if device.type == "cpu" and not force_search:
+        u = torch.rand(shape, generator=gen(), device=device)
+        cand = torch.nextafter(u, torch.full((), float("inf")))
+        if not verify:
+            return cand
+        probe = torch.rand(shape, generator=torch.Generator(device=device).manual_seed(seed ^ 0x5EED), device=device)
+        if torch.equal(torch.bernoulli(probe, generator=gen()).bool(), probe >= cand):
+            return cand
+        log.warning("torch.rand and torch.bernoulli draw differently here; searching Bernoulli thresholds")
+    lo = torch.zeros(shape, dtype=torch.int32, device=device)
+    hi = torch.full(shape, _F32_ONE_BITS, dtype=torch.int32, device=device)
+    for _ in range(32):
+        if not bool((hi - lo > 1).any()):
+            break
+        mid = (lo + hi) >> 1
+        hit = torch.bernoulli(mid.view(torch.float32), generator=gen()).bool()
+        hi = torch.where(hit, mid, hi)
+        lo = torch.where(hit, lo, mid)
+    return hi.view(torch.float32)
+
+
+def _ncols(shape: Sequence[int]) -> int:
+    return shape[1] if len(shape) >= 2 else shape[0]
+
+
+def magnitude_ranks(inputs: Inputs, i: int) -> Cache:
+    """Descending magnitude ranks of task vector ``i``: TIES' and breadcrumbs' masks at any
+    density are one comparison (``top_k_mask(|d|, k) == ranks < k``)."""
+    n = inputs.numel
+    return Cache("magnitude_ranks", "magnitude ranks", n * rank_dtype(n).itemsize,
+                 lambda: descending_ranks(inputs.delta(i).abs()).to(rank_dtype(n)), reads=(i,))
+
+
+def row_ranks(inputs: Inputs, i: int) -> Cache:
+    """DELLA's ascending per-row magnitude ranks of task vector ``i``."""
+    ncols = _ncols(inputs.shape)
+    return Cache("row_ranks", "row ranks", inputs.numel * rank_dtype(ncols).itemsize,
+                 lambda: della_row_ranks(inputs.delta(i)).to(rank_dtype(ncols)), reads=(i,))
+
+
+def thresholds(inputs: Inputs, i: int) -> Cache:
+    """Model ``i``'s Bernoulli thresholds (its seeded generator; see :func:`bernoulli_thresholds`)."""
+
+    def build() -> Tensor:
+        key = (inputs.device.type, inputs.numel)
+        out = bernoulli_thresholds(inputs.seed(i), inputs.shape, inputs.device, verify=key not in _VERIFIED)
+        _VERIFIED.add(key)
+        return out
+
+    return Cache("bernoulli_thresholds", "bernoulli thresholds", inputs.numel * 4, build, seeded=i)
+
+
+def gta_caches(inputs: Inputs, p: Mapping[str, Any], *, sparsifier: Sparsifier | None,
+               consensus: Consensus | None = None) -> list[Cache]:
+    """Every model's trial-invariant mask data (densities change between candidates: all of it)."""
+    out: list[Cache] = []
+    for i in range(inputs.n):
+        if sparsifier in ("magnitude", "magnitude_outliers"):
+            out.append(magnitude_ranks(inputs, i))
+        if sparsifier == "della_magprune" and _ncols(inputs.shape) >= 2:
+            out.append(row_ranks(inputs, i))
+        if sparsifier in ("random", "della_magprune") and inputs.dtype == torch.float32:
+            out.append(thresholds(inputs, i))
+    return out
+
+
+# how one model's task vector is masked and rescaled (the fused kernels read the same numbers)
+MM_NONE, MM_RANK, MM_MASK, MM_PSTAR_P, MM_PSTAR_ROWRANK, MM_PSTAR_PROBS, MM_MASK_PROBS = range(7)
+SM_NONE, SM_SCALE_PTR, SM_MUL, SM_DIV_PROBS = range(4)
+
+
+@dataclass
+class ModelSpec:
+    """How one model's task vector is sparsified in a candidate (flat views of whole tensors).
+
+    ``mm`` (mask): none; ``rank`` window ``lo <= a < hi``; full bool mask ``a``; Bernoulli
+    thresholds ``a <= f1``; thresholds vs DELLA probabilities ``b * f1 + f2`` (row ranks ``b``);
+    thresholds vs full probabilities ``b``; full mask ``a`` with full probabilities ``b``.
+    ``sm`` (rescale): none; times ``scale`` (L1, 0-dim); times ``f3``; divided by the probabilities.
+    """
+
+    mm: int
+    sm: int
+    w: float
+    shape: tuple[int, ...]
+    a: Tensor | None = None
+    b: Tensor | None = None
+    lo: int = 0
+    hi: int = 0
+    f1: float = 0.0
+    f2: float = 0.0
+    f3: float = 0.0
+    before: Tensor | None = None
+    scale: Tensor | None = None
+
+    def probs(self, sl: slice) -> Tensor:
+        if self.mm == MM_PSTAR_ROWRANK:
+            return self.b[sl].to(torch.float32) * self.f1 + self.f2  # = della_probs_from_ranks
+        return self.b[sl]
+
+    def keep(self, sl: slice) -> Tensor:
+        mm = self.mm
+        if mm == MM_RANK:
+            r = self.a[sl]
+            return (r >= self.lo) & (r < self.hi)
+        if mm in (MM_MASK, MM_MASK_PROBS):
+            return self.a[sl]
+        if mm == MM_PSTAR_P:
+            return self.a[sl] <= self.f1
+        return self.probs(sl) >= self.a[sl]
+
+    def masked(self, d: Tensor, sl: slice) -> Tensor:
+        return d if self.mm == MM_NONE else d * self.keep(sl)
+
+    def sparse(self, d: Tensor, sl: slice) -> Tensor:
+        x = self.masked(d, sl)
+        if self.sm == SM_SCALE_PTR:
+            return x * self.scale
+        if self.sm == SM_MUL:
+            return x * self.f3
+        if self.sm == SM_DIV_PROBS:
+            return x / self.probs(sl)
+        return x
+
+    def l1_scale(self, abs_masked: Tensor) -> Tensor:
+        """The engine's ``l1_scale(delta.abs().sum(), masked.abs().sum())``."""
+        return l1_scale(self.before, abs_masked.view(self.shape).sum())
+
+
+@dataclass
+class TaskVectorMix(Prepared):
+    """Every model's mask and rescale (:class:`ModelSpec`) and the mix's parameters."""
+
+    specs: list[ModelSpec]
+    weights: list[float]
+    consensus: Consensus | None
+    normalize: bool
+    lam: float
+
+    def inverse_total(self) -> float | None:
+        """What a consensus-free, normalized mix is multiplied by (None: nothing)."""
+        if self.consensus is not None or not self.normalize:
+            return None
+        total = linear_total(self.weights)
+        return 1.0 / total if total != 1.0 else None
+
+    @property
+    def plain(self) -> bool:
+        """Task arithmetic: no mask, no election."""
+        return self.consensus is None and all(sp.mm == MM_NONE and sp.sm == SM_NONE for sp in self.specs)
+
+    def reduce(self, inputs: Inputs) -> None:
+        """L1 rescale factors: a sum over each whole masked task vector."""
+        b = inputs.base_flat()
+        cv = inputs.cv
+        for i, sp in enumerate(self.specs):
+            if sp.sm == SM_SCALE_PTR and sp.scale is None:
+                x = inputs.x_flat(i)
+                buf = torch.empty(inputs.numel, dtype=inputs.dtype, device=inputs.device)
+                inputs.map_chunks(lambda sl, sp=sp, x=x, buf=buf: torch.abs(
+                    sp.masked(cv(x[sl]) - cv(b[sl]), sl), out=buf[sl]))
+                sp.scale = sp.l1_scale(buf)
+                del buf
+
+
+def gta_prepare(inputs: Inputs, p: Mapping[str, Any], *, sparsifier: Sparsifier | None,
+                consensus: Consensus | None) -> TaskVectorMix:
+    """Per model: the cached (or, where a backend kept none, computed) pieces of its mask."""
+    shape, numel = inputs.shape, inputs.numel
+    f32 = inputs.dtype == torch.float32
+    specs = []
+    for i in range(inputs.n):
+        w = float(p["weight"][i])
+        density = p["density"][i] if sparsifier else 1.0
+        if sparsifier is None or density >= 1:
+            specs.append(ModelSpec(MM_NONE, SM_NONE, w, shape))
+            continue
+        sp = ModelSpec(MM_MASK, SM_NONE, w, shape)
+        probs_float = False
+        if sparsifier in ("magnitude", "magnitude_outliers"):
+            rank = inputs.cached(magnitude_ranks(inputs, i))
+            if sparsifier == "magnitude":
+                lo, hi = 0, int(density * numel)
+            else:
+                n_top, n_bot = breadcrumbs_counts(numel, density, p["gamma"][i])
+                lo, hi = n_top, numel - n_bot
+            if rank is not None:
+                sp.mm, sp.a, sp.lo, sp.hi = MM_RANK, rank.view(-1), lo, hi
+            else:
+                d = inputs.delta(i)
+                full = magnitude_mask(d, density) if sparsifier == "magnitude" else breadcrumbs_mask(d, density, p["gamma"][i])
+                sp.a = full.view(-1).bool()
+        elif sparsifier == "random":
+            pstar = inputs.cached(thresholds(inputs, i)) if f32 else None
+            probs_float = True
+            if pstar is not None:
+                sp.mm, sp.a, sp.f1 = MM_PSTAR_P, pstar.view(-1), float(density)
+            else:
+                sp.a = bernoulli_mask(inputs.delta(i), density, inputs.generator(i)).view(-1).bool()
+        else:  # della_magprune
+            eps = p["epsilon"][i]
+            ncols = _ncols(shape)
+            rank = inputs.cached(row_ranks(inputs, i)) if ncols >= 2 else None
+            pstar = inputs.cached(thresholds(inputs, i)) if f32 else None
+            if rank is not None and f32:
+                probs_mode = MM_PSTAR_ROWRANK
+                sp.b, sp.f1, sp.f2 = rank.view(-1), 2 * eps / (ncols - 1), density - eps
+            else:
+                probs_mode = MM_PSTAR_PROBS
+                if ncols < 2:
+                    sp.b = torch.full((numel,), density, dtype=inputs.dtype, device=inputs.device)
+                else:
+                    sp.b = della_keep_probs(inputs.delta(i), density, eps).view(-1)
+            if pstar is not None:
+                sp.mm, sp.a = probs_mode, pstar.view(-1)
+            else:
+                probs = sp.probs(slice(0, numel))
+                sp.mm, sp.b = MM_MASK_PROBS, probs
+                sp.a = torch.bernoulli(probs.view(shape), generator=inputs.generator(i)).view(-1).bool()
+        if p["rescale"]:
+            if p["rescale_mode"] == "l1" or sparsifier in ("magnitude", "magnitude_outliers"):
+                sp.sm = SM_SCALE_PTR
+                sp.before = inputs.memo(("l1_norm",), (i,), lambda i=i: inputs.delta(i).abs().sum())
+            elif probs_float:
+                sp.sm, sp.f3 = SM_MUL, 1.0 / density
+            else:
+                sp.sm = SM_DIV_PROBS
+        specs.append(sp)
+    return TaskVectorMix(specs, [float(w) for w in p["weight"]], consensus, bool(p["normalize"]), float(p["lambda"]))
+
+
+def gta_combine(prep: TaskVectorMix, inputs: Inputs, sl: slice | None) -> Tensor:
+    whole = sl is None
+    sl = slice(0, inputs.numel) if whole else sl
+    cv = inputs.cv
+    bb = cv(inputs.base_flat()[sl])
+    xs = [cv(inputs.x_flat(i)[sl]) for i in range(inputs.n)]
+    if prep.plain:
+        out = _task_arithmetic_into(bb, xs, prep, inputs.scratch(bb.numel(), 2))
+    else:
+        sparse = [sp.sparse(x - bb, sl) for sp, x in zip(prep.specs, xs)]
+        out = mix_task_vectors(bb, sparse, prep.weights, consensus=prep.consensus, normalize=prep.normalize,
+                               lambda_=prep.lam)
+    return out.view(inputs.shape) if whole else out
+
+
+def _task_arithmetic_into(bb: Tensor, xs: Sequence[Tensor], prep: TaskVectorMix, bufs: Sequence[Tensor]) -> Tensor:
+    """:func:`mix_task_vectors` without mask or consensus, step by step in two buffers:
+    ``base + lambda * (sum_i (x_i - base) * w_i) [/ sum w]``, same order, same rounding."""
+    acc, tmp = bufs[0], bufs[1]
+    weights = prep.weights
+    total = linear_total(weights) if prep.normalize else 1.0
+    torch.sub(xs[0], bb, out=acc).mul_(weights[0])
+    for x, w in zip(xs[1:], weights[1:]):
+        acc.add_(torch.sub(x, bb, out=tmp).mul_(w))
+    if total != 1.0:
+        acc.mul_(1.0 / total)
+    if prep.lam != 1:
+        acc.mul_(prep.lam)
+    return acc.add_(bb)
