@@ -10,14 +10,18 @@ of them, when that mean is shorter than ``tol``):
     ``T = sum_i a'_i theta_i / sin(theta_i) * (u_i - cos(theta_i) m)``,  ``theta_i = acos <m, u_i>``
 
 (``a'`` the weights renormalized over those tensors; a ``u_i`` within ``tol`` radians of ``m``
-adds nothing), then ``m <- cos|T| m + sin|T| T / |T|``, renormalized; stop when ``|T| < tol`` or
+adds nothing; nor does one at angle 0, where mergekit's ``0 / sin 0`` with ``tol = 0``
+gives NaN), then ``m <- cos|T| m + sin|T| T / |T|``, renormalized; stop when ``|T| < tol`` or
 after ``max_iter`` steps. The result is ``(sum_i a_i n_i) m`` (all tensors, raw weights). No
 tensor longer than ``tol``: zeros. One tensor: that tensor.
 
 The mean stays in the span of the ``u_i``, so the whole iteration runs on the ``(n, n)`` Gram
 matrix of the tensors in float64 (:func:`karcher_prepare`, trial-invariant) and the tensors are
 touched once, by the final weighted sum (:func:`karcher_combine`). mergekit iterates on the full
-tensors in float32; the two agree to float32 rounding of the result, not bit for bit.
+tensors in float32; the two agree to float32 rounding of the result, not bit for bit. The step
+length is read off the Gram matrix, ``sqrt(t^T G t)``, so it is known to about ``1e-8`` (the
+square root of float64 rounding): a ``tol`` below that stops only at ``max_iter`` (the steps
+themselves stay accurate, and mergekit's float32 iteration has a higher floor).
 
 mergekit's ``karcher`` has no weights: its recipe averages every input tensor with equal weight
 (a ``base_model``, if the recipe names one, is one more input). ``weights`` here is for callers
@@ -106,7 +110,7 @@ def karcher_mean_coordinates(
         tangent = torch.zeros(n, dtype=torch.float64)
         for i in valid:
             theta = math.acos(float(cos[i]))
-            if theta < tol:
+            if theta < tol or theta == 0.0:  # no pull (and no 0/0 when tol is 0)
                 continue
             c = float(alpha[i]) * theta / math.sin(theta)
             tangent[i] += c

@@ -29,7 +29,8 @@ Edge cases, as mergekit:
 - one model: that model's tensor, unchanged (the base and the weight are ignored);
 - ``|m| < eps`` (the weighted directions cancel): with two models the weighted sum
   ``w_0 v_0 + w_1 v_1`` (+ base); with more, an error (there is no direction to take);
-- a zero vector contributes no direction (``u_i = 0``) and no norm.
+- a zero vector contributes no direction (``u_i = 0``) and no norm (also with ``eps = 0``,
+  where mergekit's ``0 / 0`` gives NaN).
 Departure: with ``normalize_weights`` a weight sum of (almost) zero (``|sum| < 1e-8``) is not
 divided by (mergekit divides and returns NaN), as :func:`evomerge.methods.interpolate.linear`.
 """
@@ -94,7 +95,7 @@ def multislerp_coefficients(
     if normalize_weights and abs(total) >= WEIGHT_SUM_EPS:
         w = [x / total for x in w]
     n = len(w)
-    a = [w[i] / (parts.norms[i] + eps) for i in range(n)]  # m = sum_i a_i v_i
+    a = [w[i] / (parts.norms[i] + eps) if parts.norms[i] > 0 else 0.0 for i in range(n)]  # m = sum_i a_i v_i
     g = parts.gram.tolist()
     mean_sq = math.fsum(a[i] * a[j] * g[i][j] for i in range(n) for j in range(n))
     mean_norm = math.sqrt(max(mean_sq, 0.0))
