@@ -18,7 +18,9 @@ tensor longer than ``tol``: zeros. One tensor: that tensor.
 The mean stays in the span of the ``u_i``, so the whole iteration runs on the ``(n, n)`` Gram
 matrix of the tensors in float64 (:func:`karcher_prepare`, trial-invariant) and the tensors are
 touched once, by the final weighted sum (:func:`karcher_combine`). mergekit iterates on the full
-tensors in float32; the two agree to float32 rounding of the result, not bit for bit. The step
+tensors in float32, with a rounding error that grows with the tensor's size (measured against a
+float64 evaluation: about 1 ulp of the largest output entry at 3k entries, 65 at 2M); this
+module stays within about 1 ulp. The two agree to mergekit's float32 rounding, not bit for bit. The step
 length is read off the Gram matrix, ``sqrt(t^T G t)``, so it is known to about ``1e-8`` (the
 square root of float64 rounding): a ``tol`` below that stops only at ``max_iter`` (the steps
 themselves stay accurate, and mergekit's float32 iteration has a higher floor).

@@ -20,9 +20,11 @@ exactly. The result is therefore the closed form
 and ``|m|^2 = sum_ij w_i w_j G_ij / ((|v_i| + eps)(|v_j| + eps))`` with ``G`` the Gram matrix of
 the ``v_i``. That is what this module computes: the Gram matrix once (trial-invariant,
 :func:`multislerp_prepare`), then per trial a few scalars and one weighted sum
-(:func:`multislerp_combine`). mergekit's literal steps add float32 rounding noise of the size of
-one ulp of the result (the ``T`` it computes is that noise), so the two agree to float32
-rounding, not bit for bit. A barycentre that does move in the tangent space (iterated to a fixed
+(:func:`multislerp_combine`). mergekit runs the literal steps on the full float32 tensors (the
+``T`` it computes is rounding noise); its rounding error grows with the tensor's size (measured
+against a float64 evaluation: about 1 ulp of the largest output entry at 3k entries, 3-16 at
+130k, 250-1000 at 2M), while this closed form stays within about 1 ulp at every size. So the two
+agree to mergekit's float32 rounding, not bit for bit. A barycentre that does move in the tangent space (iterated to a fixed
 point) is the weighted Karcher mean: see :mod:`evomerge.methods.karcher`.
 
 Edge cases, as mergekit:
