@@ -242,6 +242,16 @@ def test_multislerp_zero_vector_adds_no_direction_and_no_norm():
     np.testing.assert_allclose(np64(out), (4 / 3) * np.array([1, 0, 1]) / math.sqrt(2), rtol=1e-12)
 
 
+@pytest.mark.parametrize("n", [2, 3])
+def test_multislerp_models_equal_to_the_base_give_the_base(n):
+    """Documented departure for n >= 3: mergekit raises (no direction); the base is the limit."""
+    base = torch.randn(4, 5, generator=gen(18), dtype=F64)
+    assert torch.equal(multislerp([base.clone() for _ in range(n)], weights=[0.5] * n, base=base), base)
+    other = base + 1.0
+    out = multislerp([base.clone(), base.clone(), other], weights=[0.5, 0.5, 0.0], base=base)
+    assert torch.equal(out, base)
+
+
 def test_multislerp_zero_weight_sum_is_not_divided():
     """Documented departure: mergekit divides by the zero sum (NaN)."""
     base, xs = make((4, 3), 2, seed=3)
@@ -427,7 +437,7 @@ def n_models(name):
     return 1 if name == "arcee_fusion" else 3
 
 
-@pytest.mark.parametrize("dtype", [F64, F32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [F64, F32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 @pytest.mark.parametrize("name", NAMES)
 def test_shape_dtype_finite(name, shape, dtype):

@@ -13,8 +13,9 @@ For a base ``b`` and one model ``x``:
 mergekit estimates the quartiles from 1,000,000 entries drawn with replacement when the tensor
 is larger than that (from the global RNG). ``sample_size`` does the same here, from the
 ``generator`` passed (seeded like the global RNG, it draws the same entries); ``sample_size=None``
-uses exact quantiles of every entry (deterministic; the default the registry should pick is
-mergekit's, 1,000,000). Below that size both are exact.
+uses exact quantiles of every entry (deterministic). Up to that size both are exact. The
+function's default is mergekit's (sampling); the registry entry (``SPEC``) asks for exact
+quantiles, see there.
 
 The method has no parameters: the whole result is trial-invariant (prepare it once and keep it).
 """
@@ -34,7 +35,10 @@ SPEC = {
     "base": "required",
     "min_models": 1,
     "max_models": 1,
-    "stochastic": True,  # only for tensors over FUSION_SAMPLE_SIZE entries (the quantile sample)
+    # The registry should run it with sample_size=None (exact quantiles): deterministic, so no
+    # seed dimension in the search and one cached mask per tensor; identical to mergekit up to
+    # 1,000,000 entries, and above that the value mergekit's random sample estimates.
+    "stochastic": False,
     "reference": "https://arcee.ai",
     "summary": "take the model's value where |delta| x row KL is above median + 1.5 IQR",
     "params": (),  # nothing to search: the search can only choose where (which layers) to use it

@@ -33,6 +33,9 @@ Edge cases, as mergekit:
   ``w_0 v_0 + w_1 v_1`` (+ base); with more, an error (there is no direction to take);
 - a zero vector contributes no direction (``u_i = 0``) and no norm (also with ``eps = 0``,
   where mergekit's ``0 / 0`` gives NaN).
+Departure: when every model with a non-zero weight is a zero vector (with a base: every such
+model equals the base, as untouched tensors of fine-tunes do), the result is the zero vector
+(the base); mergekit raises for three or more models.
 Departure: with ``normalize_weights`` a weight sum of (almost) zero (``|sum| < 1e-8``) is not
 divided by (mergekit divides and returns NaN), as :func:`evomerge.methods.interpolate.linear`.
 """
@@ -104,6 +107,8 @@ def multislerp_coefficients(
     if mean_norm < eps:
         if n == 2:
             return w
+        if all(wi == 0 or ni == 0 for wi, ni in zip(w, parts.norms)):
+            return [0.0] * n  # nothing to average: the zero vector (the base, with a base)
         raise ValueError(
             "multislerp: the weighted directions of the models cancel (antipodal tensors with "
             "balancing weights); change the weights"
