@@ -53,13 +53,15 @@ SPEC = {
     "stochastic": False,
     "reference": "https://arxiv.org/abs/2603.04972",
     "summary": "Riemannian (Karcher) mean of the directions, scaled by the mean norm",
-    # Both are convergence controls, not quality knobs: not searched. The layer-wise choice of
-    # which models enter (the search's inclusion dimensions) is what a search varies.
+    # Both are convergence controls, not quality knobs; nothing is searched unless a config names
+    # them. Their ranges then span "the first step only" (an approximate mean, which the search
+    # may prefer) to "converged": on fine-tunes of one base the angles are small and a handful
+    # of steps converge. max_iter is an integer: the registry adapter truncates (int(...)).
     "params": (
         {"name": "max_iter", "scope": "global", "kind": int, "default": KARCHER_MAX_ITER, "low": 0, "high": 10_000,
-         "doc": "most Riemannian gradient steps"},
+         "search": (0, 20), "doc": "most Riemannian gradient steps"},
         {"name": "tol", "scope": "global", "default": KARCHER_TOL, "low": 0.0, "high": 1.0, "low_open": True,
-         "doc": "stop when the step is shorter; tensors shorter than it are left out"},
+         "search": (1e-7, 1e-3), "doc": "stop when the step is shorter; tensors shorter than it are left out"},
     ),
 }
 

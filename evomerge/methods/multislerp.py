@@ -68,8 +68,11 @@ SPEC = {
          "doc": "relative (normalize_weights) or absolute weight of the model"},
         {"name": "normalize_weights", "scope": "global", "kind": bool, "default": True,
          "doc": "divide the weights by their sum"},
-        # A numerical guard, not a knob: it only matters for norms near eps. Not searched.
+        # A numerical guard, not a quality knob: it only matters for norms near eps. A search
+        # range is given only because every numeric knob needs one when a config names it; it
+        # keeps eps far below the norms of real task vectors.
         {"name": "eps", "scope": "global", "default": MULTISLERP_EPS, "low": 0.0, "high": 1e-2,
+         "search": (1e-9, 1e-6),
          "doc": "added to each norm before dividing; |mean| below it counts as no direction"},
     ),
 }
