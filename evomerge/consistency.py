@@ -158,7 +158,7 @@ class ConsistencyFitness:
         self.workspace: RecipeHost | None = None
         self.generations = 0  # how many response sets were generated (tests, logs)
 
-    def bind(self, host: RecipeHost | None) -> None:
+    def bind(self, host: RecipeHost) -> None:
         self.workspace = host
 
     def neighbours(self, recipe: Recipe) -> list[Recipe]:

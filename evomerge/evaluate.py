@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from evomerge.config import Fitness as FitnessSpec
 from evomerge.errors import ConfigError
-from evomerge.fitness import RecipeHost, Score
+from evomerge.fitness import Score
 
 if TYPE_CHECKING:
     from lm_eval.api.task import Task
@@ -162,9 +162,6 @@ class LmEvalFitness:
             task.set_fewshot_seed(seed=LM_EVAL_OTHER_SEED)
         self._lm = None
         self._lm_model_id: int | None = None
-
-    def bind(self, host: RecipeHost | None) -> None:
-        """Nothing to keep: the fitness scores whatever model it is given."""
 
     def lm(self, model: PreTrainedModel, tokenizer: Any) -> Any:
         if self._lm is None or self._lm_model_id != id(model):

@@ -2,14 +2,15 @@
 
 Two fitnesses implement :class:`Fitness`: ``evaluate.LmEvalFitness`` (lm-eval tasks, labelled) and
 ``consistency.ConsistencyFitness`` (label-free, AdaMMS-style). A search process builds one per
-stage, binds it once to the stage's :class:`RecipeHost` (the workspace holding the live merged
-model), then calls ``score`` on every trial's model.
+stage and calls ``score`` on every trial's model. The consistency fitness is a
+:class:`HostedFitness`: it scores the *recipe* the stage's workspace holds (rebuilding nudged
+copies of it in place), so the search binds it once to that :class:`RecipeHost` first.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -41,11 +42,14 @@ class RecipeHost(Protocol):
 
 
 class Fitness(Protocol):
-    def bind(self, host: RecipeHost | None) -> None:
-        """Called once per stage, before any score, with the host that will hold every trial's
-        model (None where the stage has none). A fitness that only reads the model ignores it."""
+    def score(self, model: PreTrainedModel, tokenizer: Any) -> Score:
+        """Score the model. Raises for a candidate it cannot score."""
         ...
 
-    def score(self, model: PreTrainedModel, tokenizer: Any) -> Score:
-        """Score the model (the host's current one). Raises for a candidate it cannot score."""
+
+@runtime_checkable
+class HostedFitness(Fitness, Protocol):
+    def bind(self, host: RecipeHost) -> None:
+        """Called once per stage, before any score, with the host that will hold every trial's
+        model; ``score`` then scores the host's current recipe."""
         ...

@@ -29,6 +29,7 @@ from evomerge.disagreement import (
     smooth,
 )
 from evomerge.errors import ConfigError
+from evomerge.fitness import HostedFitness
 from evomerge.generation import cut_at_stop, generate_responses
 from evomerge.prompts import load_prompts, sample_indices
 from evomerge.recipe import Recipe
@@ -450,6 +451,7 @@ def test_consistency_fitness_scores_and_restores_the_candidate(world, tmp_path):
 
     cfg = SearchConfig.from_dict(search_dict(world, tmp_path, pairs=2))
     fit = ConsistencyFitness(cfg)
+    assert isinstance(fit, HostedFitness)  # the search binds it to the stage's workspace
     ws = Workspace([*cfg.source_refs.values(), cfg.base_ref], template=cfg.base_ref)
     fit.bind(ws)
     order = list(cfg.source_refs.values())
