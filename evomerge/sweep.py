@@ -104,14 +104,14 @@ def run_sweep(cfg: SweepConfig, *, out: str | Path | None = None, metric: Metric
     out = Path(out).resolve() if out is not None else cfg.default_out()
     cache = cfg.cache_dir(out)
     prompts = load_prompts(cfg.prompts, cfg.root)
-    label_fitness = None
+    label_fitness: LmEvalFitness | None = None
     label_include = [str((cfg.root / p).resolve()) for p in cfg.labels.include_path] if cfg.labels else []
     embed = minilm_embedder() if metric == "embedding" else None  # a missing package fails before any generation
 
     points = cfg.points()
     neighbours = grid_neighbours(cfg.shape)
     results: list[PointResult] = []
-    workspace = None
+    workspace: Workspace | None = None
     generated = 0
     try:
         for point in points:
@@ -174,7 +174,7 @@ def run_sweep(cfg: SweepConfig, *, out: str | Path | None = None, metric: Metric
                       [{"name": c.name, "param": c.param, "model": c.model, "values": c.grid} for c in cfg.coefficients],
                       len(prompts), results, by_point[chosen], [by_point[t] for t in ties], generated, label_best,
                       prompt_sample=prompt_sample(cfg.prompts))
-    write_outputs(cfg, res, plot=plot)
+    write_outputs(res, plot=plot)
     return res
 
 

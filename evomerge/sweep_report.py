@@ -14,13 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from evomerge.config import SweepConfig
 from evomerge.files import write_atomic
 from evomerge.recipe import Recipe
 
 
 @dataclass
 class PointResult:
+    """One grid point: its coefficients, recipe and responses, and (after scoring) its scores."""
+
     index: tuple[int, ...]
     values: dict[str, float]
     recipe: Recipe
@@ -35,6 +36,8 @@ class PointResult:
 
 @dataclass
 class SweepResult:
+    """A scored sweep: every point, the chosen one and its ties, and the files written."""
+
     name: str
     out: Path
     metric: str
@@ -71,7 +74,6 @@ class SweepResult:
         }
 
 
-
 # --------------------------------------------------------------------------- outputs
 def table_rows(res: SweepResult) -> tuple[list[str], list[list[str]]]:
     names = [c["name"] for c in res.coefficients]
@@ -105,7 +107,8 @@ def table_rows(res: SweepResult) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-def write_outputs(cfg: SweepConfig, res: SweepResult, *, plot: bool = True) -> None:
+def write_outputs(res: SweepResult, *, plot: bool = True) -> None:
+    """table.csv, chosen.yml, sweep.png (unless ``plot`` is False) and sweep.json in ``res.out``."""
     out = res.out
     out.mkdir(parents=True, exist_ok=True)
     header, rows = table_rows(res)
