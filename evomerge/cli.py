@@ -272,7 +272,9 @@ def sweep(config: Path, metric: str | None, aggregate: str | None, smoothing: in
     from rich.console import Console
     from rich.table import Table
 
-    from evomerge.sweep import SweepConfig, run_sweep, table_rows
+    from evomerge.config import SweepConfig
+    from evomerge.sweep import run_sweep
+    from evomerge.sweep_report import table_rows
 
     cfg = SweepConfig.load(config, device=device)
     console = Console(stderr=True)

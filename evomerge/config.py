@@ -1,26 +1,33 @@
-"""The search config: the only YAML reader for `evomerge search`. Frozen pydantic models, unknown
-keys refused, every error one line naming the field.
+"""The configs of ``evomerge search`` and ``evomerge sweep``: the only YAML reader for them. Frozen
+pydantic models, unknown keys refused, every error one line naming the field.
 
-Paths (models, ``fitness.include_path``, ``storage`` SQLite files) are relative to the config
-file's folder; a model that is not a local folder is taken as a Hugging Face hub id.
+Paths (models, ``fitness.include_path``, ``storage`` SQLite files, prompt files, a sweep's recipe)
+are relative to the config file's folder; a model that is not a local folder is taken as a Hugging
+Face hub id.
+
+The prompt and generation blocks are shared: a sweep's ``prompts``/``generation`` and a search's
+``fitness.consistency`` (the label-free fitness) read the same schema.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import itertools
 import json
 import math
 import re
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, Sequence, Union
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
-from evomerge.consistency import ConsistencySpec
 from evomerge.configfile import IDENTIFIER, YamlConfig, check_file_name
+from evomerge.errors import ConfigError
 from evomerge.files import resolve_ref
 from evomerge.methods import METHODS, get_method
-from evomerge.recipe import DTYPES
+from evomerge.recipe import DTYPES, Recipe
 
 SAMPLERS = ("cmaes", "tpe", "random", "qmc", "nsga2")
 MULTI_OBJECTIVE_SAMPLERS = ("nsga2", "tpe", "random", "qmc")
@@ -42,6 +49,75 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# ------------------------------------------------------------------ prompts and generation
+# how two responses to one prompt are compared, and how a point's neighbours are combined (see
+# evomerge.disagreement)
+Metric = Literal["exact", "embedding"]
+Aggregate = Literal["all", "mean"]
+
+
+def _listify(v: Any) -> Any:
+    return [v] if isinstance(v, str) else v
+
+
+class PromptSource(_Strict):
+    """Unlabelled prompts: a JSONL file (one object a line, the prompt under ``field``) or the
+    inputs (``doc_to_text``) of an lm-eval task, its labels ignored. ``limit: N`` takes a seeded
+    sample of N of them (kept in their order; evomerge.prompts.sample_indices)."""
+
+    jsonl: str | None = None
+    field: str = "prompt"
+    task: str | None = None
+    include_path: list[str] = Field(default_factory=list)
+    split: str = "validation"  # validation / test / train (the task's own), or a split name of its data
+    limit: int | None = Field(None, ge=1)  # a sample of N prompts (None: all of them)
+    seed: int = 0  # which sample: the same seed picks the same prompts on every machine
+
+    @field_validator("include_path", mode="before")
+    @classmethod
+    def _include(cls, v: Any) -> Any:
+        return _listify(v)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "PromptSource":
+        if (self.jsonl is None) == (self.task is None):
+            raise ValueError("give exactly one of 'jsonl' (a file of prompts) or 'task' (an lm-eval task)")
+        if self.jsonl is not None and self.include_path:
+            raise ValueError("include_path: only for 'task' prompts")
+        return self
+
+
+class GenerationSettings(_Strict):
+    """Greedy decoding, batched with left padding."""
+
+    max_new_tokens: int = Field(32, ge=1, le=4096)
+    batch_size: int = Field(16, ge=1)
+    stop: list[str] = Field(default_factory=list)  # cut each response at the first of these
+    chat_template: bool = False  # wrap each prompt as a user turn of the tokenizer's chat template
+    add_special_tokens: bool = False  # lm-eval encodes causal-LM inputs without BOS; so do we
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop(cls, v: Any) -> Any:
+        return _listify(v)
+
+    def cache_relevant(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude={"batch_size"})
+
+
+class ConsistencySpec(_Strict):
+    """``fitness.consistency`` of a search config (the label-free fitness, evomerge.consistency)."""
+
+    prompts: PromptSource
+    generation: GenerationSettings = Field(default_factory=lambda: GenerationSettings(max_new_tokens=16))
+    delta: float = Field(0.1, gt=0, le=0.5)  # step, as a fraction of each knob's search range
+    pairs: int = Field(1, ge=1, le=4)  # +- pairs of neighbours: the contrast direction, then random signs
+    metric: Metric = "exact"
+    aggregate: Aggregate = "all"
+    empty_disagrees: bool = True
+
+
+# ------------------------------------------------------------------ search
 class MergeSpace(_Strict):
     """What to search: the method(s), which knobs and in which ranges, at which granularity."""
 
@@ -340,3 +416,225 @@ class SearchConfig(_Strict, YamlConfig):
     def fingerprint(self, stage: str = "ps") -> str:
         blob = json.dumps(self.search_relevant() if stage == "ps" else self.dfs_relevant(), sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------ sweep
+class LabelSource(_Strict):
+    """An lm-eval task scored on every grid point, for the report only (never used to choose)."""
+
+    task: str
+    include_path: list[str] = Field(default_factory=list)
+    split: str | None = "test"
+    metric: str = "acc"
+    limit: float | None = Field(None, gt=0)
+    batch_size: int = Field(32, ge=1)
+
+    @field_validator("include_path", mode="before")
+    @classmethod
+    def _include(cls, v: Any) -> Any:
+        return _listify(v)
+
+
+class ValueRange(_Strict):
+    start: float
+    stop: float
+    num: int = Field(ge=3, le=1001)
+
+    def values(self) -> list[float]:
+        step = (self.stop - self.start) / (self.num - 1)
+        return [round(self.start + i * step, 12) for i in range(self.num)]
+
+
+class SweepCoefficient(_Strict):
+    """One swept knob: a recipe parameter, of one model (``model``, as written in ``recipe``) or
+    global (no ``model``), and its values in order (neighbours are adjacent values)."""
+
+    name: str
+    param: str
+    model: str | None = None
+    values: Union[list[float], ValueRange]
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not IDENTIFIER.match(v):
+            raise ValueError(f"{v!r}: expected a short identifier (letters, digits, _)")
+        return v
+
+    @field_validator("values")
+    @classmethod
+    def _values(cls, v: Any) -> Any:
+        vals = v.values() if isinstance(v, ValueRange) else list(v)
+        if len(vals) < 3:
+            raise ValueError("need at least 3 values (the endpoints are never chosen)")
+        if any(not math.isfinite(x) for x in vals):
+            raise ValueError("expected finite numbers")
+        if any(b <= a for a, b in zip(vals, vals[1:])):
+            raise ValueError("expected strictly increasing values (neighbours are adjacent values)")
+        return v
+
+    @property
+    def grid(self) -> list[float]:
+        return self.values.values() if isinstance(self.values, ValueRange) else [float(x) for x in self.values]
+
+
+class SweepConfig(_Strict, YamlConfig):
+    sweep: str
+    recipe: Union[str, dict[str, Any]]  # a mergekit recipe (or the path of one); the sweep sets its knobs
+    coefficients: list[SweepCoefficient] = Field(min_length=1, max_length=3)
+    prompts: PromptSource
+    generation: GenerationSettings = Field(default_factory=GenerationSettings)
+    metric: Metric = "exact"
+    aggregate: Aggregate = "all"
+    smoothing: int = Field(0, ge=0)
+    empty_disagrees: bool = True  # an empty response agrees with nothing
+    labels: LabelSource | None = None
+    device: str = "cpu"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    root: Path = Field(default=Path("."), exclude=True)  # the config file's folder
+
+    @field_validator("sweep")
+    @classmethod
+    def _sweep_name(cls, v: str) -> str:
+        return check_file_name(v)
+
+    @model_validator(mode="after")
+    def _check(self) -> "SweepConfig":
+        names = [c.name for c in self.coefficients]
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                raise ValueError(f"coefficients.{i}.name: {name!r} is used twice")
+        where = [(c.param, c.model) for c in self.coefficients]
+        for i, w in enumerate(where):
+            if w in where[:i]:
+                raise ValueError(f"coefficients.{i}: sweeps the same knob as an earlier coefficient")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype: expected one of {', '.join(DTYPES)}")
+        return self
+
+    # ----------------------------------------------------------------- derived
+    def resolve(self, ref: str) -> str:
+        return resolve_ref(ref, self.root)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(len(c.grid) for c in self.coefficients)
+
+    def points(self) -> list[tuple[int, ...]]:
+        return list(itertools.product(*(range(n) for n in self.shape)))
+
+    def values_at(self, point: Sequence[int]) -> dict[str, float]:
+        return {c.name: c.grid[i] for c, i in zip(self.coefficients, point)}
+
+    def template(self) -> dict[str, Any]:
+        """The recipe template as a dict with every model reference resolved."""
+        if isinstance(self.recipe, str):
+            path = Path(self.recipe).expanduser()
+            path = path if path.is_absolute() else self.root / path
+            if not path.is_file():
+                raise ConfigError(f"recipe: {path} not found")
+            try:
+                data = yaml.safe_load(path.read_text())
+            except yaml.YAMLError as e:
+                raise ConfigError(f"recipe: {path} is not valid YAML: {getattr(e, 'problem', e)}") from None
+            root = path.resolve().parent
+        else:
+            data, root = self.recipe, self.root
+        if not isinstance(data, dict):
+            raise ConfigError("recipe: expected a mapping of recipe keys")
+        return resolve_recipe_refs(data, root)
+
+    def recipe_at(self, point: Sequence[int]) -> Recipe:
+        values = [c.grid[i] for c, i in zip(self.coefficients, point)]
+        data = set_coefficients(self.template(), self.coefficients, values, root=self.root)
+        label = ", ".join(f"{c.name}={v:g}" for c, v in zip(self.coefficients, values))
+        return Recipe.from_dict(data, f"recipe ({label})")
+
+    def check_recipe(self) -> None:
+        """Every coefficient names a parameter of the method, in the right place, with valid values."""
+        data = self.template()
+        method_name = data.get("merge_method")
+        if method_name not in METHODS:
+            Recipe.from_dict(data, "recipe")  # the recipe's own one-line error
+        method = METHODS[method_name]
+        refs = _recipe_model_refs(data)
+        for i, c in enumerate(self.coefficients):
+            spec = method.param(c.param)
+            if spec is None:
+                valid = ", ".join(p.name for p in method.params if p.kind is float)
+                raise ConfigError(f"coefficients.{i}.param: {c.param!r} is not a parameter of {method.name} "
+                                  f"(numeric ones: {valid})")
+            if spec.kind is not float:
+                raise ConfigError(f"coefficients.{i}.param: {c.param!r} is not numeric")
+            if spec.scope == "model" and c.model is None:
+                raise ConfigError(f"coefficients.{i}.model: {c.param!r} is set per model; name the model")
+            if spec.scope == "global" and c.model is not None:
+                raise ConfigError(f"coefficients.{i}.model: {c.param!r} is a global parameter of {method.name}; "
+                                  "drop 'model'")
+            if c.model is not None and self.resolve(c.model) not in refs:
+                raise ConfigError(f"coefficients.{i}.model: {c.model!r} is not a model of the recipe")
+            for v in c.grid:
+                problem = spec.check(v)
+                if problem:
+                    raise ConfigError(f"coefficients.{i}.values: {v:g} is invalid ({problem})")
+        self.recipe_at(tuple(0 for _ in self.coefficients))  # the recipe itself validates
+
+    def cache_dir(self, out: Path) -> Path:
+        return out / "cache"
+
+    def default_out(self) -> Path:
+        return (self.root / "runs" / self.sweep).resolve()
+
+    def after_validate(self) -> None:
+        self.check_recipe()
+
+
+# ------------------------------------------------------------------ a sweep's recipes
+def resolve_recipe_refs(data: dict[str, Any], root: Path) -> dict[str, Any]:
+    out = copy.deepcopy(data)
+    for m in out.get("models") or []:
+        if isinstance(m, dict) and isinstance(m.get("model"), str):
+            m["model"] = resolve_ref(m["model"], root)
+    for s in out.get("slices") or []:
+        if not isinstance(s, dict):
+            continue
+        for src in s.get("sources") or []:
+            if isinstance(src, dict) and isinstance(src.get("model"), str):
+                src["model"] = resolve_ref(src["model"], root)
+        if isinstance(s.get("base_model"), str):
+            s["base_model"] = resolve_ref(s["base_model"], root)
+    if isinstance(out.get("base_model"), str):
+        out["base_model"] = resolve_ref(out["base_model"], root)
+    tok = out.get("tokenizer_source")
+    if isinstance(tok, str) and tok not in ("base", "union"):
+        out["tokenizer_source"] = resolve_ref(tok, root)
+    return out
+
+
+def _recipe_model_refs(data: dict[str, Any]) -> set[str]:
+    refs = {m.get("model") for m in data.get("models") or [] if isinstance(m, dict)}
+    for s in data.get("slices") or []:
+        refs |= {src.get("model") for src in (s.get("sources") or []) if isinstance(src, dict)}
+    return {r for r in refs if isinstance(r, str)}
+
+
+def set_coefficients(template: dict[str, Any], coefficients: Sequence[SweepCoefficient], values: Sequence[float],
+                     *, root: Path = Path(".")) -> dict[str, Any]:
+    """A copy of ``template`` (references resolved) with each coefficient's value set: a global
+    knob in the top-level ``parameters``, a per-model knob in that model's ``parameters`` (every
+    slice source reading it, for ``slices`` recipes)."""
+    data = copy.deepcopy(template)
+    for c, v in zip(coefficients, values):
+        v = float(v)
+        if c.model is None:
+            data.setdefault("parameters", {})
+            data["parameters"] = {**(data["parameters"] or {}), c.param: v}
+            continue
+        ref = resolve_ref(c.model, root)
+        entries = [m for m in data.get("models") or [] if m.get("model") == ref]
+        entries += [src for s in data.get("slices") or [] for src in s.get("sources") or [] if src.get("model") == ref]
+        if not entries:
+            raise ConfigError(f"coefficient {c.name}: model {c.model!r} is not in the recipe")
+        for e in entries:
+            e["parameters"] = {**(e.get("parameters") or {}), c.param: v}
+    return data

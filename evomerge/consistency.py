@@ -41,13 +41,19 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Hashable
 
-from pydantic import BaseModel, ConfigDict, Field
-
+from evomerge.config import SearchConfig
+from evomerge.disagreement import minilm_embedder, score_table
 from evomerge.errors import EvomergeError
+from evomerge.fitness import RecipeHost, Score
+from evomerge.generation import generate_responses
+from evomerge.methods import METHODS
+from evomerge.prompts import load_prompts
 from evomerge.recipe import Recipe
-from evomerge.sweep import GenerationSettings, PromptSource
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -56,25 +62,9 @@ class ConsistencyError(EvomergeError):
     """A candidate the consistency fitness cannot score (a single source, nothing to perturb)."""
 
 
-class ConsistencySpec(BaseModel):
-    """``fitness.consistency`` of a search config."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    prompts: PromptSource
-    generation: GenerationSettings = Field(default_factory=lambda: GenerationSettings(max_new_tokens=16))
-    delta: float = Field(0.1, gt=0, le=0.5)  # step, as a fraction of each knob's search range
-    pairs: int = Field(1, ge=1, le=4)  # +- pairs of neighbours: the contrast direction, then random signs
-    metric: Literal["exact", "embedding"] = "exact"
-    aggregate: Literal["all", "mean"] = "all"
-    empty_disagrees: bool = True
-
-
-def knob_steps(config: Any) -> dict[str, float]:
+def knob_steps(config: SearchConfig) -> dict[str, float]:
     """knob -> step: ``delta`` times the width of its search range (the config's, else the
     method's default)."""
-    from evomerge.methods import METHODS
-
     spec = config.fitness.consistency
     methods = [METHODS[m] for m in config.merge.methods]
     steps = {}
@@ -154,9 +144,7 @@ class ConsistencyFitness:
     recipe the workspace holds (the search's interface); ``score_candidate(workspace, recipe)``
     is the same for any recipe."""
 
-    def __init__(self, config: Any, prompts: list[str] | None = None):
-        from evomerge.sweep import load_prompts, minilm_embedder
-
+    def __init__(self, config: SearchConfig, prompts: list[str] | None = None):
         spec = config.fitness.consistency
         if spec is None:
             raise EvomergeError("fitness.consistency: required for kind consistency")
@@ -167,11 +155,11 @@ class ConsistencyFitness:
         self.prompts = prompts if prompts is not None else load_prompts(spec.prompts, config.root,
                                                                          "fitness.consistency.prompts")
         self.embed = minilm_embedder() if spec.metric == "embedding" else None
-        self.workspace: Any = None
+        self.workspace: RecipeHost | None = None
         self.generations = 0  # how many response sets were generated (tests, logs)
 
-    def bind(self, workspace: Any) -> None:
-        self.workspace = workspace
+    def bind(self, host: RecipeHost) -> None:
+        self.workspace = host
 
     def neighbours(self, recipe: Recipe) -> list[Recipe]:
         out = []
@@ -180,16 +168,11 @@ class ConsistencyFitness:
                 out.append(perturb(recipe, self.steps, self.model_order, side=side, pair=pair, seed=self.seed))
         return out
 
-    def _generate(self, workspace: Any) -> list[str]:
-        from evomerge.sweep import generate_responses
-
+    def _generate(self, workspace: RecipeHost) -> list[str]:
         self.generations += 1
         return generate_responses(workspace.model, workspace.tokenizer, self.prompts, self.spec.generation)
 
-    def score_candidate(self, workspace: Any, recipe: Recipe) -> Any:
-        from evomerge.evaluate import Score
-        from evomerge.sweep import score_table
-
+    def score_candidate(self, workspace: RecipeHost, recipe: Recipe) -> Score:
         if len(recipe.referenced_models()) < 2:
             raise ConsistencyError("a single source model is an endpoint; the consistency fitness does not score it "
                                    "(AdaMMS never chooses one; sampler.baselines: false skips these)")
@@ -198,7 +181,7 @@ class ConsistencyFitness:
             raise ConsistencyError("no searched coefficient in this recipe to perturb")
         if workspace.recipe != recipe:
             workspace.load(recipe)
-        responses: dict[Any, list[str]] = {"candidate": self._generate(workspace)}
+        responses: dict[Hashable, list[str]] = {"candidate": self._generate(workspace)}
         try:
             for k, n in enumerate(nbrs):
                 workspace.load(n)
@@ -211,7 +194,7 @@ class ConsistencyFitness:
         value = 1.0 - d / len(self.prompts)
         return Score({"consistency": value}, value, [value])
 
-    def score(self, model: Any, tokenizer: Any) -> Any:
+    def score(self, model: PreTrainedModel, tokenizer: Any) -> Score:
         ws = self.workspace
         if ws is None or ws.recipe is None or ws.model is not model:
             raise EvomergeError("consistency fitness: bind() it to the workspace that holds the candidate")

@@ -3,6 +3,11 @@
 table of base models, or "same as base_model" for a fine-tune), then prints per stage the search
 space (dimension count and example names), the memory plan and a per-trial time estimate whose
 formula and assumptions are printed with it. Every fact says whether it was read or assumed.
+
+A fitness task defined in ``fitness.include_path`` whose data is on this machine is built (its data
+read, nothing downloaded) and its evaluated split counted, after ``fitness.limit``; its output type
+and number of choices are read too. Other tasks (lm-eval's registry, hub data) get typical sizes,
+marked as assumed.
 """
 
 from __future__ import annotations
@@ -12,14 +17,21 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from evomerge.architectures import architecture_for
-from evomerge.config import SearchConfig
+from evomerge.config import FitnessTask, PromptSource, SearchConfig
 from evomerge.errors import CheckpointError, ConfigError
+from evomerge.evaluate import load_tasks, local_tasks, select_split
 from evomerge.planner import GiB, Item, MemoryPlan, fmt_bytes, make_plan
+
+if TYPE_CHECKING:
+    from lm_eval.api.task import Task
+
+    from evomerge.dfs import DfsSpace
+    from evomerge.space import Space
 
 # config.json facts of base models, checked against their published config.json files
 # (Mistral-7B-v0.1 = transformers' MistralConfig defaults; Llama-2 7B/13B as released).
@@ -68,6 +80,10 @@ KNOWN_TASKS: dict[str, TaskCost] = {
     "ifeval": TaskCost(541, 100, 400),
 }
 DEFAULT_TASK = TaskCost(500, 200, 256)
+PROMPT_TOKENS_ASSUMED = 200  # per example of a task whose data is read (its texts are not tokenized)
+GENERATED_TOKENS_DEFAULT = 256  # lm-eval's max_gen_toks when a generate_until task sets none
+CHOICES_SAMPLED = 100  # docs whose choices are counted (the mean is used)
+CONSISTENCY_PROMPTS_ASSUMED = 32  # prompts of a consistency fitness whose prompts are not read
 
 
 # ------------------------------------------------------------------ model facts
@@ -209,13 +225,13 @@ class StagePlan:
     time_lines: list[str] = field(default_factory=list)
 
 
-def ps_space(cfg: SearchConfig, template: ModelFacts) -> Any:
+def ps_space(cfg: SearchConfig, template: ModelFacts) -> Space:
     from evomerge.space import build_space
 
     return build_space(cfg, template.num_layers)
 
 
-def dfs_space(cfg: SearchConfig, facts: dict[str, ModelFacts], template: ModelFacts) -> Any:
+def dfs_space(cfg: SearchConfig, facts: dict[str, ModelFacts], template: ModelFacts) -> DfsSpace:
     from evomerge.dfs import DfsSpace
     from evomerge.layerpath import SourceLayer
 
@@ -273,18 +289,66 @@ def merge_seconds(plan: MemoryPlan, out_bytes: int) -> tuple[float, str]:
                    f"arithmetic + the merged model written, at {rates} (recomputed caches: {RECOMPUTE_PASSES} passes)")
 
 
-def task_costs(cfg: SearchConfig) -> list[tuple[str, TaskCost, bool]]:
-    """(task, cost, known) for each fitness task; ``fitness.limit`` caps the examples."""
+def task_costs(cfg: SearchConfig) -> list[tuple[str, TaskCost, str]]:
+    """(task, cost, where its figures come from) for each fitness task. A task in the include
+    paths whose data is on this machine is built and read (:func:`read_task_cost`); any other gets
+    the typical sizes of :data:`KNOWN_TASKS` (or :data:`DEFAULT_TASK`), assumed; ``fitness.limit``
+    caps the examples."""
+    names = list(dict.fromkeys(spec.task for spec in cfg.fitness.tasks))
+    local = local_tasks(names, cfg.include_paths)
+    loaded = load_tasks(list(local), cfg.include_paths)["tasks"] if local else {}
     out = []
     for spec in cfg.fitness.tasks:
+        if spec.task in loaded:
+            cost, note = read_task_cost(loaded[spec.task], spec, cfg.fitness.limit)
+            out.append((spec.task, cost, f"read: {note}"))
+            continue
         cost = KNOWN_TASKS.get(spec.task, DEFAULT_TASK)
         limit = cfg.fitness.limit
         if limit is not None:
             n = int(limit) if limit >= 1 else max(1, math.ceil(limit * cost.examples))
             cost = TaskCost(min(n, cost.examples) if spec.task in KNOWN_TASKS else n, cost.prompt_tokens,
                             cost.generated_tokens, cost.choices)
-        out.append((spec.task, cost, spec.task in KNOWN_TASKS))
+        out.append((spec.task, cost, "typical sizes, assumed" if spec.task in KNOWN_TASKS
+                    else "data not read: sizes assumed"))
     return out
+
+
+def read_task_cost(task: Task, spec: FitnessTask, limit: float | None) -> tuple[TaskCost, str]:
+    """The examples the fitness scores (the evaluated split's docs, after ``limit`` as lm-eval
+    applies it), the task's output type and its mean number of choices; prompt tokens assumed."""
+    from lm_eval.evaluator_utils import get_sample_size
+
+    select_split(task, spec.split, f"fitness.tasks.{spec.task}.split")
+    docs = task.eval_docs
+    total = len(docs)
+    n = total if limit is None else min(total, get_sample_size(task, limit))
+    split = task.config.test_split if task.has_test_docs() else task.config.validation_split
+    kind = task.OUTPUT_TYPE
+    choices, generated = 1, 0
+    if kind == "multiple_choice" and n:
+        counts = [len(task.doc_to_choice(docs[i])) for i in range(min(n, CHOICES_SAMPLED))]
+        choices = max(1, round(sum(counts) / len(counts)))
+    elif kind == "generate_until":
+        generated = int((task.config.generation_kwargs or {}).get("max_gen_toks", GENERATED_TOKENS_DEFAULT))
+    capped = f", fitness.limit {limit:g}" if limit is not None and n < total else ""
+    note = (f"{n} of the {total} docs of its {split} split{capped}; {kind}"
+            + (f", {choices} choices" if kind == "multiple_choice" else "")
+            + (f", up to {generated} generated tokens" if kind == "generate_until" else "")
+            + "; prompt tokens assumed")
+    return TaskCost(n, PROMPT_TOKENS_ASSUMED, generated, choices), note
+
+
+def consistency_prompts(cfg: SearchConfig) -> tuple[int, str]:
+    """How many prompts the consistency fitness generates on, and whether that was read: a JSONL
+    file or a local task is read (after ``limit``); otherwise ``limit`` (or 32) is assumed."""
+    from evomerge.prompts import load_prompts
+
+    src: PromptSource = cfg.fitness.consistency.prompts
+    include = [str((cfg.root / p).resolve()) for p in src.include_path]
+    if src.jsonl is not None or local_tasks([src.task], include):
+        return len(load_prompts(src, cfg.root, "fitness.consistency.prompts")), "read"
+    return src.limit or CONSISTENCY_PROMPTS_ASSUMED, "assumed"
 
 
 def eval_seconds(cfg: SearchConfig, params: int, layer_ratio: float = 1.0) -> tuple[float, list[str]]:
@@ -299,22 +363,21 @@ def eval_seconds(cfg: SearchConfig, params: int, layer_ratio: float = 1.0) -> tu
     total = 0.0
     if cfg.fitness.kind == "consistency":
         spec = cfg.fitness.consistency
-        assert spec is not None
-        n = spec.prompts.limit or 32
+        n, how = consistency_prompts(cfg)
         gens = 1 + 2 * spec.pairs
         t = gens * n * (200 / (prompt_rate * scale) + spec.generation.max_new_tokens / (gen_rate * scale))
-        lines.append(f"  consistency: {gens} generations x {n} prompts x (200 assumed prompt + "
+        lines.append(f"  consistency: {gens} generations x {n} prompts ({how}) x (200 assumed prompt + "
                      f"{spec.generation.max_new_tokens} generated tokens) = {t:.0f} s; "
                      f"plus {2 * spec.pairs} neighbour merges")
         return t, lines
-    for task, cost, known in task_costs(cfg):
+    for task, cost, note in task_costs(cfg):
         prompt = cost.examples * cost.prompt_tokens * cost.choices
         gen = cost.examples * cost.generated_tokens
         t = prompt / (prompt_rate * scale) + gen / (gen_rate * scale)
         total += t
-        lines.append(f"  {task}: {cost.examples} examples x ({cost.prompt_tokens} prompt + {cost.generated_tokens} "
-                     f"generated tokens){' (typical sizes, assumed)' if known else ' (unknown task: sizes assumed)'}"
-                     f" = {t:.0f} s")
+        choices = f" x {cost.choices} choices" if cost.choices > 1 else ""
+        lines.append(f"  {task}: {cost.examples} examples x ({cost.prompt_tokens} prompt{choices} + "
+                     f"{cost.generated_tokens} generated tokens) ({note}) = {t:.0f} s")
     return total, lines
 
 

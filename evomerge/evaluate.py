@@ -1,9 +1,10 @@
-"""Fitness: lm-eval tasks scored on the live merged model.
+"""Fitness: lm-eval tasks scored on the live merged model; and loading lm-eval tasks for every
+reader (the fitness, a sweep's prompts and labels, the dry run's task sizes).
 
-Tasks are built once per process (``TaskManager`` + ``load``) and reused for every trial; the
-model is wrapped in one ``HFLM`` whose weights the workspace overwrites in place. Each call
-reseeds Python/NumPy/torch exactly as ``lm_eval.simple_evaluate`` does, so a score equals what
-the ``lm_eval`` CLI reports for the same weights. Bootstrap stderr and sample logging are off.
+Tasks are built once per process (:func:`load_tasks`) and reused for every trial; the model is
+wrapped in one ``HFLM`` whose weights the workspace overwrites in place. Each call reseeds
+Python/NumPy/torch exactly as ``lm_eval.simple_evaluate`` does, so a score equals what the
+``lm_eval`` CLI reports for the same weights. Bootstrap stderr and sample logging are off.
 """
 
 from __future__ import annotations
@@ -14,11 +15,17 @@ import logging
 import os
 import random
 import warnings
-from dataclasses import dataclass
-from typing import Any, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
-from evomerge.config import Fitness
+from evomerge.config import Fitness as FitnessSpec
 from evomerge.errors import ConfigError
+from evomerge.fitness import Score
+
+if TYPE_CHECKING:
+    from lm_eval.api.task import Task
+    from lm_eval.tasks import TaskManager
+    from transformers import PreTrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -47,45 +54,106 @@ def quiet_lm_eval() -> None:
         pass
 
 
-@dataclass(frozen=True)
-class Score:
-    values: dict[str, float]  # task name -> metric value
-    fitness: float  # weighted sum
-    objectives: list[float]  # one per task (multi-objective studies)
+# ------------------------------------------------------------------ loading tasks
+def task_manager(names: Sequence[str], include_paths: Sequence[str], *, where: str = "fitness",
+                 registry: bool = True) -> TaskManager:
+    """lm-eval's TaskManager for ``names``: the include paths alone when they hold every name, else
+    with lm-eval's built-in registry too (indexing its ~10k task files takes ~30 s; ``registry=False``:
+    never)."""
+    quiet_lm_eval()
+    from lm_eval.tasks import TaskManager
+
+    for p in include_paths:
+        if not os.path.isdir(p):
+            raise ConfigError(f"{where}.include_path: {p} is not a folder")
+    manager = TaskManager(include_path=list(include_paths) or None, include_defaults=False)
+    if registry and (not include_paths or any(n not in manager.all_tasks for n in names)):
+        manager = TaskManager(include_path=list(include_paths) or None)
+    return manager
 
 
+def load_tasks(names: Sequence[str], include_paths: Sequence[str], *, where: str = "fitness",
+               key: str = "tasks") -> dict[str, Any]:
+    """Build the lm-eval tasks ``names``, each from a YAML file in the include paths (local
+    folders) or from lm-eval's registry. Returns lm-eval's task dict (``["tasks"]``: name -> Task),
+    as ``lm_eval.evaluator.evaluate`` takes it. Every problem is one ConfigError line naming
+    ``{where}.{key}`` (or ``{where}.include_path``)."""
+    manager = task_manager(names, include_paths, where=where)
+    unknown = [n for n in names if n not in manager.all_tasks]
+    if unknown:
+        found = f" in {', '.join(include_paths)} or" if include_paths else ""
+        raise ConfigError(f"{where}.{key}: unknown task {unknown[0]!r} (not found{found} among lm-eval's tasks)")
+    try:
+        with _quiet():
+            loaded = manager.load(list(names))
+    except (KeyError, ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"{where}.{key}: {_first_line(e)}") from None
+    for n in names:
+        if n not in loaded["tasks"]:
+            raise ConfigError(f"{where}.{key}: {n!r} is a group or tag; list its tasks one by one")
+    return loaded
+
+
+PACKAGED_BUILDERS = ("json", "csv", "parquet", "text", "arrow", "pandas")  # `datasets` builders over data files
+
+
+def local_tasks(names: Sequence[str], include_paths: Sequence[str]) -> dict[str, Path]:
+    """The tasks of ``names`` defined in the include paths whose data is on this machine, so that
+    building them downloads nothing: a ``custom_dataset`` function, a packaged builder
+    (``dataset_path: json``, ...) over local files, or a local dataset folder. Task -> its YAML
+    file. Reads the YAML index only (no task is built)."""
+    if not include_paths:
+        return {}
+    manager = task_manager(names, include_paths, registry=False)
+    out = {}
+    for name in names:
+        entry = manager.task_index.get(name)
+        cfg = getattr(entry, "cfg", None) or {}
+        if entry is None or entry.yaml_path is None or "task" not in cfg:
+            continue
+        path = cfg.get("dataset_path")
+        files = (cfg.get("dataset_kwargs") or {}).get("data_files")
+        if isinstance(files, dict):
+            files = list(files.values())
+        files = [f for f in (files if isinstance(files, list) else [files]) if f is not None]
+        on_disk = all(isinstance(f, str) and "://" not in f for f in files)
+        if cfg.get("custom_dataset") or (path in PACKAGED_BUILDERS and files and on_disk) or (
+                isinstance(path, str) and Path(path).is_dir()):
+            out[name] = Path(entry.yaml_path)
+    return out
+
+
+def select_split(task: Task, split: str | None, where: str) -> None:
+    """Point the task's evaluated split (``eval_docs``) at ``split``: None or ``test``: the task's
+    own choice; ``validation``: its ``validation_split``; any other name: that split of its data."""
+    if split in (None, "test"):
+        if split == "test" and task.get_config("test_split") is None:
+            raise ConfigError(f"{where}: the task has no test split")
+        return
+    if split == "validation":
+        target = task.get_config("validation_split")
+        if target is None:
+            raise ConfigError(f"{where}: the task has no validation_split; use split: test or name a split of its dataset")
+    else:
+        target = split
+    available = list(getattr(task, "dataset", {}) or {})
+    if available and target not in available:
+        raise ConfigError(f"{where}: {target!r} is not a split of the task's data (has {', '.join(available)})")
+    task.set_config(key="test_split", value=target)
+
+
+# ------------------------------------------------------------------ the fitness
 class LmEvalFitness:
     """Scores a model on the configured tasks (built once, reused across trials)."""
 
-    def __init__(self, fitness: Fitness, include_paths: list[str]):
-        quiet_lm_eval()
-        from lm_eval.tasks import TaskManager
-
+    def __init__(self, fitness: FitnessSpec, include_paths: list[str]):
         self.fitness = fitness
-        for p in include_paths:
-            if not os.path.isdir(p):
-                raise ConfigError(f"fitness.include_path: {p} is not a folder")
-        names = [t.task for t in fitness.tasks]
-        # Indexing lm-eval's ~10k built-in task files takes ~30 s: only do it when a task is not
-        # in the include paths.
-        self.manager = TaskManager(include_path=include_paths or None, include_defaults=False)
-        if not include_paths or any(n not in self.manager.all_tasks for n in names):
-            self.manager = TaskManager(include_path=include_paths or None)
-        unknown = [n for n in names if n not in self.manager.all_tasks]
-        if unknown:
-            where = f" in {', '.join(include_paths)} or" if include_paths else ""
-            raise ConfigError(f"fitness.tasks: unknown task {unknown[0]!r} (not found{where} among lm-eval's tasks)")
-        try:
-            with _quiet():
-                loaded = self.manager.load(names)
-        except (KeyError, ValueError, FileNotFoundError) as e:
-            raise ConfigError(f"fitness.tasks: {_first_line(e)}") from None
-        self.tasks: dict[str, Any] = loaded["tasks"]
+        names = list(dict.fromkeys(t.task for t in fitness.tasks))
+        loaded = load_tasks(names, include_paths)
+        self.tasks: dict[str, Task] = loaded["tasks"]
         self.task_dict = loaded
         for spec in fitness.tasks:
-            if spec.task not in self.tasks:
-                raise ConfigError(f"fitness.tasks: {spec.task!r} is a group or tag; list its tasks one by one")
-            self._select_split(spec.task, spec.split)
+            select_split(self.tasks[spec.task], spec.split, f"fitness.tasks.{spec.task}.split")
             task = self.tasks[spec.task]
             if fitness.num_fewshot is not None and task.get_config("num_fewshot") != 0:
                 task.set_config(key="num_fewshot", value=fitness.num_fewshot)
@@ -95,26 +163,7 @@ class LmEvalFitness:
         self._lm = None
         self._lm_model_id: int | None = None
 
-    def _select_split(self, name: str, split: str | None) -> None:
-        task = self.tasks[name]
-        if split in (None, "test"):
-            if split == "test" and task.get_config("test_split") is None:
-                raise ConfigError(f"fitness.tasks.{name}.split: the task has no test split")
-            return
-        if split == "validation":
-            target = task.get_config("validation_split")
-            if target is None:
-                raise ConfigError(f"fitness.tasks.{name}.split: the task has no validation_split; "
-                                  "use split: test or name a split of its dataset")
-        else:
-            target = split
-        available = list(getattr(task, "dataset", {}) or {})
-        if available and target not in available:
-            raise ConfigError(f"fitness.tasks.{name}.split: {target!r} is not a split of the task's data "
-                              f"(has {', '.join(available)})")
-        task.set_config(key="test_split", value=target)
-
-    def lm(self, model: Any, tokenizer: Any) -> Any:
+    def lm(self, model: PreTrainedModel, tokenizer: Any) -> Any:
         if self._lm is None or self._lm_model_id != id(model):
             from lm_eval.models.huggingface import HFLM
 
@@ -122,7 +171,7 @@ class LmEvalFitness:
             self._lm_model_id = id(model)
         return self._lm
 
-    def score(self, model: Any, tokenizer: Any) -> Score:
+    def score(self, model: PreTrainedModel, tokenizer: Any) -> Score:
         import numpy as np
         import torch
         from lm_eval.evaluator import evaluate

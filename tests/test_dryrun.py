@@ -10,11 +10,21 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
+from conftest import write_mc_task
 
 from evomerge.checkpoint import Checkpoint
 from evomerge.cli import main
 from evomerge.config import SearchConfig
-from evomerge.dryrun import KNOWN_MODELS, ModelReader, dry_run, read_models
+from evomerge.dryrun import (
+    KNOWN_MODELS,
+    TOKENS_PER_S_7B,
+    ModelReader,
+    TaskCost,
+    dry_run,
+    eval_seconds,
+    read_models,
+    task_costs,
+)
 from evomerge.space import build_space
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,7 +96,76 @@ def test_local_models_are_read_from_their_config(tiny_models, tmp_path):
     assert stages[0].dimensions == expected == 2 * 2 * 2  # 2 layers x 2 models x 2 knobs
     assert stages[1].dimensions == 3 * 2 * 3 * 2  # (ps, a, b) x 2 layers x 3 repeats x (use, scale)
     assert "assumed" not in "\n".join(lines).split("fitness:")[0]
-    assert "some_task: 500 examples x (200 prompt + 256 generated tokens) (unknown task: sizes assumed)" in "\n".join(lines)
+    assert "some_task: 500 examples x (200 prompt + 256 generated tokens) (data not read: sizes assumed)" in "\n".join(lines)
+
+
+def test_a_local_task_is_counted_not_assumed(tiny_models, tmp_path):
+    """A task in the include path with local data: its evaluated split is counted (after
+    fitness.limit, as lm-eval applies it), with its output type and choices; a task of lm-eval's
+    registry and a local YAML over hub data keep an assumption, and say so."""
+    import json
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    for split, n in (("dev", 60), ("test", 40)):
+        with open(tasks / f"{split}.jsonl", "w") as f:
+            for i in range(n):
+                f.write(json.dumps({"q": f"{i} plus {i}", "choices": ["a", "b", "c", "d"], "label": i % 4}) + "\n")
+    write_mc_task(tasks, "sized_mc", tasks / "dev.jsonl", tasks / "test.jsonl")
+    (tasks / "sized_gen.yaml").write_text(
+        f"task: sized_gen\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {tasks / 'test.jsonl'}\n"
+        "output_type: generate_until\ntest_split: test\ndoc_to_text: '{{q}} ='\ndoc_to_target: label\n"
+        "generation_kwargs:\n  until: ['\\n']\n  max_gen_toks: 12\n"
+        "metric_list:\n  - metric: exact_match\n")
+    (tasks / "hub_data.yaml").write_text("task: hub_data\ndataset_path: someone/not_here\noutput_type: multiple_choice\n"
+                                        "test_split: test\ndoc_to_text: '{{q}}'\ndoc_to_target: 0\ndoc_to_choice: ['a']\n")
+
+    def config(limit=None, **fitness):
+        return SearchConfig.from_dict({
+            "study": "sized", "base_model": str(tiny_models["base"]),
+            "models": {"a": str(tiny_models["a"]), "b": str(tiny_models["b"])},
+            "fitness": {"tasks": [{"task": "sized_mc"}, {"task": "sized_gen", "split": "test"},
+                                  {"task": "hub_data", "split": "test"}, {"task": "gsm8k"}],
+                        "include_path": "tasks", "limit": limit, **fitness}}, root=tmp_path)
+
+    costs = {task: (cost, note) for task, cost, note in task_costs(config())}
+    assert costs["sized_mc"] == (TaskCost(60, 200, 0, 4), "read: 60 of the 60 docs of its validation split; multiple_choice, "
+                                                         "4 choices; prompt tokens assumed")
+    assert costs["sized_gen"] == (TaskCost(40, 200, 12, 1), "read: 40 of the 40 docs of its test split; "
+                                                           "generate_until, up to 12 generated tokens; prompt tokens assumed")
+    assert costs["hub_data"] == (TaskCost(500, 200, 256), "data not read: sizes assumed")
+    assert costs["gsm8k"] == (TaskCost(7473, 900, 200), "typical sizes, assumed")
+    # fitness.limit as lm-eval applies it: a count, or a fraction rounded up
+    assert [c.examples for _, c, _ in task_costs(config(limit=25))] == [25, 25, 25, 25]
+    assert [c.examples for _, c, _ in task_costs(config(limit=0.1))][:2] == [6, 4]
+    lines, stages = dry_run(config(limit=25))
+    text = "\n".join(lines)
+    assert ("sized_mc: 25 examples x (200 prompt x 4 choices + 0 generated tokens) (read: 25 of the 60 docs of its validation "
+            "split, fitness.limit 25; multiple_choice, 4 choices; prompt tokens assumed) = ") in text
+    assert "hub_data: 25 examples x (200 prompt + 256 generated tokens) (data not read: sizes assumed) = " in text
+    # the estimate uses the count: 40 test docs x 4 choices x 200 prompt tokens, nothing generated,
+    # at the CPU's assumed 50 prompt tokens/s for a 7B model, scaled to the tiny model's size
+    one = SearchConfig.from_dict({
+        "study": "one", "base_model": str(tiny_models["base"]), "models": {"a": str(tiny_models["a"])},
+        "merge": {"method": "task_arithmetic"},
+        "fitness": {"tasks": [{"task": "sized_mc", "split": "test"}], "include_path": "tasks"}}, root=tmp_path)
+    params = read_models(one)["base"].params
+    seconds, _ = eval_seconds(one, params)
+    assert seconds == pytest.approx(40 * 4 * 200 / (TOKENS_PER_S_7B["cpu"][0] * 7e9 / params), rel=1e-12)
+
+
+def test_consistency_prompts_are_counted(tiny_models, tmp_path):
+    import json
+
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": f"q{i}"}) + "\n" for i in range(7)))
+    data = {"study": "c", "base_model": str(tiny_models["base"]),
+            "models": {"a": str(tiny_models["a"]), "b": str(tiny_models["b"])},
+            "fitness": {"kind": "consistency", "consistency": {"prompts": {"jsonl": "p.jsonl", "limit": 20}}}}
+    text = "\n".join(dry_run(SearchConfig.from_dict(data, root=tmp_path))[0])
+    assert "consistency: 3 generations x 7 prompts (read) x " in text
+    data["fitness"]["consistency"]["prompts"] = {"task": "mgsm_ja_fitness", "include_path": str(ROOT / "tasks"), "limit": 16}
+    text = "\n".join(dry_run(SearchConfig.from_dict(data, root=tmp_path))[0])
+    assert "consistency: 3 generations x 16 prompts (assumed) x " in text  # hub data: not read
 
 
 def test_unknown_hub_model_offline_is_one_line(tmp_path):

