@@ -58,23 +58,9 @@ class LmEvalFitness:
     """Scores a model on the configured tasks (built once, reused across trials)."""
 
     def __init__(self, fitness: Fitness, include_paths: list[str]):
-        quiet_lm_eval()
-        from lm_eval.tasks import TaskManager
-
         self.fitness = fitness
-        for p in include_paths:
-            if not os.path.isdir(p):
-                raise ConfigError(f"fitness.include_path: {p} is not a folder")
         names = [t.task for t in fitness.tasks]
-        # Indexing lm-eval's ~10k built-in task files takes ~30 s: only do it when a task is not
-        # in the include paths.
-        self.manager = TaskManager(include_path=include_paths or None, include_defaults=False)
-        if not include_paths or any(n not in self.manager.all_tasks for n in names):
-            self.manager = TaskManager(include_path=include_paths or None)
-        unknown = [n for n in names if n not in self.manager.all_tasks]
-        if unknown:
-            where = f" in {', '.join(include_paths)} or" if include_paths else ""
-            raise ConfigError(f"fitness.tasks: unknown task {unknown[0]!r} (not found{where} among lm-eval's tasks)")
+        self.manager = task_manager(names, include_paths)
         try:
             with _quiet():
                 loaded = self.manager.load(names)
@@ -87,6 +73,7 @@ class LmEvalFitness:
                 raise ConfigError(f"fitness.tasks: {spec.task!r} is a group or tag; list its tasks one by one")
             self._select_split(spec.task, spec.split)
             task = self.tasks[spec.task]
+            check_metric(spec.task, spec.metric, list(task.aggregation()))
             if fitness.num_fewshot is not None and task.get_config("num_fewshot") != 0:
                 task.set_config(key="num_fewshot", value=fitness.num_fewshot)
             elif task.get_config("num_fewshot") is None:
@@ -113,6 +100,9 @@ class LmEvalFitness:
             raise ConfigError(f"fitness.tasks.{name}.split: {target!r} is not a split of the task's data "
                               f"(has {', '.join(available)})")
         task.set_config(key="test_split", value=target)
+
+    def bind(self, workspace: Any) -> None:
+        """lm-eval scores the live model as it is: nothing to bind (see ``trials.Fitness``)."""
 
     def lm(self, model: Any, tokenizer: Any) -> Any:
         if self._lm is None or self._lm_model_id != id(model):
@@ -154,6 +144,68 @@ class LmEvalFitness:
         """One name per fitness entry: the task, or ``task.metric`` when a task is listed twice."""
         names = [t.task for t in self.fitness.tasks]
         return [t.task if names.count(t.task) == 1 else f"{t.task}.{t.metric}" for t in self.fitness.tasks]
+
+
+def task_manager(names: list[str], include_paths: list[str]) -> Any:
+    """An lm-eval TaskManager that knows every task in ``names``; one line for a missing folder
+    or an unknown task. Indexing lm-eval's ~10k built-in task files takes ~30 s: only done when
+    a task is not in the include paths."""
+    quiet_lm_eval()
+    from lm_eval.tasks import TaskManager
+
+    for p in include_paths:
+        if not os.path.isdir(p):
+            raise ConfigError(f"fitness.include_path: {p} is not a folder")
+    manager = TaskManager(include_path=include_paths or None, include_defaults=False)
+    if not include_paths or any(n not in manager.all_tasks for n in names):
+        manager = TaskManager(include_path=include_paths or None)
+    unknown = [n for n in names if n not in manager.all_tasks]
+    if unknown:
+        where = f" in {', '.join(include_paths)} or" if include_paths else ""
+        raise ConfigError(f"fitness.tasks: unknown task {unknown[0]!r} (not found{where} among lm-eval's tasks)")
+    return manager
+
+
+def check_metric(task: str, metric: str, available: list[str]) -> None:
+    """``metric`` (``acc``, or ``acc,flexible-extract`` with a filter) is one of the task's metrics."""
+    if available and metric.split(",")[0] not in available:
+        raise ConfigError(f"fitness.tasks.{task}.metric: {metric!r} is not a metric of the task; "
+                          f"available: {', '.join(available)}")
+
+
+def check_local_task_metrics(fitness: Fitness, include_paths: list[str]) -> None:
+    """Each task found in ``fitness.include_path`` reports its metric, read from the task's YAML
+    config (its ``metric_list``, else lm-eval's default metrics for its ``output_type``) without
+    loading its data or running it (the dry run's check). lm-eval's built-in tasks (indexing them
+    takes ~30 s) and tasks defined in Python are checked when the search builds them, which is
+    also before its study exists."""
+    quiet_lm_eval()
+    from lm_eval.api.registry import DEFAULT_METRIC_REGISTRY
+    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    for p in include_paths:
+        if not os.path.isdir(p):
+            raise ConfigError(f"fitness.include_path: {p} is not a folder")
+    if not include_paths:
+        return
+    manager = TaskManager(include_path=include_paths, include_defaults=False)
+    for spec in fitness.tasks:
+        entry = manager.task_index.get(spec.task)
+        if entry is None or entry.yaml_path is None:
+            continue
+        try:
+            cfg = load_yaml(entry.yaml_path, resolve_func=False)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"fitness.tasks.{spec.task}: cannot read {entry.yaml_path}: {_first_line(e)}") from None
+        if "task" not in cfg:
+            raise ConfigError(f"fitness.tasks: {spec.task!r} is a group or tag; list its tasks one by one")
+        listed = cfg.get("metric_list")
+        if listed:
+            available = [m["metric"] for m in listed if isinstance(m, dict) and isinstance(m.get("metric"), str)]
+        else:
+            available = list(DEFAULT_METRIC_REGISTRY.get(cfg.get("output_type", "generate_until"), []))
+        check_metric(spec.task, spec.metric, available)
 
 
 @contextlib.contextmanager

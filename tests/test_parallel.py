@@ -27,8 +27,9 @@ from test_search import config_dict, tiny_task, write_config  # noqa: F401 (tiny
 from evomerge.cli import main
 from evomerge.config import SearchConfig
 from evomerge.samplers import ATTR_EXTRA, ATTR_INDEX, cma_state
-from evomerge.search import (ATTR_BASELINE, ATTR_ERROR, ATTR_INTERRUPTED, ATTR_RECIPE, ATTR_WORKER, counted,
-                             run_search)
+from evomerge.search import run_search
+from evomerge.study import (ATTR_BASELINE, ATTR_ERROR, ATTR_INTERRUPTED, ATTR_RECIPE, ATTR_WORKER, counted,
+                            study_fingerprint)
 
 ray = pytest.importorskip("ray")
 
@@ -95,7 +96,7 @@ def test_cmaes_study_on_two_actors_records_every_trial(ray_runtime, tiny_models,
 
     # resuming with one worker (in process) continues the same study: workers are not in the fingerprint
     relaxed = SearchConfig.from_dict({**data, "workers": 1})
-    assert relaxed.fingerprint() == cfg.fingerprint()
+    assert study_fingerprint(relaxed) == study_fingerprint(cfg)
     assert run_search(relaxed, trials=14).completed == 14
 
 
@@ -290,7 +291,7 @@ def postgres_url() -> str:
 @pytest.mark.slow
 def test_two_drivers_share_one_cmaes_study_on_postgres(postgres_url, tiny_models, slow_task, tmp_path):
     from evomerge.samplers import ATTR_GENERATION, ATTR_STATE_META, _from_unit, _load_state
-    from evomerge.search import ATTR_OWNER
+    from evomerge.study import ATTR_OWNER
 
     budget, popsize, drivers = 15, 4, 2  # 3 baselines, then 3 generations of 4
     data = parallel_config(tiny_models, slow_task, tmp_path, workers=1, storage=postgres_url,

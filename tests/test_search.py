@@ -22,8 +22,10 @@ from conftest import load_state, write_mc_task
 from evomerge.cli import main
 from evomerge.config import SearchConfig
 from evomerge.errors import ConfigError
-from evomerge.search import (ATTR_BASELINE, ATTR_INTERRUPTED, ATTR_OWNER, ATTR_RECIPE, ask_owned, counted,
-                             fail_stale_trials, load_existing_study, run_search)
+from evomerge.search import run_search
+from evomerge.study import (ATTR_BASELINE, ATTR_INTERRUPTED, ATTR_OWNER, ATTR_RECIPE, counted, fail_stale_trials,
+                            load_existing_study, study_fingerprint)
+from evomerge.trials import ask_owned
 from evomerge.space import build_space, layer_groups
 
 
@@ -94,10 +96,40 @@ def test_unknown_task_and_metric(tiny_models, tiny_task, tmp_path):
     data["fitness"]["tasks"] = [{"task": "no_such_task_xyz"}]
     result = CliRunner().invoke(main, ["search", str(write_config(tmp_path / "c.yml", data))])
     assert result.exit_code == 1 and "unknown task 'no_such_task_xyz'" in result.stderr
-    data["fitness"]["tasks"] = [{"task": "tiny_mc", "metric": "f1"}]
-    result = CliRunner().invoke(main, ["search", str(write_config(tmp_path / "c.yml", data))])
-    assert result.exit_code == 1 and "metric: 'f1' not reported; available: acc, acc_norm" in result.stderr
-    assert len(load_existing_study("t", data["storage"]).trials) == 3  # stopped at once, baselines waiting
+    assert not (tmp_path / "study.db").exists()
+
+
+def _other_shapes(tiny_models, tmp_path) -> Path:
+    from conftest import make_tiny_llama
+
+    return make_tiny_llama(tmp_path / "wide", seed=7, hidden=48)
+
+
+# each refused by `search` and by `search --dry-run` before a study (or its database) exists
+BEFORE_ANY_STUDY = [
+    ("metric", lambda d, m, p: d["fitness"]["tasks"][0].update(metric="f1"),
+     "fitness.tasks.tiny_mc.metric: 'f1' is not a metric of the task; available: acc, acc_norm"),
+    ("fixed value", lambda d, m, p: d["merge"].update(search={"weight": [0, 1]}, fixed={"density": 1.5}),
+     "merge.fixed.density: 1.5 is invalid (expected a value in (0, 1])"),
+    ("fixed per model", lambda d, m, p: d["merge"].update(search={"density": [0.3, 1]}, fixed={"weight": {"a": 0.5}}),
+     "merge.fixed.weight: no value for model(s) b"),
+    ("other shapes", lambda d, m, p: d["models"].update(b=str(_other_shapes(m, p))),
+     "models.b: "),
+    ("limit", lambda d, m, p: d["fitness"].update(limit=0), "fitness.limit"),
+]
+
+
+@pytest.mark.parametrize("case, change, message", BEFORE_ANY_STUDY, ids=[c[0] for c in BEFORE_ANY_STUDY])
+@pytest.mark.parametrize("dry_run", [False, True], ids=["run", "dry-run"])
+def test_bad_config_is_refused_before_any_study_exists(tiny_models, tiny_task, tmp_path, case, change, message, dry_run):
+    data = config_dict(tiny_models, tiny_task, tmp_path)
+    change(data, tiny_models, tmp_path)
+    path = write_config(tmp_path / "c.yml", data)
+    result = CliRunner().invoke(main, ["search", str(path)] + (["--dry-run"] if dry_run else []))
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert result.exit_code == 1 and len(lines) == 1 and message in lines[0], result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "study.db").exists()  # nothing written: the corrected config starts clean
 
 
 # --------------------------------------------------------------------------- space
@@ -173,7 +205,7 @@ def test_search_records_baselines_resumes_and_refuses_changed_config(tiny_models
     fresh = run_search(changed, trials=1, fresh=True)
     study = load_existing_study("t", cfg.storage_url)
     assert fresh.study_name == "t" and counted(study) == 1
-    assert study.user_attrs["evomerge:fingerprint"] == changed.fingerprint() != cfg.fingerprint()
+    assert study.user_attrs["evomerge:fingerprint"] == study_fingerprint(changed) != study_fingerprint(cfg)
 
     # a change that is not search-relevant (batch size, budget) resumes
     relaxed = config_dict(tiny_models, tiny_task, tmp_path, layer_groups=1)
@@ -403,7 +435,7 @@ def test_parse_count(text, value):
 
 
 def test_dfs_parameter_budget_limits_the_path(tiny_models, tiny_task, tmp_path):
-    from evomerge.search import DfsStage
+    from evomerge.stages import DfsStage
 
     layer, other = _tensor_sizes(tiny_models["a"])
     data = config_dict(tiny_models, tiny_task, tmp_path)
