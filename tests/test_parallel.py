@@ -22,7 +22,7 @@ import optuna
 import pytest
 from click.testing import CliRunner
 from optuna.trial import TrialState
-from test_search import config_dict, tiny_task, write_config  # noqa: F401 (tiny_task: a fixture)
+from test_search import config_dict, start_drivers_at_once, tiny_task, write_config  # noqa: F401 (tiny_task: a fixture)
 
 from evomerge.cli import main
 from evomerge.config import SearchConfig
@@ -286,6 +286,28 @@ def postgres_url() -> str:
     except sqlalchemy.exc.SQLAlchemyError as e:
         pytest.skip(f"no PostgreSQL server at {url}: {str(e).splitlines()[0]}")
     return url
+
+
+def test_drivers_starting_at_once_on_a_new_postgres_schema_share_it(postgres_url):
+    """4 drivers creating Optuna's tables at once in a new schema (PostgreSQL: a duplicate
+    pg_type row for the loser, without the retry)."""
+    import uuid
+
+    import sqlalchemy
+
+    schema = f"race_{uuid.uuid4().hex[:12]}"
+    engine = sqlalchemy.create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as db:
+        db.execute(sqlalchemy.text(f"CREATE SCHEMA {schema}"))
+    sep = "&" if "?" in postgres_url else "?"
+    url = f"{postgres_url}{sep}options=-csearch_path%3D{schema}"
+    try:
+        assert start_drivers_at_once(url) == ["ok"] * 4
+        assert len(optuna.load_study(study_name="race", storage=url).trials) == 4
+    finally:
+        with engine.connect() as db:
+            db.execute(sqlalchemy.text(f"DROP SCHEMA {schema} CASCADE"))
+        engine.dispose()
 
 
 @pytest.mark.slow
