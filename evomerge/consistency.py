@@ -45,14 +45,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from evomerge.errors import EvomergeError
+from evomerge.errors import CandidateError, EvomergeError
 from evomerge.recipe import Recipe
 from evomerge.sweep import GenerationSettings, PromptSource
 
 log = logging.getLogger(__name__)
 
 
-class ConsistencyError(EvomergeError):
+class ConsistencyError(CandidateError):
     """A candidate the consistency fitness cannot score (a single source, nothing to perturb)."""
 
 

@@ -21,7 +21,7 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
 from evomerge.config import Sampler, SearchConfig
-from evomerge.errors import ConfigError, EvomergeError, MergeError
+from evomerge.errors import CandidateError, ConfigError, EvomergeError, MergeError
 from evomerge.evaluate import Score
 from evomerge.study import (ATTR_BASELINE, ATTR_ERROR, ATTR_INTERRUPTED, ATTR_OWNER, ATTR_SCORES, ATTR_SECONDS,
                             best_of, counted_of, owner, trial_fitness)
@@ -185,9 +185,9 @@ class StopFlag:
 # --------------------------------------------------------------------------- failures
 def is_trial_error(e: BaseException) -> bool:
     """A candidate's own failure, recorded as a failed trial while the search goes on: its merge
-    is invalid for the sampled values or non-finite (MergeError), its arithmetic overflowed, or
-    it ran out of host or CUDA memory."""
-    if isinstance(e, (MergeError, FloatingPointError, MemoryError)):
+    is invalid for the sampled values or non-finite (MergeError), the fitness cannot score it
+    (CandidateError), its arithmetic overflowed, or it ran out of host or CUDA memory."""
+    if isinstance(e, (MergeError, CandidateError, FloatingPointError, MemoryError)):
         return True
     import torch
 

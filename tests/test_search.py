@@ -497,6 +497,8 @@ def test_a_moved_project_folder_resumes_and_exports_relative_paths(tiny_models, 
         assert str(tmp_path) not in text and "models/a" in text
     assert "baseline uniform (the plain average of the sources): a linear merge, not the search's task_arithmetic" \
         in (moved / "trial2.yml").read_text()
+    status = CliRunner().invoke(main, ["status", "--study", "t", "--storage", storage], env={"COLUMNS": "250"})
+    assert status.exit_code == 0 and "baseline uniform: linear, not the search's task_arithmetic" in status.output
     # evomerge merge rebuilds the exported recipe from the config's folder
     result = CliRunner().invoke(main, ["merge", str(moved / "trial3.yml"), str(moved / "rebuilt")])
     assert result.exit_code == 0, result.output
