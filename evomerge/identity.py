@@ -9,7 +9,9 @@ mounts the models elsewhere. So a study never identifies a local model by its ab
   id stays an id (:func:`portable_ref`, :func:`map_refs`);
 - in the fingerprint, a local model is its content digest (:func:`model_digest`: ``config.json``,
   the safetensors headers, and 16 evenly spaced 64 KiB samples of each weight file's data), a
-  task folder the digest of its files (:func:`folder_digest`), a hub id itself.
+  task folder the digest of its task definitions (:func:`folder_digest`: every ``.yaml``,
+  ``.yml`` and ``.py`` file under it, by relative name and content; data files and anything else
+  kept there, such as a study database, do not count), a hub id itself.
 
 The digest reads at most about 1 MiB per weight file. Two folders with the same config, the same
 tensor layout and the same sampled bytes are taken as the same model: a fine-tune differs from
@@ -27,7 +29,7 @@ from typing import Any, Callable
 
 SAMPLES = 16  # data samples per weight file
 SAMPLE_BYTES = 64 * 1024
-FOLDER_FILE_LIMIT = 64 * 1024 * 1024  # task-folder files larger than this count by name and size only
+TASK_FILES = (".yaml", ".yml", ".py")  # what defines lm-eval tasks in an include_path folder
 
 
 def portable_ref(ref: str, root: Path) -> str:
@@ -92,8 +94,8 @@ def model_digest(ref: str) -> str:
 
 
 def folder_digest(path: str) -> str:
-    """``sha256:<hex>`` of every file under a folder (relative names and contents), or the path
-    itself when it is not a folder (then the config check reports it)."""
+    """``sha256:<hex>`` of the task definitions under a folder (:data:`TASK_FILES`: relative
+    names and contents); ``missing:<name>`` when it is not a folder (the config check reports it)."""
     root = Path(path)
     if not root.is_dir():
         return f"missing:{Path(path).name}"
@@ -102,13 +104,10 @@ def folder_digest(path: str) -> str:
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "__pycache__")
         for name in sorted(files):
             f = Path(dirpath) / name
-            if name.startswith("."):
+            if name.startswith(".") or not name.endswith(TASK_FILES):
                 continue
-            h.update(f.relative_to(root).as_posix().encode() + b"\0")
-            size = f.stat().st_size
-            h.update(str(size).encode() + b"\0")
-            if size <= FOLDER_FILE_LIMIT:
-                h.update(f.read_bytes())
+            data = f.read_bytes()
+            h.update(f.relative_to(root).as_posix().encode() + b"\0" + str(len(data)).encode() + b"\0" + data)
     return "sha256:" + h.hexdigest()[:32]
 
 

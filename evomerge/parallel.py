@@ -200,18 +200,21 @@ class RayRunner:
                     reports.append(job.report(self._time_out(job, flight)))
                     starting[self._restart(flight.worker)] = flight.worker
         except BaseException as e:  # second Ctrl-C, a config error, a lost connection
-            reason = "interrupted (Ctrl-C)" if isinstance(e, KeyboardInterrupt) else f"interrupted ({type(e).__name__})"
             for flight in flights.values():
-                interrupt_trial(job.study, flight.cand.trial, reason)
+                interrupt_trial(job.study, flight.cand.trial, _interruption(e))
             raise
 
     def _dispatch(self, job: StageJob, idle: list[_Worker], flights: dict[Any, _Flight]) -> TrialReport | None:
         cand = ask_candidate(job.study, job.stage, job.distributions)
         if cand.record is None:
             return tell_outcome(job.study, job.stage, cand, Outcome(None, 0.0, cand.error), job.multi, job.total)
-        worker = idle.pop()
-        cand.trial.set_user_attr(ATTR_WORKER, worker.name)
-        flights[worker.actor.score.remote(cand.record)] = _Flight(worker, cand, time.monotonic())
+        try:
+            worker = idle.pop()
+            cand.trial.set_user_attr(ATTR_WORKER, worker.name)
+            flights[worker.actor.score.remote(cand.record)] = _Flight(worker, cand, time.monotonic())
+        except BaseException as e:  # a second Ctrl-C before the trial is in flight: it is not left RUNNING
+            interrupt_trial(job.study, cand.trial, _interruption(e))
+            raise
         return None
 
     def _finish(self, job: StageJob, ref: Any, flight: _Flight, stop: StopFlag) -> TrialReport:
@@ -228,8 +231,8 @@ class RayRunner:
             log.warning("worker %s died during trial %d: %s", flight.worker.name, flight.cand.trial.number,
                         _first_line(e))
             outcome = Outcome(None, seconds, f"worker {flight.worker.name} died: {_first_line(e)}")
-        except BaseException as e:  # a bug raised in the worker (RayTaskError): the search stops
-            interrupt_trial(job.study, flight.cand.trial, f"interrupted ({error_line(e)})")
+        except BaseException as e:  # a second Ctrl-C, or a bug raised in the worker (RayTaskError): stop
+            interrupt_trial(job.study, flight.cand.trial, _interruption(e))
             raise
         return tell_outcome(job.study, job.stage, flight.cand, outcome, job.multi, job.total)
 
@@ -255,6 +258,10 @@ class RayRunner:
 def _interrupted_report(job: StageJob, flight: _Flight, seconds: float) -> TrialReport:
     return make_report(job.study, flight.cand.trial.number, "FAIL", None, {}, seconds,
                    job.stage.summarize(flight.cand.params), flight.cand.baseline, "interrupted", job.total)
+
+
+def _interruption(e: BaseException) -> str:
+    return "interrupted (Ctrl-C)" if isinstance(e, KeyboardInterrupt) else f"interrupted ({type(e).__name__})"
 
 
 def _first_line(e: BaseException) -> str:
