@@ -27,7 +27,8 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn evomerge's errors into one clear line and a non-zero exit; Ctrl-C into exit 130."""
+    """Turn evomerge's errors into one clear line and a non-zero exit; Ctrl-C into exit 130; any
+    other exception (a bug) into one line, or its traceback under -v."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -39,6 +40,14 @@ def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as e:  # a bug: its traceback under -v, else one line that says so
+            if logging.getLogger().isEnabledFor(logging.DEBUG):
+                raise
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            click.echo(f"error: internal error ({type(e).__name__}: {first}); run with -v for the traceback", err=True)
+            sys.exit(1)
 
     return wrapper
 
@@ -131,7 +140,9 @@ def search(config: Path, trials: int | None, fresh: bool, fork: bool, storage: s
         raise click.UsageError("--fresh and --fork exclude each other")
     if dry_run:
         from evomerge.dryrun import dry_run as plan
+        from evomerge.search import validate
 
+        validate(cfg, stages=[stage] if stage else None)
         lines, _ = plan(cfg, stages=[stage] if stage else None)
         click.echo("\n".join(lines))
         return
@@ -170,6 +181,8 @@ def search(config: Path, trials: int | None, fresh: bool, fork: bool, storage: s
     click.echo(f"{state}: {result.completed} trials in study {result.study_name}; {best}")
     if result.best_number is not None:
         click.echo(f"export it: evomerge export --study {result.study_name} --storage {result.storage_url} -o best.yml")
+    if result.interrupted:  # Ctrl-C: the trials in flight are recorded; scripts see a stop, not a finish
+        sys.exit(130)
 
 
 def _study_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -179,7 +192,7 @@ def _study_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _load_study(study_name: str, storage: str | None):
-    from evomerge.search import load_existing_study
+    from evomerge.study import load_existing_study
 
     url = storage or f"sqlite:///{Path('runs', study_name + '.db').resolve()}"
     if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
@@ -199,11 +212,12 @@ def _load_study(study_name: str, storage: str | None):
 def export(study_name: str, storage: str | None, number: int | None, output: Path, merge_dir: Path | None,
            device: str) -> None:
     """Write a trial's recipe as mergekit YAML (and optionally build it)."""
-    from evomerge.export import build_trial_model, export_recipe
+    from evomerge.export import baseline_note, build_trial_model, export_recipe
 
     study = _load_study(study_name, storage)
     path, recipe, trial = export_recipe(study, output, number)
-    click.echo(f"wrote {path} (trial {trial.number})")
+    note = baseline_note(study, trial)
+    click.echo(f"wrote {path} (trial {trial.number}" + (f"; {note})" if note else ")"))
     if merge_dir is not None:
         build_trial_model(study, trial, recipe, merge_dir, device=device)
         click.echo(f"wrote {merge_dir}")
@@ -218,7 +232,7 @@ def status(study_name: str, storage: str | None, top: int) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from evomerge.search import leaderboard
+    from evomerge.study import baseline_note, leaderboard
 
     study = _load_study(study_name, storage)
     rows = leaderboard(study, top)
@@ -231,7 +245,8 @@ def status(study_name: str, storage: str | None, top: int) -> None:
         table.add_column(col, justify="right" if col not in ("method", "note") else "left")
     for r in rows:
         table.add_row(str(r["number"]), f"{r['fitness']:.4f}", *[f"{r['scores'].get(t, float('nan')):.4f}" for t in tasks],
-                      r["method"] or "", f"{r['seconds']:.1f}" if r["seconds"] else "", r["baseline"] or "")
+                      r["method"] or "", f"{r['seconds']:.1f}" if r["seconds"] else "",
+                      baseline_note(study, r["baseline"], r["method"]))
     Console().print(table)
 
 
@@ -335,7 +350,7 @@ def demo(out: Path, trials: int | None, sampler: str | None, seed: int, fresh: b
                            f"searching: study {i['study']} ({i['dimensions']} dimensions, {i['done']}/{i['total']} trials done)"))
     if summary.get("interrupted"):
         click.echo(f"stopped; run `evomerge demo --out {out}` again to resume")
-        return
+        sys.exit(130)
     table = Table(title=f"test accuracy (held-out split); best merge = trial {summary['best_trial']} "
                         f"of {summary['trials']} ({summary['sampler']}, {summary['method']})")
     table.add_column("model")

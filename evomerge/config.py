@@ -164,8 +164,18 @@ class MergeSpace(_Strict):
         for knob in self.fixed:
             if knob in self.search:
                 raise ValueError(f"fixed.{knob}: is also searched; keep it in one place")
-            if all(get_method(m).param(knob) is None for m in methods):
+            specs = [s for s in (get_method(m).param(knob) for m in methods) if s is not None]
+            if not specs:
                 raise ValueError(f"fixed.{knob}: not a parameter of {', '.join(methods)}")
+            value = self.fixed[knob]
+            if isinstance(value, dict) and any(s.scope != "model" for s in specs):
+                raise ValueError(f"fixed.{knob}: a global parameter takes one value, not one per model")
+            for where, v in (value.items() if isinstance(value, dict) else [(None, value)]):
+                for item in (v if isinstance(v, list) else [v]):
+                    problem = next((p for p in (s.check(item) for s in specs) if p), None)
+                    if problem:
+                        field = f"fixed.{knob}" + (f".{where}" if where is not None else "")
+                        raise ValueError(f"{field}: {item!r} is invalid ({problem})")
         if isinstance(self.layer_groups, int) and self.layer_groups < 1:
             raise ValueError("layer_groups: expected a positive integer or 'full'")
         return self
@@ -185,7 +195,7 @@ class Fitness(_Strict):
     tasks: list[FitnessTask] = Field(default_factory=list)  # required for kind lm_eval
     include_path: list[str] = Field(default_factory=list)
     objective: Literal["sum", "multi"] = "sum"
-    limit: float | None = None
+    limit: float | None = Field(None, gt=0)  # examples per task (>= 1), or a fraction of each task (< 1)
     num_fewshot: int | None = None
     apply_chat_template: bool = False
     batch_size: int = 32
@@ -321,6 +331,13 @@ class SearchConfig(_Strict, YamlConfig):
             for p in method.params:
                 if p.required and p.name not in self.merge.search and p.name not in self.merge.fixed:
                     raise ValueError(f"merge.search: {name} needs '{p.name}'; search it or set it under merge.fixed")
+        for knob, value in self.merge.fixed.items():
+            if isinstance(value, dict) and set(value) != set(self.models):
+                missing = [m for m in self.models if m not in value]
+                unknown = [m for m in value if m not in self.models]
+                raise ValueError(f"merge.fixed.{knob}: " + (
+                    f"no value for model(s) {', '.join(missing)}; give one per model or one value for all"
+                    if missing else f"{', '.join(map(str, unknown))} is not one of models ({', '.join(self.models)})"))
         if self.fitness.objective == "multi" and self.sampler.name not in MULTI_OBJECTIVE_SAMPLERS:
             raise ValueError(f"sampler.name: {self.sampler.name} is single-objective; use one of "
                              f"{', '.join(MULTI_OBJECTIVE_SAMPLERS)} with objective: multi")

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any, Hashable
 
 from evomerge.config import SearchConfig
 from evomerge.disagreement import minilm_embedder, score_table
-from evomerge.errors import EvomergeError
+from evomerge.errors import CandidateError, EvomergeError
 from evomerge.fitness import RecipeHost, Score
 from evomerge.generation import generate_responses
 from evomerge.methods import METHODS
@@ -58,7 +58,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class ConsistencyError(EvomergeError):
+class ConsistencyError(CandidateError):
     """A candidate the consistency fitness cannot score (a single source, nothing to perturb)."""
 
 

@@ -13,5 +13,9 @@ class CheckpointError(EvomergeError):
     """A model folder/file is missing, unreadable or incompatible (message names the file)."""
 
 
+class CandidateError(EvomergeError):
+    """A search candidate that cannot be scored for a reason of its own: its trial fails, the search goes on."""
+
+
 class MergeError(EvomergeError):
     """Tensors cannot be merged as asked (shape mismatch, bad parameter value, ...)."""

@@ -155,6 +155,7 @@ class LmEvalFitness:
         for spec in fitness.tasks:
             select_split(self.tasks[spec.task], spec.split, f"fitness.tasks.{spec.task}.split")
             task = self.tasks[spec.task]
+            check_metric(spec.task, spec.metric, list(task.aggregation()))
             if fitness.num_fewshot is not None and task.get_config("num_fewshot") != 0:
                 task.set_config(key="num_fewshot", value=fitness.num_fewshot)
             elif task.get_config("num_fewshot") is None:
@@ -203,6 +204,48 @@ class LmEvalFitness:
         """One name per fitness entry: the task, or ``task.metric`` when a task is listed twice."""
         names = [t.task for t in self.fitness.tasks]
         return [t.task if names.count(t.task) == 1 else f"{t.task}.{t.metric}" for t in self.fitness.tasks]
+
+
+def check_metric(task: str, metric: str, available: list[str]) -> None:
+    """``metric`` (``acc``, or ``acc,flexible-extract`` with a filter) is one of the task's metrics."""
+    if available and metric.split(",")[0] not in available:
+        raise ConfigError(f"fitness.tasks.{task}.metric: {metric!r} is not a metric of the task; "
+                          f"available: {', '.join(available)}")
+
+
+def check_local_task_metrics(fitness: FitnessSpec, include_paths: list[str]) -> None:
+    """Each task found in ``fitness.include_path`` reports its metric, read from the task's YAML
+    config (its ``metric_list``, else lm-eval's default metrics for its ``output_type``) without
+    loading its data or running it (the dry run's check). lm-eval's built-in tasks (indexing them
+    takes ~30 s) and tasks defined in Python are checked when the search builds them, which is
+    also before its study exists."""
+    quiet_lm_eval()
+    from lm_eval.api.registry import DEFAULT_METRIC_REGISTRY
+    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    for p in include_paths:
+        if not os.path.isdir(p):
+            raise ConfigError(f"fitness.include_path: {p} is not a folder")
+    if not include_paths:
+        return
+    manager = TaskManager(include_path=include_paths, include_defaults=False)
+    for spec in fitness.tasks:
+        entry = manager.task_index.get(spec.task)
+        if entry is None or entry.yaml_path is None:
+            continue
+        try:
+            cfg = load_yaml(entry.yaml_path, resolve_func=False)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"fitness.tasks.{spec.task}: cannot read {entry.yaml_path}: {_first_line(e)}") from None
+        if "task" not in cfg:
+            raise ConfigError(f"fitness.tasks: {spec.task!r} is a group or tag; list its tasks one by one")
+        listed = cfg.get("metric_list")
+        if listed:
+            available = [m["metric"] for m in listed if isinstance(m, dict) and isinstance(m.get("metric"), str)]
+        else:
+            available = list(DEFAULT_METRIC_REGISTRY.get(cfg.get("output_type", "generate_until"), []))
+        check_metric(spec.task, spec.metric, available)
 
 
 @contextlib.contextmanager

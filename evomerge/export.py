@@ -1,4 +1,9 @@
-"""Export a trial's recipe as mergekit YAML (atomically), optionally building the model."""
+"""Export a trial's recipe as mergekit YAML (atomically), optionally building the model.
+
+Model paths in an exported recipe are as the study records them (:mod:`evomerge.identity`):
+relative to the search config's folder for models inside it. So write the recipe into that
+folder and run ``mergekit-yaml best.yml OUT`` (or ``evomerge merge best.yml OUT``) there.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +14,10 @@ from optuna.trial import TrialState
 
 from evomerge.errors import ConfigError
 from evomerge.files import write_atomic
+from evomerge.identity import local_ref
 from evomerge.recipe import Recipe
-from evomerge.search import (ATTR_BASELINE, ATTR_DFS_HOST, ATTR_DFS_REFS, ATTR_DFS_SOURCES, ATTR_PATH, ATTR_RECIPE,
-                             ATTR_SCORES, best_trial, trial_fitness)
+from evomerge.study import (ATTR_BASELINE, ATTR_DFS_HOST, ATTR_DFS_REFS, ATTR_DFS_SOURCES, ATTR_PATH,
+                            ATTR_RECIPE, ATTR_ROOT, ATTR_SCORES, best_trial, searched_methods, trial_fitness)
 
 
 def trial_recipe(study: optuna.Study, number: int | None = None) -> tuple[Recipe, optuna.trial.FrozenTrial]:
@@ -40,10 +46,26 @@ def recipe_header(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> str:
         lines.append(f"# fitness {fit:.6g}")
     for task, value in (trial.user_attrs.get(ATTR_SCORES) or {}).items():
         lines.append(f"#   {task}: {value:.6g}")
-    if trial.user_attrs.get(ATTR_BASELINE):
-        lines.append(f"# baseline trial: {trial.user_attrs[ATTR_BASELINE]}")
+    note = baseline_note(study, trial)
+    if note:
+        lines.append(f"# {note}")
     lines.append("# build it with `evomerge merge THIS.yml OUT` (or mergekit-yaml; random_seed is evomerge's)")
+    lines.append("# relative model paths are relative to the search config's folder: put this file there and run it from there")
     return "\n".join(lines) + "\n"
+
+
+def baseline_note(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> str | None:
+    """For a baseline trial, what it is and the method its recipe uses, next to the search's:
+    ``baseline uniform (the plain average of the sources): a linear merge, not the search's
+    task_arithmetic``. None for a searched trial."""
+    name = trial.user_attrs.get(ATTR_BASELINE)
+    if not name:
+        return None
+    what = "the plain average of the sources" if name == "uniform" else "one source model as it is"
+    method = (trial.user_attrs.get(ATTR_RECIPE) or {}).get("merge_method", "?")
+    searched = searched_methods(study)
+    other = f", not the search's {', '.join(searched)}" if searched and method not in searched else ""
+    return f"baseline {name} ({what}): a {method} merge{other}"
 
 
 def export_recipe(study: optuna.Study, out: str | Path, number: int | None = None) -> tuple[Path, Recipe, optuna.trial.FrozenTrial]:
@@ -67,16 +89,22 @@ def build_trial_model(study: optuna.Study, trial: optuna.trial.FrozenTrial, reci
                       *, device: str = "cpu", overwrite: bool = False) -> Path:
     """Build exactly the model the trial evaluated: the recipe's merge, or for a dfs trial the
     layer path materialised (with its input scales) from the recorded sources."""
+    root = Path(study.user_attrs.get(ATTR_ROOT) or ".")
+
+    def local(ref: str) -> str:  # recorded relative to the config's folder; else as given (the CWD)
+        return local_ref(ref, root)
+
     if ATTR_PATH not in trial.user_attrs:
         from evomerge.engine import merge_to_dir
 
-        return merge_to_dir(recipe, out, device=device, overwrite=overwrite)
+        # the recipe as recorded (its model card keeps the portable paths), resolved against the root
+        return merge_to_dir(recipe, out, device=device, overwrite=overwrite, relative_to=root)
     import torch
 
     from evomerge.engine import TORCH_DTYPES
     from evomerge.layerpath import Hop, LayerPathModel
 
-    refs = study.user_attrs[ATTR_DFS_REFS]
+    refs = {n: local(r) for n, r in study.user_attrs[ATTR_DFS_REFS].items()}
     names = list(dict.fromkeys(m for m, _ in study.user_attrs[ATTR_DFS_SOURCES]))
     model = LayerPathModel({n: refs[n] for n in names}, host=study.user_attrs[ATTR_DFS_HOST], device=device,
                            dtype=TORCH_DTYPES.get(recipe.dtype or "float32", torch.float32))

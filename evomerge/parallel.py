@@ -2,7 +2,7 @@
 
 Each worker is a Ray actor (one GPU each for a cuda device, else one CPU) that builds the stage's
 workspace and the fitness once and keeps them for the whole stage; it only ever receives a trial's
-record (the recipe the driver built and stored) and returns an :class:`~evomerge.search.Outcome`.
+record (the recipe the driver built and stored) and returns an :class:`~evomerge.trials.Outcome`.
 The driver asks a trial (``ask_owned``: owned by this process, so a resume after kill -9 fails
 it), hands it to an idle worker, and tells each result the moment it arrives, then asks the next:
 with TPE, random or QMC no worker waits for another. CMA-ES hands out the indices of its current
@@ -40,9 +40,9 @@ from ray.exceptions import RayActorError
 import evomerge
 from evomerge.config import SearchConfig
 from evomerge.errors import ConfigError, EvomergeError
-from evomerge.search import (ATTR_WORKER, Candidate, Outcome, StageJob, TrialReport, _report, _StopFlag,
-                             ask_candidate, default_workers, error_line, evaluate, interrupt_trial, open_evaluator,
-                             tell_outcome)
+from evomerge.study import ATTR_WORKER
+from evomerge.trials import (Candidate, Fitness, Outcome, Stage, StageJob, StopFlag, TrialReport, ask_candidate,
+                             error_line, evaluate, interrupt_trial, make_report, open_evaluator, tell_outcome)
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +58,9 @@ FORWARDED_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"
 class TrialWorker:
     """The actor: one stage workspace and one fitness, built once, scoring records."""
 
-    def __init__(self, config: SearchConfig, stage: Any, gpu: bool):
+    def __init__(self, config: SearchConfig, stage: Stage, gpu: bool):
         self.error: str | None = None
+        self.fitness: Fitness | None = None
         if gpu:  # Ray exposes this actor's GPU as the only visible one
             stage.config = config = config.model_copy(update={"device": "cuda"})
         self.stage = stage
@@ -75,6 +76,7 @@ class TrialWorker:
         return f"{socket.gethostname()}:{os.getpid()}", self.error
 
     def score(self, record: dict[str, Any]) -> Outcome:
+        assert self.fitness is not None  # ready() reported the error otherwise
         return evaluate(self.stage, self.fitness, record)
 
 
@@ -94,13 +96,13 @@ class _Flight:
 class RayRunner:
     """A pool of :class:`TrialWorker` actors and the driver loop that keeps them busy."""
 
-    def __init__(self, config: SearchConfig, stage: Any):
+    def __init__(self, config: SearchConfig, stage: Stage, workers: int):
         self.config, self.stage = config, stage
         self.timeout = config.budget.timeout_s
         self.gpu = config.device.startswith("cuda")
-        self._owns_ray = _connect(config)
+        self._owns_ray = _connect(config, workers)
         try:
-            self.workers = _check_resources(config, self.gpu)
+            self.workers = _check_resources(config, self.gpu, workers)
             self._actor_class = ray.remote(TrialWorker).options(
                 num_cpus=1, num_gpus=1 if self.gpu else 0, max_restarts=0, max_task_retries=0)
             self.pool = [self._start() for _ in range(self.workers)]
@@ -153,7 +155,7 @@ class RayRunner:
         return worker.actor.ready.remote()
 
     # ------------------------------------------------------------------ the driver loop
-    def run(self, job: StageJob, stop: _StopFlag) -> list[TrialReport]:
+    def run(self, job: StageJob, stop: StopFlag) -> list[TrialReport]:
         """Keep every worker busy until the budget is used (or Ctrl-C); tell results as they
         come. Dead or hung workers are restarted in the background while the others go on."""
         idle = list(self.pool)
@@ -198,21 +200,24 @@ class RayRunner:
                     reports.append(job.report(self._time_out(job, flight)))
                     starting[self._restart(flight.worker)] = flight.worker
         except BaseException as e:  # second Ctrl-C, a config error, a lost connection
-            reason = "interrupted (Ctrl-C)" if isinstance(e, KeyboardInterrupt) else f"interrupted ({type(e).__name__})"
             for flight in flights.values():
-                interrupt_trial(job.study, flight.cand.trial, reason)
+                interrupt_trial(job.study, flight.cand.trial, _interruption(e))
             raise
 
     def _dispatch(self, job: StageJob, idle: list[_Worker], flights: dict[Any, _Flight]) -> TrialReport | None:
         cand = ask_candidate(job.study, job.stage, job.distributions)
         if cand.record is None:
             return tell_outcome(job.study, job.stage, cand, Outcome(None, 0.0, cand.error), job.multi, job.total)
-        worker = idle.pop()
-        cand.trial.set_user_attr(ATTR_WORKER, worker.name)
-        flights[worker.actor.score.remote(cand.record)] = _Flight(worker, cand, time.monotonic())
+        try:
+            worker = idle.pop()
+            cand.trial.set_user_attr(ATTR_WORKER, worker.name)
+            flights[worker.actor.score.remote(cand.record)] = _Flight(worker, cand, time.monotonic())
+        except BaseException as e:  # a second Ctrl-C before the trial is in flight: it is not left RUNNING
+            interrupt_trial(job.study, cand.trial, _interruption(e))
+            raise
         return None
 
-    def _finish(self, job: StageJob, ref: Any, flight: _Flight, stop: _StopFlag) -> TrialReport:
+    def _finish(self, job: StageJob, ref: Any, flight: _Flight, stop: StopFlag) -> TrialReport:
         """Tell a returned trial; a worker that died fails it (or, after Ctrl-C, interrupts it)
         and is marked for replacement (``actor = None``)."""
         try:
@@ -226,6 +231,9 @@ class RayRunner:
             log.warning("worker %s died during trial %d: %s", flight.worker.name, flight.cand.trial.number,
                         _first_line(e))
             outcome = Outcome(None, seconds, f"worker {flight.worker.name} died: {_first_line(e)}")
+        except BaseException as e:  # a second Ctrl-C, or a bug raised in the worker (RayTaskError): stop
+            interrupt_trial(job.study, flight.cand.trial, _interruption(e))
+            raise
         return tell_outcome(job.study, job.stage, flight.cand, outcome, job.multi, job.total)
 
     def _wait_s(self, flights: dict[Any, _Flight]) -> float:
@@ -248,8 +256,12 @@ class RayRunner:
 
 
 def _interrupted_report(job: StageJob, flight: _Flight, seconds: float) -> TrialReport:
-    return _report(job.study, flight.cand.trial.number, "FAIL", None, {}, seconds,
+    return make_report(job.study, flight.cand.trial.number, "FAIL", None, {}, seconds,
                    job.stage.summarize(flight.cand.params), flight.cand.baseline, "interrupted", job.total)
+
+
+def _interruption(e: BaseException) -> str:
+    return "interrupted (Ctrl-C)" if isinstance(e, KeyboardInterrupt) else f"interrupted ({type(e).__name__})"
 
 
 def _first_line(e: BaseException) -> str:
@@ -258,7 +270,7 @@ def _first_line(e: BaseException) -> str:
 
 
 # --------------------------------------------------------------------------- the Ray runtime
-def _connect(config: SearchConfig) -> bool:
+def _connect(config: SearchConfig, workers: int) -> bool:
     """Join ``ray_address``, or start a local runtime; returns whether this call started it (and
     so shuts it down after). A runtime already initialised in this process is used as it is."""
     if config.ray_address:
@@ -275,7 +287,7 @@ def _connect(config: SearchConfig) -> bool:
             raise ConfigError(f"--ray-address: cannot join the Ray cluster at {config.ray_address}: "
                               f"{_first_line(e)}") from None
     else:
-        ray.init(num_cpus=max(default_workers(config), os.cpu_count() or 1), **kwargs)
+        ray.init(num_cpus=max(workers, os.cpu_count() or 1), **kwargs)
     return True
 
 
@@ -319,15 +331,13 @@ def _check_reachable(address: str) -> None:
                           "start one with `ray start --head`") from None
 
 
-def _check_resources(config: SearchConfig, gpu: bool) -> int:
-    """The worker count, checked against what the runtime offers (an actor asking for more would
-    wait forever)."""
+def _check_resources(config: SearchConfig, gpu: bool, workers: int) -> int:
+    """The worker count (``workers``: as configured, or the local default), checked against what
+    the runtime offers (an actor asking for more would wait forever)."""
     resources = ray.cluster_resources()
     kind, have = ("GPU", int(resources.get("GPU", 0))) if gpu else ("CPU", int(resources.get("CPU", 0)))
     if gpu and config.workers is None and have:
         workers = have  # default: every GPU of the cluster
-    else:
-        workers = default_workers(config)
     if workers > have:
         where = f"the Ray cluster at {config.ray_address}" if config.ray_address else "this machine"
         raise ConfigError(f"workers: {workers} {kind} worker(s) asked but {where} has {have} {kind}(s)")

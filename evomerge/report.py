@@ -30,8 +30,8 @@ import optuna  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
 from evomerge.files import write_atomic  # noqa: E402
-from evomerge.search import (ATTR_BASELINE, ATTR_CONFIG, ATTR_DFS_HOST, ATTR_DFS_SOURCES, ATTR_PATH,  # noqa: E402
-                             ATTR_RECIPE, ATTR_SCORES, ATTR_STAGE, best_trial, trial_fitness)
+from evomerge.study import (ATTR_BASELINE, ATTR_CONFIG, ATTR_DFS_HOST, ATTR_DFS_SOURCES, ATTR_PATH,  # noqa: E402
+                            ATTR_RECIPE, ATTR_SCORES, ATTR_STAGE, best_trial, trial_fitness)
 
 MIN_IMPORTANCE_TRIALS = 10  # searched trials needed before parameter importances mean anything
 TOP_IMPORTANCES = 20

@@ -14,7 +14,8 @@ from pathlib import Path
 from evomerge.demo.pipeline import DEMO_TASKS, demo_config, score_on_test
 from evomerge.demo.world import build_world
 from evomerge.export import build_trial_model, trial_recipe
-from evomerge.search import load_existing_study, run_search
+from evomerge.search import run_search
+from evomerge.study import load_existing_study
 
 
 def main() -> None:

@@ -22,13 +22,14 @@ import optuna
 import pytest
 from click.testing import CliRunner
 from optuna.trial import TrialState
-from test_search import config_dict, tiny_task, write_config  # noqa: F401 (tiny_task: a fixture)
+from test_search import config_dict, start_drivers_at_once, tiny_task, write_config  # noqa: F401 (tiny_task: a fixture)
 
 from evomerge.cli import main
 from evomerge.config import SearchConfig
 from evomerge.samplers import ATTR_EXTRA, ATTR_INDEX, cma_state
-from evomerge.search import (ATTR_BASELINE, ATTR_ERROR, ATTR_INTERRUPTED, ATTR_RECIPE, ATTR_WORKER, counted,
-                             run_search)
+from evomerge.search import run_search
+from evomerge.study import (ATTR_BASELINE, ATTR_ERROR, ATTR_INTERRUPTED, ATTR_RECIPE, ATTR_WORKER, counted,
+                            study_fingerprint)
 
 ray = pytest.importorskip("ray")
 
@@ -95,7 +96,7 @@ def test_cmaes_study_on_two_actors_records_every_trial(ray_runtime, tiny_models,
 
     # resuming with one worker (in process) continues the same study: workers are not in the fingerprint
     relaxed = SearchConfig.from_dict({**data, "workers": 1})
-    assert relaxed.fingerprint() == cfg.fingerprint()
+    assert study_fingerprint(relaxed) == study_fingerprint(cfg)
     assert run_search(relaxed, trials=14).completed == 14
 
 
@@ -287,10 +288,32 @@ def postgres_url() -> str:
     return url
 
 
+def test_drivers_starting_at_once_on_a_new_postgres_schema_share_it(postgres_url):
+    """4 drivers creating Optuna's tables at once in a new schema (PostgreSQL: a duplicate
+    pg_type row for the loser, without the retry)."""
+    import uuid
+
+    import sqlalchemy
+
+    schema = f"race_{uuid.uuid4().hex[:12]}"
+    engine = sqlalchemy.create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as db:
+        db.execute(sqlalchemy.text(f"CREATE SCHEMA {schema}"))
+    sep = "&" if "?" in postgres_url else "?"
+    url = f"{postgres_url}{sep}options=-csearch_path%3D{schema}"
+    try:
+        assert start_drivers_at_once(url) == ["ok"] * 4
+        assert len(optuna.load_study(study_name="race", storage=url).trials) == 4
+    finally:
+        with engine.connect() as db:
+            db.execute(sqlalchemy.text(f"DROP SCHEMA {schema} CASCADE"))
+        engine.dispose()
+
+
 @pytest.mark.slow
 def test_two_drivers_share_one_cmaes_study_on_postgres(postgres_url, tiny_models, slow_task, tmp_path):
     from evomerge.samplers import ATTR_GENERATION, ATTR_STATE_META, _from_unit, _load_state
-    from evomerge.search import ATTR_OWNER
+    from evomerge.study import ATTR_OWNER
 
     budget, popsize, drivers = 15, 4, 2  # 3 baselines, then 3 generations of 4
     data = parallel_config(tiny_models, slow_task, tmp_path, workers=1, storage=postgres_url,

@@ -11,8 +11,8 @@ from optuna.distributions import FloatDistribution
 
 from evomerge.cli import main
 from evomerge.report import best_so_far, plot_dfs_path, plot_pareto, recipe_values, write_report
-from evomerge.search import (ATTR_BASELINE, ATTR_CONFIG, ATTR_DFS_HOST, ATTR_DFS_SOURCES, ATTR_PATH, ATTR_RECIPE,
-                             ATTR_SCORES, ATTR_STAGE)
+from evomerge.study import (ATTR_BASELINE, ATTR_CONFIG, ATTR_DFS_HOST, ATTR_DFS_SOURCES, ATTR_PATH, ATTR_RECIPE,
+                            ATTR_SCORES, ATTR_STAGE)
 
 PNG = b"\x89PNG\r\n\x1a\n"
 REFS = {"math": "/m/math", "lang": "/m/lang"}

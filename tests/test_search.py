@@ -4,6 +4,7 @@ a changed config, fork/fresh), kill -9 recovery, and export -> merge reproducing
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import signal
 import socket
@@ -22,8 +23,10 @@ from conftest import load_state, write_mc_task
 from evomerge.cli import main
 from evomerge.config import SearchConfig
 from evomerge.errors import ConfigError
-from evomerge.search import (ATTR_BASELINE, ATTR_INTERRUPTED, ATTR_OWNER, ATTR_RECIPE, ask_owned, counted,
-                             fail_stale_trials, load_existing_study, run_search)
+from evomerge.search import run_search
+from evomerge.study import (ATTR_BASELINE, ATTR_INTERRUPTED, ATTR_OWNER, ATTR_RECIPE, counted, fail_stale_trials,
+                            load_existing_study, study_fingerprint)
+from evomerge.trials import ask_owned
 from evomerge.space import build_space, layer_groups
 
 
@@ -94,10 +97,40 @@ def test_unknown_task_and_metric(tiny_models, tiny_task, tmp_path):
     data["fitness"]["tasks"] = [{"task": "no_such_task_xyz"}]
     result = CliRunner().invoke(main, ["search", str(write_config(tmp_path / "c.yml", data))])
     assert result.exit_code == 1 and "unknown task 'no_such_task_xyz'" in result.stderr
-    data["fitness"]["tasks"] = [{"task": "tiny_mc", "metric": "f1"}]
-    result = CliRunner().invoke(main, ["search", str(write_config(tmp_path / "c.yml", data))])
-    assert result.exit_code == 1 and "metric: 'f1' not reported; available: acc, acc_norm" in result.stderr
-    assert len(load_existing_study("t", data["storage"]).trials) == 3  # stopped at once, baselines waiting
+    assert not (tmp_path / "study.db").exists()
+
+
+def _other_shapes(tiny_models, tmp_path) -> Path:
+    from conftest import make_tiny_llama
+
+    return make_tiny_llama(tmp_path / "wide", seed=7, hidden=48)
+
+
+# each refused by `search` and by `search --dry-run` before a study (or its database) exists
+BEFORE_ANY_STUDY = [
+    ("metric", lambda d, m, p: d["fitness"]["tasks"][0].update(metric="f1"),
+     "fitness.tasks.tiny_mc.metric: 'f1' is not a metric of the task; available: acc, acc_norm"),
+    ("fixed value", lambda d, m, p: d["merge"].update(search={"weight": [0, 1]}, fixed={"density": 1.5}),
+     "merge.fixed.density: 1.5 is invalid (expected a value in (0, 1])"),
+    ("fixed per model", lambda d, m, p: d["merge"].update(search={"density": [0.3, 1]}, fixed={"weight": {"a": 0.5}}),
+     "merge.fixed.weight: no value for model(s) b"),
+    ("other shapes", lambda d, m, p: d["models"].update(b=str(_other_shapes(m, p))),
+     "models.b: "),
+    ("limit", lambda d, m, p: d["fitness"].update(limit=0), "fitness.limit"),
+]
+
+
+@pytest.mark.parametrize("case, change, message", BEFORE_ANY_STUDY, ids=[c[0] for c in BEFORE_ANY_STUDY])
+@pytest.mark.parametrize("dry_run", [False, True], ids=["run", "dry-run"])
+def test_bad_config_is_refused_before_any_study_exists(tiny_models, tiny_task, tmp_path, case, change, message, dry_run):
+    data = config_dict(tiny_models, tiny_task, tmp_path)
+    change(data, tiny_models, tmp_path)
+    path = write_config(tmp_path / "c.yml", data)
+    result = CliRunner().invoke(main, ["search", str(path)] + (["--dry-run"] if dry_run else []))
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert result.exit_code == 1 and len(lines) == 1 and message in lines[0], result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "study.db").exists()  # nothing written: the corrected config starts clean
 
 
 # --------------------------------------------------------------------------- space
@@ -173,7 +206,7 @@ def test_search_records_baselines_resumes_and_refuses_changed_config(tiny_models
     fresh = run_search(changed, trials=1, fresh=True)
     study = load_existing_study("t", cfg.storage_url)
     assert fresh.study_name == "t" and counted(study) == 1
-    assert study.user_attrs["evomerge:fingerprint"] == changed.fingerprint() != cfg.fingerprint()
+    assert study.user_attrs["evomerge:fingerprint"] == study_fingerprint(changed) != study_fingerprint(cfg)
 
     # a change that is not search-relevant (batch size, budget) resumes
     relaxed = config_dict(tiny_models, tiny_task, tmp_path, layer_groups=1)
@@ -403,7 +436,7 @@ def test_parse_count(text, value):
 
 
 def test_dfs_parameter_budget_limits_the_path(tiny_models, tiny_task, tmp_path):
-    from evomerge.search import DfsStage
+    from evomerge.stages import DfsStage
 
     layer, other = _tensor_sizes(tiny_models["a"])
     data = config_dict(tiny_models, tiny_task, tmp_path)
@@ -426,3 +459,188 @@ def test_dfs_parameter_budget_limits_the_path(tiny_models, tiny_task, tmp_path):
     data["dfs"] = {"models": ["a", "b"], "max_params": "ten billion"}
     with pytest.raises(ConfigError, match="dfs.max_params"):
         SearchConfig.from_dict(data, root=tmp_path)
+
+
+# --------------------------------------------------------------------------- studies that move
+def test_a_moved_project_folder_resumes_and_exports_relative_paths(tiny_models, tiny_task, tmp_path):
+    import shutil
+
+    project = tmp_path / "project"
+    for name in ("base", "a", "b"):
+        shutil.copytree(tiny_models[name], project / "models" / name)
+    data = config_dict(tiny_models, tiny_task, tmp_path, method="task_arithmetic", search={"weight": [0, 1]},
+                       layer_groups=1)
+    data.update(base_model="models/base", models={"a": "models/a", "b": "models/b"})
+    del data["storage"]  # the default: runs/t.db beside the config
+    write_config(project / "c.yml", data)
+    result = CliRunner().invoke(main, ["search", str(project / "c.yml"), "--trials", "2"])
+    assert result.exit_code == 0, result.output
+
+    moved = tmp_path / "elsewhere" / "renamed"
+    moved.parent.mkdir()
+    shutil.move(project, moved)
+    result = CliRunner().invoke(main, ["search", str(moved / "c.yml"), "--trials", "4"])
+    assert result.exit_code == 0, result.output
+    assert "done: 4 trials in study t" in result.output
+    storage = f"sqlite:///{moved / 'runs' / 't.db'}"
+    study = load_existing_study("t", storage)
+    assert counted(study) == 4 and [t.number for t in study.trials] == [0, 1, 2, 3]
+
+    # the recorded recipes and the exported one name the models relative to the config's folder
+    assert {m["model"] for t in study.trials for m in t.user_attrs[ATTR_RECIPE]["models"]} <= {"models/a", "models/b"}
+    for number in (2, 3):  # the uniform baseline and a searched trial
+        out = moved / f"trial{number}.yml"
+        result = CliRunner().invoke(main, ["export", "--study", "t", "--storage", storage, "--trial", str(number),
+                                           "-o", str(out), "--merge", str(moved / f"merged{number}")])
+        assert result.exit_code == 0, result.output
+        text = out.read_text() + (moved / f"merged{number}" / "README.md").read_text()
+        assert str(tmp_path) not in text and "models/a" in text
+    assert "baseline uniform (the plain average of the sources): a linear merge, not the search's task_arithmetic" \
+        in (moved / "trial2.yml").read_text()
+    status = CliRunner().invoke(main, ["status", "--study", "t", "--storage", storage], env={"COLUMNS": "250"})
+    assert status.exit_code == 0 and "baseline uniform: linear, not the search's task_arithmetic" in status.output
+    # evomerge merge rebuilds the exported recipe from the config's folder
+    result = CliRunner().invoke(main, ["merge", str(moved / "trial3.yml"), str(moved / "rebuilt")])
+    assert result.exit_code == 0, result.output
+    rebuilt, merged = load_state(moved / "rebuilt"), load_state(moved / "merged3")
+    assert rebuilt.keys() == merged.keys() and all(torch.equal(rebuilt[k], merged[k]) for k in rebuilt)
+
+
+def test_a_study_made_with_the_old_path_fingerprint_is_accepted_and_upgraded(tiny_models, tiny_task, tmp_path):
+    from evomerge.study import ATTR_FINGERPRINT, ATTR_FINGERPRINT_VERSION, FINGERPRINT_VERSION
+
+    cfg = SearchConfig.from_dict(config_dict(tiny_models, tiny_task, tmp_path))
+    run_search(cfg, trials=1)
+    study = load_existing_study("t", cfg.storage_url)
+    # as a study made before content fingerprints: the path-based fingerprint, no version
+    import sqlite3
+
+    study.set_user_attr(ATTR_FINGERPRINT, cfg.fingerprint())
+    with sqlite3.connect(tmp_path / "study.db") as db:
+        db.execute("DELETE FROM study_user_attributes WHERE key = ?", (ATTR_FINGERPRINT_VERSION,))
+    assert ATTR_FINGERPRINT_VERSION not in load_existing_study("t", cfg.storage_url).user_attrs
+    assert run_search(cfg, trials=2).completed == 2
+    attrs = load_existing_study("t", cfg.storage_url).user_attrs
+    assert attrs[ATTR_FINGERPRINT] == study_fingerprint(cfg) and attrs[ATTR_FINGERPRINT_VERSION] == FINGERPRINT_VERSION
+
+
+def test_fingerprint_follows_content_not_paths(tiny_models, tiny_task, tmp_path):
+    import shutil
+
+    cfg = SearchConfig.from_dict(config_dict(tiny_models, tiny_task, tmp_path))
+    for name in ("base", "a", "b"):
+        shutil.copytree(tiny_models[name], tmp_path / "copy" / name)
+    shutil.copytree(tiny_task, tmp_path / "task_copy")
+    data = config_dict({n: tmp_path / "copy" / n for n in ("base", "a", "b")}, tmp_path / "task_copy", tmp_path)
+    assert study_fingerprint(SearchConfig.from_dict(data)) == study_fingerprint(cfg)  # same content elsewhere
+    swapped = config_dict(tiny_models, tiny_task, tmp_path)
+    swapped["models"] = {"a": str(tiny_models["a"]), "b": str(tiny_models["c"])}  # another fine-tune
+    assert study_fingerprint(SearchConfig.from_dict(swapped)) != study_fingerprint(cfg)
+
+
+# --------------------------------------------------------------------------- drivers starting at once
+def _race_driver(url: str, barrier, results) -> None:
+    """A driver's first steps on a storage: open it (creating the schema), join the study, tell a trial."""
+    from evomerge.study import storage_for
+
+    barrier.wait()
+    try:
+        study = optuna.create_study(study_name="race", storage=storage_for(url), load_if_exists=True)
+        study.tell(study.ask(), 1.0)
+        results.put("ok")
+    except BaseException as e:  # reported to the test
+        results.put(f"{type(e).__name__}: {str(e).splitlines()[0]}")
+
+
+def start_drivers_at_once(url: str, n: int = 4) -> list[str]:
+    """``n`` processes released together by a barrier on a new database; each one's outcome."""
+    ctx = multiprocessing.get_context("fork")
+    barrier, results = ctx.Barrier(n), ctx.Queue()
+    procs = [ctx.Process(target=_race_driver, args=(url, barrier, results)) for _ in range(n)]
+    for p in procs:
+        p.start()
+    outcomes = [results.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    return outcomes
+
+
+def test_drivers_starting_at_once_on_a_new_sqlite_file_share_its_schema(tmp_path):
+    # without the retry, 4 processes on a new file fail about 2 times in 3 (alembic_version, tables)
+    for attempt in range(3):
+        url = f"sqlite:///{tmp_path / f'new{attempt}.db'}"
+        assert start_drivers_at_once(url) == ["ok"] * 4
+        assert len(optuna.load_study(study_name="race", storage=url).trials) == 4
+
+
+def test_the_study_names_its_objectives(tiny_models, tiny_task, tmp_path):
+    data = config_dict(tiny_models, tiny_task, tmp_path)
+    data["sampler"] = {"name": "random", "baselines": False}
+    cfg = SearchConfig.from_dict(data)
+    run_search(cfg, trials=1)
+    assert load_existing_study("t", cfg.storage_url).metric_names == ["tiny_mc.acc"]
+    data.update(study="m", fitness={**data["fitness"], "objective": "multi", "tasks": [
+        {"task": "tiny_mc", "metric": "acc"}, {"task": "tiny_mc", "metric": "acc_norm", "weight": 2}]})
+    multi = SearchConfig.from_dict(data)
+    run_search(multi, trials=1)
+    assert load_existing_study("m", multi.storage_url).metric_names == ["tiny_mc.acc", "tiny_mc.acc_norm"]
+    summed = SearchConfig.from_dict({**data, "study": "s", "fitness": {**data["fitness"], "objective": "sum"}})
+    from evomerge.study import metric_names
+
+    assert metric_names(summed) == ["tiny_mc.acc + 2*tiny_mc.acc_norm"]
+
+
+def test_ctrl_c_exits_130_after_recording_the_trials_in_flight(tiny_models, tiny_task, tmp_path, monkeypatch):
+    """The first Ctrl-C lets the trial in flight finish and be recorded, then `search` exits 130."""
+    import evomerge.trials
+
+    data = config_dict(tiny_models, tiny_task, tmp_path)
+    path = write_config(tmp_path / "c.yml", data)
+    real = evomerge.trials.evaluate
+
+    def evaluate_then_ctrl_c(stage, fitness, record):  # Ctrl-C arrives while trial 1 is evaluated
+        outcome = real(stage, fitness, record)
+        if record[ATTR_RECIPE]["models"][0]["model"].endswith("/b"):
+            os.kill(os.getpid(), signal.SIGINT)
+        return outcome
+
+    monkeypatch.setattr(evomerge.trials, "evaluate", evaluate_then_ctrl_c)
+    result = CliRunner().invoke(main, ["search", str(path)])
+    assert result.exit_code == 130, result.output
+    assert "stopped: 2 trials in study t" in result.output
+    study = load_existing_study("t", data["storage"])
+    assert [t.state.name for t in study.trials[:2]] == ["COMPLETE", "COMPLETE"]
+
+
+def test_a_bug_stops_the_search_and_an_out_of_memory_fails_only_its_trial(tiny_models, tiny_task, tmp_path, monkeypatch):
+    from evomerge.stages import PsStage
+    from evomerge.study import ATTR_ERROR
+
+    data = config_dict(tiny_models, tiny_task, tmp_path)
+    data["sampler"] = {"name": "random", "baselines": False}
+    cfg = SearchConfig.from_dict(data)
+    real = PsStage.load
+    calls = []
+
+    def load(self, record):
+        calls.append(1)
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        if len(calls) == 3:
+            raise ValueError("a bug in our code")
+        return real(self, record)
+
+    monkeypatch.setattr(PsStage, "load", load)
+    with pytest.raises(ValueError, match="a bug in our code"):
+        run_search(cfg, trials=5)
+    study = load_existing_study("t", cfg.storage_url)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL", "FAIL"]
+    assert "OutOfMemoryError" in study.trials[1].user_attrs[ATTR_ERROR]
+    assert counted(study) == 2  # the bug's trial is interrupted, not counted, not penalised
+    assert study.trials[2].user_attrs.get(ATTR_INTERRUPTED) is True
+    # through the CLI: one line naming the bug (its traceback under -v)
+    calls.clear()
+    calls.append(1)
+    calls.append(1)
+    result = CliRunner().invoke(main, ["search", str(write_config(tmp_path / "c.yml", data)), "--trials", "5"])
+    assert result.exit_code == 1 and "internal error (ValueError: a bug in our code); run with -v" in result.stderr

@@ -472,7 +472,8 @@ def test_consistency_fitness_scores_and_restores_the_candidate(world, tmp_path):
 
 def test_search_with_consistency_fitness_completes(world, tmp_path):
     from evomerge.config import SearchConfig
-    from evomerge.search import ATTR_BASELINE, ATTR_ERROR, load_existing_study, run_search
+    from evomerge.search import run_search
+    from evomerge.study import ATTR_BASELINE, ATTR_ERROR, load_existing_study
 
     data = search_dict(world, tmp_path)
     path = write(tmp_path / "search.yml", data)

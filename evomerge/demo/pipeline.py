@@ -61,7 +61,8 @@ def run_demo(out: Path, *, trials: int | None = None, sampler: str | None = None
     """``world`` overrides the world's build settings (tests use a tiny, quick world)."""
     from evomerge.demo.world import build_world
     from evomerge.export import build_trial_model, export_recipe
-    from evomerge.search import load_existing_study, run_search
+    from evomerge.search import run_search
+    from evomerge.study import load_existing_study
 
     out = Path(out)
     t0 = time.perf_counter()

@@ -1,0 +1,326 @@
+"""The trial protocol: the contracts of a stage and a fitness, and one trial's life — asked (owned
+by this process), its candidate built and stored, evaluated by a worker, told.
+
+A trial fails for reasons of its own only (:func:`is_trial_error`): the candidate's merge is
+invalid or non-finite, it runs out of memory, or (in :mod:`evomerge.parallel`) it times out or its
+worker dies. A problem of the config stops the search with one line; any other exception is a bug
+and stops the search with its traceback (shown under ``-v``).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Callable, Protocol
+
+import optuna
+from optuna.distributions import FloatDistribution
+from optuna.trial import TrialState
+
+from evomerge.config import Sampler, SearchConfig
+from evomerge.errors import CandidateError, ConfigError, EvomergeError, MergeError
+from evomerge.fitness import Fitness, HostedFitness, Score
+from evomerge.study import (ATTR_BASELINE, ATTR_ERROR, ATTR_INTERRUPTED, ATTR_OWNER, ATTR_SCORES, ATTR_SECONDS,
+                            best_of, counted_of, owner, trial_fitness)
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- contracts
+class Stage(Protocol):
+    """A search stage: the space its trials sample, how a trial's parameters become a stored
+    candidate record, and how a worker turns a record into a live model.
+
+    The driver calls ``bounds``, ``x0``, ``baselines``, ``prepare_study`` (a new study),
+    ``candidate`` (per trial) and ``summarize``; a worker calls ``open`` once, ``load`` per
+    trial and ``close`` at the end."""
+
+    name: str  # "ps" / "dfs"
+    sampler_config: Sampler
+    budget: int
+    workspace: Any  # what ``HostedFitness.bind`` receives once opened (None where nothing to bind)
+
+    def bounds(self) -> dict[str, tuple[float, float]]: ...
+
+    def x0(self) -> dict[str, float] | None: ...
+
+    def baselines(self) -> list[str]: ...
+
+    def open(self) -> None: ...
+
+    def prepare_study(self, study: optuna.Study) -> None: ...
+
+    def candidate(self, params: dict[str, float], baseline: str | None) -> dict[str, Any]: ...
+
+    def load(self, record: dict[str, Any]) -> tuple[Any, Any]: ...
+
+    def summarize(self, params: dict[str, float]) -> str: ...
+
+    def close(self) -> None: ...
+
+
+def make_fitness(config: SearchConfig, stage: Stage) -> Fitness:
+    """The configured fitness (lm-eval tasks built, or the consistency scorer) for ``stage``."""
+    if config.fitness.kind == "consistency":
+        if stage.name != "ps":
+            raise ConfigError("fitness.kind: the consistency fitness scores merge recipes (stage ps) only")
+        from evomerge.consistency import ConsistencyFitness
+
+        return ConsistencyFitness(config)  # label-free; builds neighbours in the stage's workspace
+    from evomerge.evaluate import LmEvalFitness
+
+    return LmEvalFitness(config.fitness, config.include_paths)
+
+
+def open_evaluator(config: SearchConfig, stage: Stage) -> Fitness:
+    """Build the fitness, then open the stage (load the sources) and bind the two: what a process
+    that evaluates trials holds for the whole stage. Returns the fitness."""
+    fitness = make_fitness(config, stage)
+    stage.open()
+    if isinstance(fitness, HostedFitness):
+        if stage.workspace is None:
+            raise ConfigError(f"fitness: this fitness scores a recipe's neighbours; the {stage.name} stage has none")
+        fitness.bind(stage.workspace)
+    return fitness
+
+
+# --------------------------------------------------------------------------- records
+@dataclass
+class TrialReport:
+    number: int
+    state: str  # "COMPLETE" / "FAIL"
+    fitness: float | None
+    values: dict[str, float]
+    seconds: float
+    summary: str
+    baseline: str | None
+    error: str | None
+    best: float | None
+    best_number: int | None
+    done: int
+    total: int
+
+
+@dataclass
+class Candidate:
+    """An asked trial and what the driver built for it: the record (recipe attrs, already stored
+    on the trial) that a worker evaluates, or the error that kept it from being built."""
+
+    trial: optuna.Trial
+    params: dict[str, float]
+    baseline: str | None
+    record: dict[str, Any] | None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A candidate's evaluation, as a worker (this process or a Ray actor) returns it."""
+
+    score: Score | None  # None when it failed
+    seconds: float
+    error: str | None = None
+    fatal: bool = False  # a problem of the config or the sources (not this candidate's): the search stops
+
+
+@dataclass
+class StageJob:
+    """What a runner needs to run a stage's trials: the study, the stage (candidates), the
+    distributions to suggest, whether objectives are told one per task, the budget, the callback."""
+
+    study: optuna.Study
+    stage: Stage
+    distributions: dict[str, FloatDistribution]
+    multi: bool
+    total: int
+    on_trial: Callable[[TrialReport], None] | None = None
+
+    def budget_left(self) -> int:
+        """Trials still to start: the budget less the counted trials and those running anywhere
+        (this driver's and other drivers' on a shared storage), read in one storage call."""
+        trials = self.study.get_trials(deepcopy=False)
+        running = sum(1 for t in trials if t.state == TrialState.RUNNING)
+        return self.total - counted_of(trials) - running
+
+    def report(self, report: TrialReport) -> TrialReport:
+        if self.on_trial:
+            self.on_trial(report)
+        return report
+
+
+class StopFlag:
+    """First Ctrl-C: finish and record the trials in flight, then stop. Second: abort them."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> "StopFlag":
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread
+            self._previous = None
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("stopping after the trial in flight is recorded (Ctrl-C again to abort it)")
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+# --------------------------------------------------------------------------- failures
+def is_trial_error(e: BaseException) -> bool:
+    """A candidate's own failure, recorded as a failed trial while the search goes on: its merge
+    is invalid for the sampled values or non-finite (MergeError), the fitness cannot score it
+    (CandidateError), its arithmetic overflowed, or it ran out of host or CUDA memory."""
+    if isinstance(e, (MergeError, CandidateError, FloatingPointError, MemoryError)):
+        return True
+    import torch
+
+    return isinstance(e, torch.OutOfMemoryError)
+
+
+def error_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+# --------------------------------------------------------------------------- one trial
+def ask_owned(study: optuna.Study) -> optuna.Trial:
+    """``study.ask()``, except that the trial carries its owner (host:pid) from the moment it is
+    RUNNING, so a kill -9 at any point leaves nothing ``study.fail_stale_trials`` cannot attribute.
+
+    A queued (WAITING) trial is labelled before it is claimed and again after (another worker may
+    have labelled it in between); a new trial is created RUNNING with the label in one write.
+    """
+    me = owner()
+    storage, study_id = study._storage, study._study_id
+    study._thread_local.cached_all_trials = None
+    trial_id = None
+    for waiting in storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.WAITING,)):
+        try:
+            storage.set_trial_user_attr(waiting._trial_id, ATTR_OWNER, me)
+            if not storage.set_trial_state_values(waiting._trial_id, state=TrialState.RUNNING):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue
+        storage.set_trial_user_attr(waiting._trial_id, ATTR_OWNER, me)
+        trial_id = waiting._trial_id
+        break
+    if trial_id is None:
+        template = optuna.trial.FrozenTrial(
+            number=-1, state=TrialState.RUNNING, value=None, datetime_start=datetime.now(),
+            datetime_complete=None, params={}, distributions={}, user_attrs={ATTR_OWNER: me},
+            system_attrs={}, intermediate_values={}, trial_id=-1)
+        trial_id = storage.create_new_trial(study_id, template_trial=template)
+    return optuna.Trial(study, trial_id)  # runs the sampler's before_trial / sample_relative
+
+
+def ask_candidate(study: optuna.Study, stage: Stage, distributions: dict[str, FloatDistribution]) -> Candidate:
+    """Ask a trial (owned by this process), suggest its params and store its recipe record."""
+    trial = ask_owned(study)
+    baseline = trial.user_attrs.get(ATTR_BASELINE)
+    params: dict[str, float] = {}
+    try:
+        if not baseline:
+            params = {name: trial.suggest_float(name, d.low, d.high) for name, d in distributions.items()}
+        record = stage.candidate(params, baseline)
+        for key, value in record.items():
+            trial.set_user_attr(key, value)
+    except BaseException as e:
+        if isinstance(e, Exception) and is_trial_error(e):
+            return Candidate(trial, params, baseline, None, error_line(e))
+        # Ctrl-C, a problem of the config, a bug: not this candidate's fault, so it is not counted
+        reason = "interrupted (Ctrl-C)" if isinstance(e, KeyboardInterrupt) else f"interrupted ({error_line(e)})"
+        interrupt_trial(study, trial, reason)
+        raise
+    return Candidate(trial, params, baseline, record)
+
+
+def evaluate(stage: Stage, fitness: Fitness, record: dict[str, Any]) -> Outcome:
+    """Build the record's model in the stage's workspace and score it (the worker's side).
+    Anything but a trial error or a config error (a bug) propagates."""
+    start = time.perf_counter()
+    try:
+        model, tokenizer = stage.load(record)
+        score = fitness.score(model, tokenizer)
+    except Exception as e:
+        if is_trial_error(e):
+            _free_cuda()
+            return Outcome(None, time.perf_counter() - start, error_line(e))
+        if isinstance(e, EvomergeError):  # the config or the sources: every trial would fail
+            return Outcome(None, time.perf_counter() - start, str(e), fatal=True)
+        raise
+    return Outcome(score, time.perf_counter() - start)
+
+
+def tell_outcome(study: optuna.Study, stage: Stage, cand: Candidate, outcome: Outcome, multi: bool,
+                 total: int) -> TrialReport:
+    """Record the outcome on the trial and tell it; raises ConfigError for a fatal outcome (the
+    trial is then interrupted: it does not count, its candidate is evaluated again on resume)."""
+    trial, summary = cand.trial, stage.summarize(cand.params)
+    if outcome.fatal:
+        interrupt_trial(study, trial, outcome.error or "interrupted")
+        raise ConfigError(outcome.error or "a worker stopped the search")
+    if outcome.error is not None:
+        trial.set_user_attr(ATTR_ERROR, outcome.error)
+        trial.set_user_attr(ATTR_SECONDS, outcome.seconds)
+        study.tell(trial, state=TrialState.FAIL)
+        return make_report(study, trial.number, "FAIL", None, {}, outcome.seconds, summary, cand.baseline,
+                           outcome.error, total)
+    score = outcome.score
+    assert score is not None
+    trial.set_user_attr(ATTR_SCORES, score.values)
+    trial.set_user_attr(ATTR_SECONDS, outcome.seconds)
+    study.tell(trial, score.objectives if multi else score.fitness)
+    return make_report(study, trial.number, "COMPLETE", score.fitness, score.values, outcome.seconds, summary,
+                       cand.baseline, None, total)
+
+
+def interrupt_trial(study: optuna.Study, trial: optuna.Trial, reason: str) -> None:
+    """Fail a trial as interrupted: it does not count and its candidate is evaluated again."""
+    trial.set_user_attr(ATTR_INTERRUPTED, True)
+    trial.set_user_attr(ATTR_ERROR, reason)
+    study.tell(trial, state=TrialState.FAIL)
+
+
+def run_one(job: StageJob, fitness: Fitness) -> TrialReport:
+    """One trial in this process: ask, evaluate, tell."""
+    cand = ask_candidate(job.study, job.stage, job.distributions)
+    if cand.record is None:
+        outcome = Outcome(None, 0.0, cand.error)
+    else:
+        try:
+            outcome = evaluate(job.stage, fitness, cand.record)
+        except BaseException as e:
+            reason = "interrupted (Ctrl-C)" if isinstance(e, KeyboardInterrupt) else f"interrupted ({error_line(e)})"
+            interrupt_trial(job.study, cand.trial, reason)
+            raise
+    return tell_outcome(job.study, job.stage, cand, outcome, job.multi, job.total)
+
+
+def make_report(study: optuna.Study, number: int, state: str, fitness: float | None, values: dict[str, float],
+                seconds: float, summary: str, baseline: str | None, error: str | None, total: int) -> TrialReport:
+    """The trial's report, with the study's best and progress read from storage once."""
+    trials = study.get_trials(deepcopy=False)
+    best = best_of(trials)
+    return TrialReport(number, state, fitness, values, seconds, summary, baseline, error,
+                       trial_fitness(best) if best else None, best.number if best else None,
+                       counted_of(trials), total)
+
+
+def _free_cuda() -> None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # pragma: no cover
+        pass
