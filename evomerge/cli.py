@@ -52,6 +52,19 @@ def main(verbose: bool) -> None:
 
 
 @main.command()
+@click.argument("config", type=click.Path(path_type=Path))
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists.")
+@friendly_errors
+def moe(config: Path, out_dir: Path, overwrite: bool) -> None:
+    """Build a mixture of experts from a mergekit-moe CONFIG into OUT_DIR (experts may be study:NAME[#N])."""
+    from evomerge.moe import write_moe
+    from evomerge.moe_config import MoEConfig
+
+    click.echo(f"wrote {write_moe(MoEConfig.load(config), out_dir, overwrite=overwrite)}")
+
+
+@main.command()
 @click.argument("recipe", type=click.Path(path_type=Path))
 @click.argument("out_dir", type=click.Path(path_type=Path))
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
