@@ -14,17 +14,19 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 
 from evomerge.checkpoint import Checkpoint
+from evomerge.engine import iter_merged, open_sources, plan_merge
 from evomerge.errors import CheckpointError, ConfigError
 from evomerge.moe_config import STUDY_PREFIX, ExpertConfig, MoEConfig
 from evomerge.moe_gates import PROMPT_MODES, degenerate_layers, gate_vectors, prepare_tokenizer
+from evomerge.recipe import Recipe
 
-__all__ = ["OUTPUTS", "MoEBuild", "OutputKind", "Source", "assemble", "gates_for", "open_source", "select_output",
-           "write_moe"]
+__all__ = ["OUTPUTS", "MemorySource", "MoEBuild", "OutputKind", "Source", "assemble", "gates_for", "open_source",
+           "prepare", "recipe_source", "save_moe", "select_output", "write_moe"]
 
 logger = logging.getLogger(__name__)
 
@@ -97,12 +99,18 @@ class MoEBuild:
 
 
 # --------------------------------------------------------------------------- sources
-def open_source(ref: str, cfg: MoEConfig, cache: dict[str, Source]) -> Source:
-    """A model folder, or ``study:NAME[#N]`` built in memory from that trial's recipe."""
+StudyRecipes = Callable[[str], "Recipe"]
+"""Turns a ``study:NAME[#N]`` reference into that trial's recipe (see :mod:`evomerge.moe_studies`)."""
+
+
+def open_source(ref: str, cfg: MoEConfig, cache: dict[str, Source], study_recipe: StudyRecipes | None = None) -> Source:
+    """A model folder, or a ``study:NAME[#N]`` trial built in memory from its recipe."""
     if ref in cache:
         return cache[ref]
     if ref.startswith(STUDY_PREFIX):
-        source: Source = _study_source(ref, cfg)
+        if study_recipe is None:
+            raise ConfigError(f"source_model {ref!r}: study experts are not available here")
+        source: Source = recipe_source(study_recipe(ref), ref, cfg.root)
     else:
         path = Path(ref).expanduser()
         local = path if path.is_absolute() else (cfg.root / path)
@@ -111,29 +119,9 @@ def open_source(ref: str, cfg: MoEConfig, cache: dict[str, Source]) -> Source:
     return source
 
 
-def _study_source(ref: str, cfg: MoEConfig) -> MemorySource:
-    import optuna
-
-    from evomerge.engine import iter_merged, open_sources, plan_merge
-    from evomerge.export import trial_recipe
-    from evomerge.search import ATTR_PATH
-
-    name, _, number = ref.removeprefix(STUDY_PREFIX).partition("#")
-    if number and not number.isdigit():
-        raise ConfigError(f"source_model {ref!r}: expected study:NAME or study:NAME#N (N a trial number)")
-    url = cfg.study_storage(name)
-    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
-        raise ConfigError(f"source_model {ref!r}: {url.removeprefix('sqlite:///')} does not exist (set storage:)")
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        study = optuna.load_study(study_name=name, storage=url)
-    except KeyError:
-        raise ConfigError(f"source_model {ref!r}: no study {name!r} in {url}") from None
-    recipe, trial = trial_recipe(study, int(number) if number else None)
-    if ATTR_PATH in trial.user_attrs:
-        raise ConfigError(f"source_model {ref!r}: trial {trial.number} is a layer-path (dfs) trial; "
-                          "experts need a parameter-space (ps) trial")
-    sources = open_sources(recipe, cfg.root)
+def recipe_source(recipe: Recipe, ref: str, root: Path | None = None) -> MemorySource:
+    """The model of a merge ``recipe``, built in memory."""
+    sources = open_sources(recipe, root)
     try:
         plan = plan_merge(recipe, sources)
         tensors = {n: t.cpu() for n, t in iter_merged(plan, sources)}
@@ -141,7 +129,7 @@ def _study_source(ref: str, cfg: MoEConfig) -> MemorySource:
     finally:
         for ck in sources.values():
             ck.close()
-    logger.info("expert %s: trial %d of study %s, built in memory", ref, trial.number, name)
+    logger.info("%s: built in memory", ref)
     return MemorySource(ref, Path(path), dict(plan.config), tensors)
 
 
@@ -163,13 +151,15 @@ def select_output(cfg: MoEConfig, model_types: dict[str, str]) -> OutputKind:
     raise ConfigError(f"base_model: no MoE output takes {model_type} models with {n_shared} shared expert(s) ({fits})")
 
 
-def prepare(cfg: MoEConfig) -> MoEBuild:
-    """Open the base and experts and check they fit one output architecture."""
-    cache: dict[str, Source] = {}
+def prepare(cfg: MoEConfig, study_recipe: StudyRecipes | None = None,
+            sources: dict[str, Source] | None = None) -> MoEBuild:
+    """Open the base and experts (``sources`` holds any already open, by reference) and check
+    they fit one output architecture."""
+    cache: dict[str, Source] = dict(sources or {})
     try:
-        base = open_source(cfg.base_model, cfg, cache)
-        experts = [open_source(e.source_model, cfg, cache) for e in cfg.experts]
-        shared = [open_source(e.source_model, cfg, cache) for e in cfg.shared_experts or []]
+        base = open_source(cfg.base_model, cfg, cache, study_recipe)
+        experts = [open_source(e.source_model, cfg, cache, study_recipe) for e in cfg.experts]
+        shared = [open_source(e.source_model, cfg, cache, study_recipe) for e in cfg.shared_experts or []]
         types = {s.ref: str(s.config.get("model_type")) for s in (base, *experts, *shared)}
         kind = select_output(cfg, types)
         if len({e.source_model for e in cfg.experts}) == 1 and len(cfg.experts) > 1:
@@ -223,7 +213,7 @@ def output_config(kind: OutputKind, base_config: dict[str, Any], num_experts: in
     return out
 
 
-def _dense_model(source: Source, dtype: torch.dtype) -> torch.nn.Module:
+def dense_model(source: Source, dtype: torch.dtype) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     if isinstance(source, MemorySource):
@@ -243,9 +233,9 @@ def load_tokenizer(source: Source):
         raise CheckpointError(f"{source.path}: no usable tokenizer for the router prompts ({exc})") from exc
 
 
-def gates_for(build: MoEBuild, tokenizer, *, dense_model: torch.nn.Module | None = None) -> torch.Tensor:
+def gates_for(build: MoEBuild, tokenizer, *, base_model: torch.nn.Module | None = None) -> torch.Tensor:
     """(num_layers, routed + shared experts, hidden) gate vectors for ``build``'s prompts. Hidden
-    modes run the base in bfloat16 (as mergekit-moe does) unless ``dense_model`` is given."""
+    modes run the base in bfloat16 (as mergekit-moe does) unless ``base_model`` is given."""
     cfg = build.config
     base_cfg = _pretrained_config(build.base.config)
     prompts = [e.prompts() for e in cfg.all_experts()]
@@ -253,7 +243,7 @@ def gates_for(build: MoEBuild, tokenizer, *, dense_model: torch.nn.Module | None
     if cfg.gate_mode == "cheap_embed":
         return gate_vectors(cfg.gate_mode, prompts, embed=build.base.get("model.embed_tokens.weight"), **common)
     if cfg.gate_mode in PROMPT_MODES:
-        model = dense_model if dense_model is not None else _dense_model(build.base, torch.bfloat16)
+        model = base_model if base_model is not None else dense_model(build.base, torch.bfloat16)
         return gate_vectors(cfg.gate_mode, prompts, model=model, **common)
     return gate_vectors(cfg.gate_mode, prompts, generator=torch.Generator().manual_seed(cfg.seed), **common)
 
@@ -322,13 +312,14 @@ def _tensor_for(name: str, param: torch.Tensor, build: MoEBuild, experts_of, gat
         raise
 
 
-def write_moe(cfg: MoEConfig, out_dir: str | Path, *, overwrite: bool = False) -> Path:
+def write_moe(cfg: MoEConfig, out_dir: str | Path, *, overwrite: bool = False,
+              study_recipe: StudyRecipes | None = None) -> Path:
     """Build the MoE of ``cfg`` and save it (config, safetensors, tokenizer) to ``out_dir``
     atomically. Every check runs before anything is written."""
     out = Path(out_dir).expanduser().absolute()
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not overwrite)):
         raise CheckpointError(f"{out}: output folder exists and is not empty (pass --overwrite to replace it)")
-    build = prepare(cfg)
+    build = prepare(cfg, study_recipe)
     try:
         tokenizer = prepare_tokenizer(load_tokenizer(build.base))
         gates = gates_for(build, tokenizer)
@@ -338,19 +329,28 @@ def write_moe(cfg: MoEConfig, out_dir: str | Path, *, overwrite: bool = False) -
         model = assemble(build, gates)
     finally:
         build.close()
+    save_moe(model, tokenizer, out, cfg)
+    logger.debug("wrote %s (%s, %d experts, %d per token)", out, build.kind.model_type, len(cfg.experts),
+                 cfg.experts_per_token)
+    return out
+
+
+def save_moe(model: torch.nn.Module, tokenizer, out: Path, cfg: MoEConfig | None = None) -> Path:
+    """``save_pretrained`` the model and tokenizer into ``out`` via a sibling temp folder."""
+    out = Path(out).absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:12]}"
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / "evomerge_moe.yml").write_text(_config_yaml(cfg))
+        if cfg is not None:
+            (tmp / "evomerge_moe.yml").write_text(_config_yaml(cfg))
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
-    logger.debug("wrote %s (%s, %d experts, %d per token)", out, build.kind.model_type, len(cfg.experts),
-                cfg.experts_per_token)
     return out
 
 

@@ -8,6 +8,7 @@ same command again continues the study.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -84,7 +85,7 @@ def open_study(config: SearchConfig, sampler: optuna.samplers.BaseSampler, *, fr
     fingerprint (see :func:`_settled_summaries`) and so finds the study complete."""
     storage = storage_for(config.storage_url)
     name = name or config.stage_study(stage)
-    relevant = config.search_relevant() if stage == "ps" else config.dfs_relevant()
+    relevant = config.relevant(stage)
     existing = (_settled_summaries(storage, name) if not fresh
                 else {s.study_name: s for s in optuna.get_all_study_summaries(storage)})
     if name in existing and fresh:
@@ -494,12 +495,48 @@ def run_search(config: SearchConfig, *, fresh: bool = False, fork: bool = False,
             if result.interrupted:
                 return result
         else:
-            stage = dfs_stage(config, ps_name or config.stage_study("ps"))
-            dfs_name = f"{ps_name}.dfs" if ps_name else None
+            if stage_name == "moe":
+                from evomerge.moe_stage import MoeStage
+
+                stage = MoeStage(config, moe_candidates(config, ps_name or config.stage_study("ps")))
+            else:
+                stage = dfs_stage(config, ps_name or config.stage_study("ps"))
+            name = f"{ps_name}.{stage_name}" if ps_name else None
             result = _run_stage(config, stage, fresh=fresh, fork=fork, trials=trials, on_trial=on_trial,
-                                on_start=on_start, name=dfs_name)
+                                on_start=on_start, name=name)
     assert result is not None
     return result
+
+
+def moe_candidates(config: SearchConfig, ps_study: str) -> dict[str, Any]:
+    """The moe stage's candidates: the source models (name -> folder), or the ``moe.top_k`` best
+    ps trials ("ps<N>" -> recipe); an existing moe study keeps the candidates it recorded."""
+    if config.moe.candidates == "parents":
+        return dict(config.source_refs)
+    from evomerge.moe_stage import ATTR_MOE_CANDIDATES
+    from evomerge.recipe import Recipe
+
+    storage = storage_for(config.storage_url)
+    names = {s.study_name: s for s in optuna.get_all_study_summaries(storage)}
+    recorded = names.get(f"{ps_study}.moe")
+    if recorded is not None and ATTR_MOE_CANDIDATES in recorded.user_attrs:
+        return {n: v if isinstance(v, str) else Recipe.from_dict(v, f"moe candidate {n}")
+                for n, v in recorded.user_attrs[ATTR_MOE_CANDIDATES].items()}
+    if ps_study not in names:
+        raise ConfigError(f"stage moe: no ps study {ps_study!r} yet; run the ps stage first")
+    study = optuna.load_study(study_name=ps_study, storage=storage)
+    done = [t for t in study.get_trials(deepcopy=False) if trial_fitness(t) is not None and ATTR_RECIPE in t.user_attrs]
+    done.sort(key=lambda t: (-trial_fitness(t), t.number))
+    out: dict[str, Any] = {}
+    seen: set[str] = set()
+    for t in done:
+        key = json.dumps(t.user_attrs[ATTR_RECIPE], sort_keys=True)
+        if key not in seen and len(out) < config.moe.top_k:
+            seen.add(key)
+            out[f"ps{t.number}"] = Recipe.from_dict(t.user_attrs[ATTR_RECIPE], f"ps trial {t.number}")
+    if not out:
+        raise ConfigError(f"stage moe: ps study {ps_study!r} has no completed trial")
+    return out
 
 
 def dfs_stage(config: SearchConfig, ps_study: str) -> DfsStage:

@@ -18,6 +18,7 @@ from evomerge.cli import main
 from evomerge.engine import merge_to_dir
 from evomerge.moe import write_moe
 from evomerge.moe_config import MoEConfig
+from evomerge.moe_studies import study_recipes
 from evomerge.recipe import Recipe
 from evomerge.search import ATTR_RECIPE
 
@@ -86,7 +87,8 @@ def _mergekit(data: dict, out: Path) -> Path:
 def _evomerge(data: dict, folder: Path, out: Path) -> Path:
     path = folder / f"{out.name}.yml"
     path.write_text(yaml.safe_dump(data))
-    return write_moe(MoEConfig.load(path), out)
+    cfg = MoEConfig.load(path)
+    return write_moe(cfg, out, study_recipe=study_recipes(cfg))
 
 
 def _live(path: Path) -> tuple[str, dict[str, torch.Tensor]]:
