@@ -249,7 +249,8 @@ def gates_for(build: MoEBuild, tokenizer, *, base_model: torch.nn.Module | None 
 
 
 # --------------------------------------------------------------------------- assembling
-def _expert_mlp(source: Source, expert: ExpertConfig, layer: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+def _expert_mlp(source: Source, expert: ExpertConfig, layer: int,
+                generator: torch.Generator) -> dict[str, torch.Tensor]:
     out = {}
     for name in _MLP:
         t = source.get(f"model.layers.{layer}.mlp.{name}.weight")
@@ -288,7 +289,8 @@ def assemble(build: MoEBuild, gates: torch.Tensor) -> torch.nn.Module:
     return model.eval()
 
 
-def _tensor_for(name: str, param: torch.Tensor, build: MoEBuild, experts_of, gates: torch.Tensor, n: int) -> torch.Tensor:
+def _tensor_for(name: str, param: torch.Tensor, build: MoEBuild, experts_of, gates: torch.Tensor,
+                n: int) -> torch.Tensor:
     parts = name.split(".")
     if len(parts) > 4 and parts[:2] == ["model", "layers"] and parts[3] == "mlp":
         layer, rest = int(parts[2]), ".".join(parts[4:])

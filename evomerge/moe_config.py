@@ -53,7 +53,8 @@ class MoEConfig(YamlConfig):
     def after_validate(self) -> None:
         n = len(self.experts)
         if not 1 <= self.experts_per_token <= n:
-            raise ConfigError(f"experts_per_token: expected 1 to {n} (the number of experts), got {self.experts_per_token}")
+            raise ConfigError(f"experts_per_token: expected 1 to {n} (the number of experts), "
+                              f"got {self.experts_per_token}")
         if self.gate_mode in PROMPT_MODES:
             for kind, group in (("experts", self.experts), ("shared_experts", self.shared_experts or [])):
                 for i, e in enumerate(group):

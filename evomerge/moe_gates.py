@@ -22,8 +22,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-__all__ = ["GATE_MODES", "PROMPT_MODES", "cheap_embedding", "gate_vectors", "hidden_states", "prepare_tokenizer",
-           "tokenize_prompts"]
+__all__ = ["GATE_MODES", "PROMPT_MODES", "cheap_embedding", "degenerate_layers", "gate_vectors", "hidden_states",
+           "prepare_tokenizer", "tokenize_prompts"]
 
 logger = logging.getLogger(__name__)
 

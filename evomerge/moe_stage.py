@@ -24,7 +24,7 @@ import torch
 
 from evomerge.checkpoint import Checkpoint
 from evomerge.config import SearchConfig
-from evomerge.moe import MoEBuild, Source, assemble, dense_model, gates_for, load_tokenizer, prepare, recipe_source
+from evomerge.moe import Source, assemble, dense_model, gates_for, load_tokenizer, prepare, recipe_source
 from evomerge.moe_config import ExpertConfig, MoEConfig
 from evomerge.moe_gates import prepare_tokenizer
 from evomerge.recipe import Recipe
@@ -177,7 +177,8 @@ class MoeStage:
         for i in range(self.space.num_layers):
             p = f"model.layers.{i}.mlp"
             gate_up = torch.cat([source.get(f"{p}.gate_proj.weight"), source.get(f"{p}.up_proj.weight")])
-            out.append((gate_up.to(self.config.device, dtype), source.get(f"{p}.down_proj.weight").to(self.config.device, dtype)))
+            down = source.get(f"{p}.down_proj.weight")
+            out.append((gate_up.to(self.config.device, dtype), down.to(self.config.device, dtype)))
         return out
 
     @torch.no_grad()
