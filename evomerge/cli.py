@@ -61,6 +61,21 @@ def main(verbose: bool) -> None:
 
 
 @main.command()
+@click.argument("config", type=click.Path(path_type=Path))
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists.")
+@friendly_errors
+def moe(config: Path, out_dir: Path, overwrite: bool) -> None:
+    """Build a mixture of experts from a mergekit-moe CONFIG into OUT_DIR (experts may be study:NAME[#N])."""
+    from evomerge.moe import write_moe
+    from evomerge.moe_config import MoEConfig
+    from evomerge.moe_studies import study_recipes
+
+    cfg = MoEConfig.load(config)
+    click.echo(f"wrote {write_moe(cfg, out_dir, overwrite=overwrite, study_recipe=study_recipes(cfg))}")
+
+
+@main.command()
 @click.argument("recipe", type=click.Path(path_type=Path))
 @click.argument("out_dir", type=click.Path(path_type=Path))
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
@@ -108,7 +123,7 @@ def _trial_line(r) -> str:
 @click.option("--storage", default=None, help="Optuna storage URL (default sqlite:///runs/<study>.db).")
 @click.option("--study", "study_name", default=None, help="Override the config's study name.")
 @click.option("--device", default=None, help="Override the config's device.")
-@click.option("--stage", "stage", type=click.Choice(["ps", "dfs"]), default=None,
+@click.option("--stage", "stage", type=click.Choice(["ps", "dfs", "moe"]), default=None,
               help="Run one stage only (default: every stage of the config, in order).")
 @click.option("--dry-run", is_flag=True,
               help="Validate CONFIG without weights: print each stage's space, the memory plan and a time estimate.")

@@ -277,6 +277,40 @@ class DfsSpace(_Strict):
         return self
 
 
+class MoeSearch(_Strict):
+    """Stage ``moe``: a mixture of experts of the candidates (see :mod:`evomerge.moe_stage`). Each
+    expert slot routes tokens like its prompts; the search picks which candidate fills each slot
+    and a gate scale and bias per layer and slot."""
+
+    prompts: dict[str, list[str]] = Field(default_factory=dict)  # slot name -> prompts it receives
+    candidates: Literal["parents", "top_ps"] = "parents"  # the source models, or the best ps trials
+    top_k: int = Field(4, ge=1)  # top_ps: how many ps trials (best first) are candidates
+    gate_mode: Literal["hidden", "hidden_avg", "cheap_embed"] = "hidden"
+    experts_per_token: int = Field(2, ge=1)
+    scale_range: tuple[float, float] = (0.25, 4.0)
+    bias_range: tuple[float, float] = (-1.0, 1.0)
+    sampler: "Sampler" = Field(default_factory=lambda: Sampler())
+    budget: "Budget" = Field(default_factory=lambda: Budget())
+
+    @model_validator(mode="after")
+    def _check(self) -> "MoeSearch":
+        lo, hi = self.scale_range
+        if not (0 < lo <= 1 <= hi):
+            raise ValueError(f"scale_range: expected [low, high] with 0 < low <= 1 <= high, got [{lo}, {hi}]")
+        lo, hi = self.bias_range
+        if not (lo <= 0 <= hi):
+            raise ValueError(f"bias_range: expected [low, high] with low <= 0 <= high, got [{lo}, {hi}]")
+        for slot, prompts in self.prompts.items():
+            if not IDENTIFIER.match(slot) or not prompts:
+                raise ValueError(f"prompts.{slot}: expected a name (letters, digits, _) and at least one prompt")
+        if self.prompts and self.experts_per_token > len(self.prompts):
+            raise ValueError(f"experts_per_token: {self.experts_per_token} is more than the "
+                             f"{len(self.prompts)} expert slots (prompts)")
+        if self.sampler.name == "nsga2":
+            raise ValueError("sampler.name: the moe stage is single-objective; use cmaes, tpe, random or qmc")
+        return self
+
+
 class SearchConfig(_Strict, YamlConfig):
     study: str
     storage: str | None = None
@@ -287,8 +321,9 @@ class SearchConfig(_Strict, YamlConfig):
     fitness: Fitness
     sampler: Sampler = Field(default_factory=Sampler)
     budget: Budget = Field(default_factory=Budget)
-    stages: list[Literal["ps", "dfs"]] = Field(default_factory=lambda: ["ps"], min_length=1)
+    stages: list[Literal["ps", "dfs", "moe"]] = Field(default_factory=lambda: ["ps"], min_length=1)
     dfs: DfsSpace = Field(default_factory=DfsSpace)
+    moe: MoeSearch = Field(default_factory=MoeSearch)
     device: str = "cpu"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     # Parallel trials (evomerge.parallel). Neither changes the fingerprint: a study may be resumed
@@ -341,8 +376,16 @@ class SearchConfig(_Strict, YamlConfig):
         if self.fitness.objective == "multi" and self.sampler.name not in MULTI_OBJECTIVE_SAMPLERS:
             raise ValueError(f"sampler.name: {self.sampler.name} is single-objective; use one of "
                              f"{', '.join(MULTI_OBJECTIVE_SAMPLERS)} with objective: multi")
-        if len(set(self.stages)) != len(self.stages) or (self.stages == ["dfs", "ps"]):
-            raise ValueError("stages: expected [ps], [dfs] or [ps, dfs]")
+        order = ["ps", "dfs", "moe"]
+        if len(set(self.stages)) != len(self.stages) or self.stages != sorted(self.stages, key=order.index):
+            raise ValueError("stages: expected [ps], [dfs], [moe], or several in the order ps, dfs, moe")
+        if "moe" in self.stages:
+            if len(self.moe.prompts) < 2:
+                raise ValueError("moe.prompts: the moe stage needs prompts for at least 2 expert slots")
+            if self.moe.candidates == "top_ps" and "ps" not in self.stages:
+                raise ValueError("moe.candidates: top_ps needs the ps stage before moe (stages: [ps, moe])")
+            if self.fitness.objective == "multi" or self.fitness.kind == "consistency":
+                raise ValueError("stages: the moe stage needs lm_eval tasks and a single objective (objective: sum)")
         if "dfs" in self.stages:
             names = self.dfs_models
             for name in names:
@@ -377,8 +420,8 @@ class SearchConfig(_Strict, YamlConfig):
         return self.dfs.host or self.dfs_models[0]
 
     def stage_study(self, stage: str) -> str:
-        """Stage ps keeps the study name; stage dfs gets ``<study>.dfs``."""
-        return self.study if stage == "ps" else f"{self.study}.dfs"
+        """Stage ps keeps the study name; stages dfs and moe get ``<study>.dfs`` and ``<study>.moe``."""
+        return self.study if stage == "ps" else f"{self.study}.{stage}"
 
     @property
     def artifacts_dir(self) -> Path:
@@ -430,8 +473,23 @@ class SearchConfig(_Strict, YamlConfig):
             "dtype": self.dtype,
         }
 
+    def moe_relevant(self) -> dict[str, Any]:
+        """What makes a moe study's trials incomparable (top_ps candidates are recorded in the study)."""
+        return {
+            "base_model": self.base_ref,
+            "models": self.source_refs,
+            "moe": self.moe.model_dump(mode="json", exclude={"budget"}),
+            "fitness": {**self.fitness.model_dump(mode="json", exclude={"batch_size"}), "include_path": self.include_paths},
+            "seed": self.seed,
+            "dtype": self.dtype,
+        }
+
+    def relevant(self, stage: str) -> dict[str, Any]:
+        """The stage's fingerprinted config parts."""
+        return {"ps": self.search_relevant, "dfs": self.dfs_relevant, "moe": self.moe_relevant}[stage]()
+
     def fingerprint(self, stage: str = "ps") -> str:
-        blob = json.dumps(self.search_relevant() if stage == "ps" else self.dfs_relevant(), sort_keys=True)
+        blob = json.dumps(self.relevant(stage), sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -25,6 +25,7 @@ from evomerge.architectures import architecture_for
 from evomerge.config import FitnessTask, PromptSource, SearchConfig
 from evomerge.errors import CheckpointError, ConfigError
 from evomerge.evaluate import load_tasks, local_tasks, select_split
+from evomerge.moe_stage import MoeSpace
 from evomerge.planner import GiB, Item, MemoryPlan, fmt_bytes, make_plan
 
 if TYPE_CHECKING:
@@ -398,6 +399,19 @@ def plan_stages(cfg: SearchConfig, facts: dict[str, ModelFacts], device_free: in
             eval_t, eval_lines = eval_seconds(cfg, template.params)
             sp.seconds = n_merges * merge_t + eval_t
             sp.time_lines = [f"{merge_line}: {merge_t:.1f} s x {n_merges} merge(s)", *eval_lines]
+        elif stage == "moe":
+            n_cand = len(cfg.models) if cfg.moe.candidates == "parents" else cfg.moe.top_k
+            names = list(MoeSpace(tuple(cfg.moe.prompts), tuple(f"c{i}" for i in range(n_cand)),
+                                  template.num_layers).bounds())
+            sp = StagePlan("moe", cfg.stage_study("moe"), len(names), _examples(names), cfg.moe.budget.trials)
+            n_slots = len(cfg.moe.prompts)
+            sp.memory = [f"{n_cand} candidates' MLPs resident, and a live MoE of {n_slots} experts "
+                         f"(about {1 + n_slots}x the base's MLPs) in {cfg.dtype}"]
+            # each extra expert per token adds an MLP (about 2/3 of a layer's compute)
+            eval_t, eval_lines = eval_seconds(cfg, template.params, 1 + (cfg.moe.experts_per_token - 1) * 2 / 3)
+            sp.seconds = eval_t
+            sp.time_lines = [f"no merge: experts copied and routers rewritten in place; "
+                             f"{cfg.moe.experts_per_token} experts per token", *eval_lines]
         else:
             space = dfs_space(cfg, facts, template)
             names = list(space.bounds())

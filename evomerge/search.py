@@ -16,7 +16,7 @@ from optuna.distributions import FloatDistribution
 
 from evomerge.config import Sampler, SearchConfig
 from evomerge.errors import ConfigError
-from evomerge.stages import PsStage, dfs_stage
+from evomerge.stages import PsStage, dfs_stage, moe_candidates
 from evomerge.study import best_trial, counted, enqueue_baselines, fail_stale_trials, open_study, trial_fitness
 from evomerge.trials import Stage, StageJob, StopFlag, TrialReport
 from evomerge.workers import open_runner
@@ -92,10 +92,15 @@ def run_search(config: SearchConfig, *, fresh: bool = False, fork: bool = False,
             if result.interrupted:
                 return result
         else:
-            stage = dfs_stage(config, ps_name or config.stage_study("ps"))
-            dfs_name = f"{ps_name}.dfs" if ps_name else None
+            if stage_name == "moe":
+                from evomerge.moe_stage import MoeStage
+
+                stage = MoeStage(config, moe_candidates(config, ps_name or config.stage_study("ps")))
+            else:
+                stage = dfs_stage(config, ps_name or config.stage_study("ps"))
+            name = f"{ps_name}.{stage_name}" if ps_name else None
             result = _run_stage(config, stage, fresh=fresh, fork=fork, trials=trials, on_trial=on_trial,
-                                on_start=on_start, name=dfs_name)
+                                on_start=on_start, name=name)
     assert result is not None
     return result
 

@@ -7,6 +7,7 @@ config's folder where they lie inside it; a worker resolves them against its own
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from typing import Any
@@ -17,7 +18,7 @@ from evomerge.config import SearchConfig
 from evomerge.errors import ConfigError
 from evomerge.identity import local_ref, map_refs, portable_ref
 from evomerge.study import (ATTR_DFS_HOST, ATTR_DFS_REFS, ATTR_DFS_SOURCES, ATTR_PATH, ATTR_PS_TRIAL, ATTR_RECIPE,
-                            ATTR_SPACE, storage_for)
+                            ATTR_SPACE, storage_for, trial_fitness)
 
 log = logging.getLogger(__name__)
 
@@ -283,3 +284,37 @@ def dfs_stage(config: SearchConfig, ps_study: str) -> DfsStage:
         refs = {"ps": str(folder), **refs}
     return DfsStage(config, refs, ps_trial)
 
+
+
+def moe_candidates(config: SearchConfig, ps_study: str) -> dict[str, Any]:
+    """The moe stage's candidates: the source models (name -> folder), or the ``moe.top_k`` best
+    distinct ps trials ("ps<N>" -> recipe); an existing moe study keeps the candidates it recorded."""
+    if config.moe.candidates == "parents":
+        return dict(config.source_refs)
+    from evomerge.moe_stage import ATTR_MOE_CANDIDATES
+    from evomerge.recipe import Recipe
+
+    def recipe(data: dict[str, Any], where: str) -> Recipe:
+        return Recipe.from_dict(map_refs(data, lambda ref: local_ref(ref, config.root)), where)
+
+    storage = storage_for(config.storage_url)
+    names = {s.study_name: s for s in optuna.get_all_study_summaries(storage)}
+    recorded = names.get(f"{ps_study}.moe")
+    if recorded is not None and ATTR_MOE_CANDIDATES in recorded.user_attrs:
+        return {n: local_ref(v, config.root) if isinstance(v, str) else recipe(v, f"moe candidate {n}")
+                for n, v in recorded.user_attrs[ATTR_MOE_CANDIDATES].items()}
+    if ps_study not in names:
+        raise ConfigError(f"stage moe: no ps study {ps_study!r} yet; run the ps stage first")
+    study = optuna.load_study(study_name=ps_study, storage=storage)
+    done = [t for t in study.get_trials(deepcopy=False) if trial_fitness(t) is not None and ATTR_RECIPE in t.user_attrs]
+    done.sort(key=lambda t: (-trial_fitness(t), t.number))
+    out: dict[str, Any] = {}
+    seen: set[str] = set()
+    for t in done:
+        key = json.dumps(t.user_attrs[ATTR_RECIPE], sort_keys=True)
+        if key not in seen and len(out) < config.moe.top_k:
+            seen.add(key)
+            out[f"ps{t.number}"] = recipe(t.user_attrs[ATTR_RECIPE], f"ps trial {t.number}")
+    if not out:
+        raise ConfigError(f"stage moe: ps study {ps_study!r} has no completed trial")
+    return out

@@ -80,7 +80,7 @@ def study_fingerprint(config: SearchConfig, stage: str = "ps") -> str:
 
 
 def _with_refs(config: SearchConfig, stage: str, model: Callable[[Any], Any], folder: Callable[[str], Any]) -> dict[str, Any]:
-    data = config.search_relevant() if stage == "ps" else config.dfs_relevant()
+    data = config.relevant(stage)
     if "base_model" in data:
         data["base_model"] = model(data["base_model"])
     data["models"] = {name: model(ref) for name, ref in data["models"].items()}
