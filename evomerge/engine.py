@@ -20,7 +20,7 @@ from torch import Tensor
 from evomerge.checkpoint import Checkpoint, CheckpointWriter
 from evomerge.errors import CheckpointError, ConfigError, MergeError
 from evomerge.methods import Method, run_method
-from evomerge.recipe import OutputSlice, Params, Recipe, SliceSource, evaluate
+from evomerge.recipe import OutputSlice, Params, Recipe, SliceSource, TokenSource, evaluate
 from evomerge.sources import open_model, parse_reference
 from evomerge.tokenizer import Vocabulary, build_vocabulary
 from evomerge.vocabulary import AlignedCheckpoint, Aligner
@@ -110,15 +110,16 @@ def recipe_vocabulary(recipe: Recipe, sources: Mapping[str, Checkpoint]) -> Voca
                             pad_to_multiple_of=block.pad_to_multiple_of if block else None)
 
 
-def aligned_sources(recipe: Recipe, sources: Mapping[str, Checkpoint], vocab: Vocabulary,
-                    groups: Callable[[str], list[str]]) -> dict[str, Any]:
-    """``sources`` with their vocabulary tensors moved into ``vocab`` (see :mod:`evomerge.vocabulary`);
-    ``groups(name)``: the models merged into tensor ``name``, whose rows set the defaults."""
+def aligned_sources(sources: Mapping[str, Any], vocab: Vocabulary, *, groups: Callable[[str], list[str]],
+                    base: str | None, tokens: Mapping[str, TokenSource] | None = None,
+                    dtype: str | None = None) -> dict[str, Any]:
+    """``sources`` with their vocabulary tensors moved into ``vocab`` (see :mod:`evomerge.vocabulary`):
+    ``groups(name)`` gives the models merged into tensor ``name``, whose rows set the defaults;
+    ``base`` the base model, ``tokens`` the recipe's ``tokenizer.tokens``, ``dtype`` the recipe's."""
     first = next(iter(sources.values()))
     names = [s.name for s in (*first.arch.pre_weights, *first.arch.post_weights) if s.is_embed]
-    dtype = TORCH_DTYPES[recipe.dtype] if recipe.dtype else None
-    aligner = Aligner(vocab, sources, names=names, group=groups, base=recipe.base_model,
-                      tokens=recipe.tokenizer.tokens if recipe.tokenizer else None, dtype=dtype)
+    aligner = Aligner(vocab, sources, names=names, group=groups, base=base, tokens=tokens,
+                      dtype=TORCH_DTYPES[dtype] if dtype else None)
     return {ref: AlignedCheckpoint(ck, ref, aligner) for ref, ck in sources.items()}
 
 
@@ -139,7 +140,10 @@ def prepare(recipe: Recipe, relative_to: Path | None = None) -> tuple[MergePlan,
             return plan, dict(sources), None
         groups = task_groups(plan)
         plan.config["vocab_size"] = vocab.size
-        return plan, aligned_sources(recipe, sources, vocab, lambda name: groups.get(name, list(sources))), vocab
+        aligned = aligned_sources(sources, vocab, groups=lambda name: groups.get(name, list(sources)),
+                                  base=recipe.base_model, tokens=recipe.tokenizer.tokens if recipe.tokenizer else None,
+                                  dtype=recipe.dtype)
+        return plan, aligned, vocab
     except BaseException:
         for ck in sources.values():
             ck.close()

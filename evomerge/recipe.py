@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
-from typing import Any, Iterator, Literal, Union
+from typing import Annotated, Any, Iterator, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -93,7 +93,8 @@ class ModelToken(_Strict):
 class TokenSource(_Strict):
     """Where one output token's embedding and head rows come from (mergekit's semantics)."""
 
-    source: Union[ZeroToken, ModelToken, str, None] = None  # a model's row of the same token
+    # a model (its row of the same token), {kind: zero} or {kind: model_token, model, token | token_id}
+    source: Union[Annotated[Union[ZeroToken, ModelToken], Field(discriminator="kind")], str, None] = None
     force: bool = False  # use ``source`` even for models that have the token
 
     def model(self) -> str | None:
