@@ -216,3 +216,56 @@ def test_recipe_round_trips_the_tokenizer_block(vocab_models):
     assert Recipe.from_dict(yaml.safe_load(recipe.to_yaml())) == recipe
     with pytest.raises(ConfigError):
         Recipe.from_dict({**data, "tokenizer": {"source": "union", "colour": 1}})
+
+
+# --------------------------------------------------------------------------- search
+def test_search_over_models_with_different_vocabularies(vocab_models, tmp_path, tmp_path_factory):
+    """Two sources with different vocabularies, tokenizer_source: union: the workspace builds the
+    union once; the evaluated weights equal ``evomerge merge`` of the trial's recipe."""
+    from conftest import write_mc_task
+
+    from evomerge.config import SearchConfig
+    from evomerge.search import run_search
+    from evomerge.study import ATTR_RECIPE, load_existing_study
+    from evomerge.workspace import Workspace
+
+    task = tmp_path / "task"
+    task.mkdir()
+    rows = [{"q": "apple banana", "choices": ["egg", "kiwi"], "label": 0}, {"q": "cherry", "choices": ["fig", "date"], "label": 1}]
+    for split in ("dev", "test"):
+        (task / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_mc_task(task, "vocab_mc", task / "dev.jsonl", task / "test.jsonl")
+    data = {"study": "v", "storage": f"sqlite:///{tmp_path / 'v.db'}", "base_model": vocab_models["a"],
+            "models": {"b": vocab_models["b"], "c": vocab_models["c"]},
+            "merge": {"method": "task_arithmetic", "search": {"weight": [0, 1]}, "tokenizer_source": "union"},
+            "fitness": {"include_path": str(task), "tasks": [{"task": "vocab_mc", "metric": "acc"}]},
+            "sampler": {"name": "random", "baselines": False}, "budget": {"trials": 2}}
+    cfg = SearchConfig.from_dict(data)
+    assert run_search(cfg, trials=2).completed == 2
+    recipe = Recipe.from_dict(load_existing_study("v", cfg.storage_url).trials[1].user_attrs[ATTR_RECIPE])
+    assert recipe.tokenizer_source == "union"
+
+    ws = Workspace([vocab_models["b"], vocab_models["c"], vocab_models["a"]], template=vocab_models["a"],
+                   tokenizer_source="union", base=vocab_models["a"])
+    try:
+        ws.load(recipe)
+        live = ws.state_dict()
+        assert len(ws.tokenizer) == 12 and ws.model.get_input_embeddings().weight.shape[0] == 12
+        _, sources, vocab = prepare(recipe)
+        for ck in sources.values():
+            ck.close()
+        assert ws.tokenizer.get_vocab() == vocab.vocab
+    finally:
+        ws.close()
+    built = merge_in_memory(recipe)
+    for name, tensor in built.items():
+        assert torch.equal(live[name], tensor), name
+
+
+def test_search_config_names_a_known_tokenizer_source(vocab_models):
+    from evomerge.config import SearchConfig
+
+    data = {"study": "v", "models": {"b": vocab_models["b"]}, "merge": {"method": "linear", "tokenizer_source": "zz"},
+            "fitness": {"tasks": [{"task": "x"}]}}
+    with pytest.raises(ConfigError, match="merge.tokenizer_source: 'zz' is not base, union or one of models"):
+        SearchConfig.from_dict(data)
