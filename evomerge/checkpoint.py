@@ -252,6 +252,7 @@ class CheckpointWriter:
         model_card: str | None = None,
         max_shard_bytes: int = 2_000_000_000,
         overwrite: bool = False,
+        tokenizer: Any = None,
     ):
         self.out_dir = Path(out_dir).expanduser().absolute()
         if self.out_dir.exists():
@@ -266,6 +267,7 @@ class CheckpointWriter:
         self.config = dict(config)
         self.tokenizer_source = Path(tokenizer_source) if tokenizer_source is not None else None
         self.model_card = model_card
+        self.tokenizer = tokenizer  # a built tokenizer (save_pretrained) written instead of the source's files
         self.max_shard_bytes = max_shard_bytes
         self.overwrite = overwrite
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -343,9 +345,12 @@ class CheckpointWriter:
             config["dtype"] = dtype  # transformers >= 5 reads "dtype" first
         (self.tmp_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         if self.tokenizer_source is not None:
-            for file in ("generation_config.json", *TOKENIZER_FILES):
+            files = ("generation_config.json",) if self.tokenizer is not None else ("generation_config.json", *TOKENIZER_FILES)
+            for file in files:
                 if (self.tokenizer_source / file).is_file():
                     shutil.copy2(self.tokenizer_source / file, self.tmp_dir / file)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(str(self.tmp_dir))
         if self.model_card is not None:
             (self.tmp_dir / "README.md").write_text(self.model_card, encoding="utf-8")
 

@@ -129,6 +129,9 @@ class MergeSpace(_Strict):
     layer_groups: Union[int, Literal["full"]] = 1
     split_attn_mlp: bool = False
     random_seed: int = 0
+    # mergekit's tokenizer_source for every candidate: base, union or a name from models. Sources
+    # with different vocabularies are merged in the output vocabulary, built once per worker.
+    tokenizer_source: str | None = None
 
     @property
     def methods(self) -> list[str]:
@@ -399,6 +402,10 @@ class SearchConfig(_Strict, YamlConfig):
                 raise ValueError("fitness.objective: the dfs stage needs a single objective (objective: sum)")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype: expected one of {', '.join(DTYPES)}")
+        tok = self.merge.tokenizer_source
+        if tok is not None and tok not in ("base", "union") and tok not in self.models:
+            raise ValueError(f"merge.tokenizer_source: {tok!r} is not base, union or one of models "
+                             f"({', '.join(self.models)})")
         if self.fitness.kind == "consistency" and "dfs" in self.stages:
             raise ValueError("stages: the consistency fitness scores merge recipes (stage ps); "
                              "the dfs stage needs lm_eval tasks")
@@ -449,12 +456,19 @@ class SearchConfig(_Strict, YamlConfig):
     def base_ref(self) -> str | None:
         return self.resolve(self.base_model) if self.base_model else None
 
+    @property
+    def tokenizer_ref(self) -> str | None:
+        """``merge.tokenizer_source`` as a recipe writes it: base, union or the model's reference."""
+        tok = self.merge.tokenizer_source
+        return self.source_refs[tok] if tok in self.models else tok
+
     def search_relevant(self) -> dict[str, Any]:
         """The parts whose change makes an existing study's trials incomparable."""
         return {
             "base_model": self.base_ref,
             "models": self.source_refs,
-            "merge": self.merge.model_dump(mode="json"),
+            # a study made before tokenizer_source existed keeps its fingerprint
+            "merge": self.merge.model_dump(mode="json", exclude={"tokenizer_source"} if self.tokenizer_ref is None else None),
             "fitness": {**self.fitness.model_dump(mode="json", exclude={"batch_size"}), "include_path": self.include_paths},
             "sampler": self.sampler.model_dump(mode="json"),
             "seed": self.seed,
@@ -585,6 +599,10 @@ class SweepConfig(_Strict, YamlConfig):
                 raise ValueError(f"coefficients.{i}: sweeps the same knob as an earlier coefficient")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype: expected one of {', '.join(DTYPES)}")
+        tok = self.merge.tokenizer_source
+        if tok is not None and tok not in ("base", "union") and tok not in self.models:
+            raise ValueError(f"merge.tokenizer_source: {tok!r} is not base, union or one of models "
+                             f"({', '.join(self.models)})")
         return self
 
     # ----------------------------------------------------------------- derived

@@ -20,7 +20,10 @@ from torch import Tensor
 from evomerge.checkpoint import Checkpoint, CheckpointWriter
 from evomerge.errors import CheckpointError, ConfigError, MergeError
 from evomerge.methods import Method, run_method
-from evomerge.recipe import OutputSlice, Params, Recipe, SliceSource, evaluate
+from evomerge.recipe import OutputSlice, Params, Recipe, SliceSource, TokenSource, evaluate
+from evomerge.sources import open_model, parse_reference
+from evomerge.tokenizer import Vocabulary, build_vocabulary
+from evomerge.vocabulary import AlignedCheckpoint, Aligner
 
 log = logging.getLogger(__name__)
 
@@ -58,24 +61,93 @@ class MergePlan:
 
 
 # --------------------------------------------------------------------------- sources
-def resolve_reference(ref: str, relative_to: Path | None = None) -> str:
-    """A model reference as written in a recipe: a folder (relative to the CWD, or else to the
-    recipe's folder) or a hub id."""
-    if Path(ref).expanduser().exists():
-        return str(Path(ref).expanduser())
-    if relative_to is not None and (relative_to / ref).exists():
-        return str(relative_to / ref)
-    return ref
-
-
 def open_sources(recipe: Recipe, relative_to: Path | None = None) -> dict[str, Checkpoint]:
-    """Open every model the recipe references (lazily: configs and tensor indexes only)."""
-    sources = {ref: Checkpoint.open(resolve_reference(ref, relative_to)) for ref in recipe.referenced_models()}
+    """Open every model the recipe references (lazily: configs and tensor indexes only; a
+    ``model+lora`` reference is built in memory). References are parsed first, so a malformed one
+    fails before any model is read."""
+    refs = recipe.referenced_models()
+    for ref in refs:
+        parse_reference(ref, relative_to)
+    sources: dict[str, Checkpoint] = {}
+    try:
+        for ref in refs:
+            sources[ref] = open_model(ref, relative_to)
+    except BaseException:
+        for ck in sources.values():
+            ck.close()
+        raise
     arches = {ck.arch.name for ck in sources.values()}
     if len(arches) > 1:
         desc = ", ".join(f"{ref} ({ck.arch.name})" for ref, ck in sources.items())
         raise CheckpointError(f"models have different architectures: {desc}")
     return sources
+
+
+# --------------------------------------------------------------------------- vocabularies
+def vocabulary_rows(ck: Checkpoint) -> int:
+    """How many tokens a model has rows for: config.json's vocab_size, else its embedding rows."""
+    for cfg in (ck.config, ck.config.get("text_config") or {}):
+        n = cfg.get("vocab_size") if isinstance(cfg, dict) else None
+        if isinstance(n, int) and not isinstance(n, bool) and n > 0:
+            return n
+    embed = next((s for s in ck.arch.pre_weights if s.is_embed), None)
+    if embed is None:
+        raise CheckpointError(f"{ck.path}: no vocab_size in config.json and no embedding tensor")
+    return ck.shape(embed.name)[0]
+
+
+def recipe_vocabulary(recipe: Recipe, sources: Mapping[str, Checkpoint]) -> Vocabulary | None:
+    """The output tokenizer the recipe asks for (``tokenizer_source`` or ``tokenizer``), with every
+    model's row mapping; None when the recipe just copies the base's tokenizer."""
+    source = recipe.vocabulary_source
+    if source is None:
+        return None
+    models = recipe.referenced_models()
+    block = recipe.tokenizer
+    return build_vocabulary(source, recipe.base_model or models[0], models,
+                            {m: sources[m].path for m in models}, {m: vocabulary_rows(sources[m]) for m in models},
+                            add_tokens=list((block.tokens or {}) if block else ()),
+                            pad_to_multiple_of=block.pad_to_multiple_of if block else None)
+
+
+def aligned_sources(sources: Mapping[str, Any], vocab: Vocabulary, *, groups: Callable[[str], list[str]],
+                    base: str | None, tokens: Mapping[str, TokenSource] | None = None,
+                    dtype: str | None = None) -> dict[str, Any]:
+    """``sources`` with their vocabulary tensors moved into ``vocab`` (see :mod:`evomerge.vocabulary`):
+    ``groups(name)`` gives the models merged into tensor ``name``, whose rows set the defaults;
+    ``base`` the base model, ``tokens`` the recipe's ``tokenizer.tokens``, ``dtype`` the recipe's."""
+    first = next(iter(sources.values()))
+    names = [s.name for s in (*first.arch.pre_weights, *first.arch.post_weights) if s.is_embed]
+    aligner = Aligner(vocab, sources, names=names, group=groups, base=base, tokens=tokens,
+                      dtype=TORCH_DTYPES[dtype] if dtype else None)
+    return {ref: AlignedCheckpoint(ck, ref, aligner) for ref, ck in sources.items()}
+
+
+def task_groups(plan: MergePlan) -> dict[str, list[str]]:
+    """The models merged into each vocabulary tensor of ``plan``."""
+    return {t.out_name: [r[0] for r in ([t.base] if t.base else []) + list(t.inputs)]
+            for t in plan.tasks if t.is_embed}
+
+
+def prepare(recipe: Recipe, relative_to: Path | None = None) -> tuple[MergePlan, dict[str, Any], Vocabulary | None]:
+    """Open the sources, plan the merge and, when the recipe builds a vocabulary, move every
+    model's vocabulary rows into it. The caller closes the returned sources."""
+    sources = open_sources(recipe, relative_to)
+    try:
+        plan = plan_merge(recipe, sources)
+        vocab = recipe_vocabulary(recipe, sources)
+        if vocab is None:
+            return plan, dict(sources), None
+        groups = task_groups(plan)
+        plan.config["vocab_size"] = vocab.size
+        aligned = aligned_sources(sources, vocab, groups=lambda name: groups.get(name, list(sources)),
+                                  base=recipe.base_model, tokens=recipe.tokenizer.tokens if recipe.tokenizer else None,
+                                  dtype=recipe.dtype)
+        return plan, aligned, vocab
+    except BaseException:
+        for ck in sources.values():
+            ck.close()
+        raise
 
 
 # --------------------------------------------------------------------------- planning
@@ -210,9 +282,9 @@ def plan_merge(recipe: Recipe, sources: Mapping[str, Checkpoint]) -> MergePlan:
     else:  # keep the stored dtype of the models
         ref = tasks[0].base or tasks[0].inputs[0]
         out_dtype = sources[ref[0]].dtype(ref[1])
-    tok = recipe.tokenizer_source
-    if tok in (None, "base"):
-        tok = recipe.base_model or s0.sources[0].model
+    tok = recipe.vocabulary_source
+    if tok in (None, "base", "union"):
+        tok = recipe.base_model or recipe.referenced_models()[0]
     elif tok not in sources:
         raise ConfigError(f"tokenizer_source: {tok!r} is not one of the recipe's models")
     return MergePlan(recipe, method, tasks, out_layer, config, tok, out_dtype)
@@ -311,12 +383,12 @@ def merge_to_dir(recipe: Recipe, out_dir: str | Path, *, device: str = "cpu", se
     dev = resolve_device(device)
     if seed is not None:
         recipe = recipe.model_copy(update={"random_seed": seed})
-    sources = open_sources(recipe, relative_to)
+    plan, sources, vocab = prepare(recipe, relative_to)
     try:
-        plan = plan_merge(recipe, sources)
         tok_path = sources[plan.tokenizer_source].path
         with CheckpointWriter(out_dir, config=plan.config, tokenizer_source=tok_path,
-                              model_card=model_card(recipe), overwrite=overwrite) as writer:
+                              model_card=model_card(recipe), overwrite=overwrite,
+                              tokenizer=vocab.tokenizer if vocab is not None else None) as writer:
             for i, (name, tensor) in enumerate(iter_merged(plan, sources, device=dev)):
                 writer.add(name, tensor.cpu())
                 if progress:
@@ -329,9 +401,8 @@ def merge_to_dir(recipe: Recipe, out_dir: str | Path, *, device: str = "cpu", se
 
 def merge_in_memory(recipe: Recipe, *, device: str = "cpu", relative_to: Path | None = None) -> dict[str, Tensor]:
     """The merged state dict (tests, small models)."""
-    sources = open_sources(recipe, relative_to)
+    plan, sources, _ = prepare(recipe, relative_to)
     try:
-        plan = plan_merge(recipe, sources)
         return dict(iter_merged(plan, sources, device=resolve_device(device)))
     finally:
         for ck in sources.values():

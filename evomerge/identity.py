@@ -71,6 +71,22 @@ def map_refs(recipe: dict[str, Any], fn: Callable[[str], str]) -> dict[str, Any]
         out["slices"] = slices
     if isinstance(out.get("tokenizer_source"), str) and out["tokenizer_source"] not in ("base", "union"):
         out["tokenizer_source"] = fn(out["tokenizer_source"])
+    block = out.get("tokenizer")
+    if isinstance(block, dict):
+        block = dict(block)
+        if isinstance(block.get("source"), str) and block["source"] not in ("base", "union"):
+            block["source"] = fn(block["source"])
+        tokens = {}
+        for token, spec in (block.get("tokens") or {}).items():
+            src = spec.get("source") if isinstance(spec, dict) else None
+            if isinstance(src, str):
+                spec = {**spec, "source": fn(src)}
+            elif isinstance(src, dict) and isinstance(src.get("model"), str):
+                spec = {**spec, "source": {**src, "model": fn(src["model"])}}
+            tokens[token] = spec
+        if block.get("tokens"):
+            block["tokens"] = tokens
+        out["tokenizer"] = block
     return out
 
 

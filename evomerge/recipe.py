@@ -2,8 +2,10 @@
 
 Supported keys: ``merge_method``, ``models`` (each ``model`` + ``parameters``), ``base_model``,
 ``parameters`` (global), ``slices`` (``sources`` with ``model``/``layer_range``/``parameters``,
-optional per-slice ``base_model``/``parameters``), ``dtype``, ``out_dtype``, ``tokenizer_source``,
-and evomerge's ``random_seed`` (seeds DARE/DELLA masks; mergekit ignores it).
+optional per-slice ``base_model``/``parameters``), ``dtype``, ``out_dtype``, ``tokenizer_source``
+(``base``, ``union`` or a model) or the ``tokenizer`` block (see :class:`TokenizerBlock`), and
+evomerge's ``random_seed`` (seeds DARE/DELLA masks; mergekit ignores it). A model is written as
+mergekit writes it: ``model[@revision][+lora]`` (see :mod:`evomerge.sources`).
 
 A parameter value is a scalar, a *gradient* (a list of numbers interpolated across the layers of
 a slice, as mergekit does), or a list of ``{filter, value}`` entries: the first entry whose
@@ -15,7 +17,7 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
-from typing import Any, Iterator, Union
+from typing import Annotated, Any, Iterator, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -69,6 +71,43 @@ class OutputSlice(_Strict):
     parameters: Params | None = None
 
 
+class ZeroToken(_Strict):
+    kind: Literal["zero"]
+
+
+class ModelToken(_Strict):
+    """The row of one token (``token``, or ``token_id``) of one model's own vocabulary."""
+
+    kind: Literal["model_token"]
+    model: str
+    token: str | None = None
+    token_id: int | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _one(self) -> "ModelToken":
+        if (self.token is None) == (self.token_id is None):
+            raise ValueError("give exactly one of token or token_id")
+        return self
+
+
+class TokenSource(_Strict):
+    """Where one output token's embedding and head rows come from (mergekit's semantics)."""
+
+    # a model (its row of the same token), {kind: zero} or {kind: model_token, model, token | token_id}
+    source: Union[Annotated[Union[ZeroToken, ModelToken], Field(discriminator="kind")], str, None] = None
+    force: bool = False  # use ``source`` even for models that have the token
+
+    def model(self) -> str | None:
+        return self.source.model if isinstance(self.source, ModelToken) else (
+            self.source if isinstance(self.source, str) else None)
+
+
+class TokenizerBlock(_Strict):
+    source: str = "union"  # base, union or a model
+    tokens: dict[str, TokenSource] | None = None
+    pad_to_multiple_of: int | None = Field(None, ge=1)
+
+
 class Recipe(_Strict):
     merge_method: str
     models: list[ModelEntry] | None = None
@@ -78,6 +117,7 @@ class Recipe(_Strict):
     dtype: str | None = None
     out_dtype: str | None = None
     tokenizer_source: str | None = None
+    tokenizer: TokenizerBlock | None = None
     random_seed: int | None = None
 
     # ----------------------------------------------------------------- validation
@@ -90,11 +130,7 @@ class Recipe(_Strict):
             value = getattr(self, key)
             if value is not None and value not in DTYPES:
                 raise ValueError(f"{key}: expected one of {', '.join(DTYPES)}, got {value!r}")
-        if self.tokenizer_source == "union":
-            raise ValueError("tokenizer_source: 'union' is not supported; use 'base' or a model")
-        for ref in self.referenced_models():
-            if "+" in ref:
-                raise ValueError(f"model {ref!r}: LoRA references (model+lora) are not supported")
+        self._check_tokenizer()
         if method.base == "required":
             if self.models and not self.base_model:
                 raise ValueError(f"base_model: merge_method {method.name} needs a base model")
@@ -108,6 +144,27 @@ class Recipe(_Strict):
             _check_params(method, where, params)
         self._check_counts(method)
         return self
+
+    def _check_tokenizer(self) -> None:
+        if self.tokenizer_source is not None and self.tokenizer is not None:
+            raise ValueError("tokenizer: give either tokenizer_source or a tokenizer block, not both")
+        refs = self.referenced_models()
+        src, where = ((self.tokenizer.source, "tokenizer.source") if self.tokenizer
+                      else (self.tokenizer_source, "tokenizer_source"))
+        if src not in (None, "base", "union") and src not in refs:
+            raise ValueError(f"{where}: {src!r} is not one of the recipe's models (expected base, union or one "
+                             f"of: {', '.join(refs)})")
+        for token, spec in ((self.tokenizer.tokens or {}) if self.tokenizer else {}).items():
+            model = spec.model()
+            if model is not None and model not in refs:
+                raise ValueError(f"tokenizer.tokens.{token}.source: {model!r} is not one of the recipe's models "
+                                 f"(expected one of: {', '.join(refs)})")
+
+    @property
+    def vocabulary_source(self) -> str | None:
+        """``base``, ``union`` or a model when the recipe builds its vocabulary (mergekit's
+        ``tokenizer_source``/``tokenizer``); None when it copies the base's tokenizer as is."""
+        return self.tokenizer.source if self.tokenizer is not None else self.tokenizer_source
 
     def _param_blocks(self) -> Iterator[tuple[str, Params]]:
         if self.parameters:

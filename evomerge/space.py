@@ -105,6 +105,8 @@ class Space:
             data["parameters"] = global_params
         if method.stochastic:
             data["random_seed"] = cfg.merge.random_seed
+        if cfg.tokenizer_ref is not None:
+            data["tokenizer_source"] = cfg.tokenizer_ref
         return Recipe.from_dict(data, "decoded recipe")
 
     def _value(self, params: dict[str, float], knob: str, model: str | None) -> Any:
@@ -136,13 +138,24 @@ class Space:
             "merge_method": "linear",
             "models": [{"model": r, "parameters": {"weight": 1.0}} for r in refs.values()],
             "dtype": self.config.dtype,
+            **self._tokenizer(),
         }, "uniform recipe")
 
     def parent_recipe(self, name: str) -> Recipe:
         """One source model as it is."""
         ref = self.config.source_refs[name]
         return Recipe.from_dict({"merge_method": "linear", "models": [{"model": ref, "parameters": {"weight": 1.0}}],
-                                 "dtype": self.config.dtype}, "parent recipe")
+                                 "dtype": self.config.dtype, **self._tokenizer(name)}, "parent recipe")
+
+    def _tokenizer(self, parent: str | None = None) -> dict[str, str]:
+        """The baselines' tokenizer_source: the config's; a parent whose recipe does not hold the
+        config's tokenizer model uses ``union`` (its own vocabulary)."""
+        tok = self.config.tokenizer_ref
+        if tok is None:
+            return {}
+        if parent is not None and tok not in ("base", "union") and tok != self.config.source_refs[parent]:
+            return {"tokenizer_source": "union"}
+        return {"tokenizer_source": tok}
 
 
 def group_name(layers: tuple[int, ...], num_layers: int, n_groups: int) -> str:

@@ -17,6 +17,7 @@ import optuna
 from evomerge.config import SearchConfig
 from evomerge.errors import ConfigError
 from evomerge.identity import local_ref, map_refs, portable_ref
+from evomerge.methods import get_method
 from evomerge.study import (ATTR_DFS_HOST, ATTR_DFS_REFS, ATTR_DFS_SOURCES, ATTR_PATH, ATTR_PS_TRIAL, ATTR_RECIPE,
                             ATTR_SPACE, storage_for, trial_fitness)
 
@@ -78,8 +79,10 @@ class PsStage:
         from evomerge.workspace import Workspace
 
         refs = list(self.config.source_refs.values()) + ([self.config.base_ref] if self.config.base_ref else [])
+        uses_base = any(get_method(m).base != "unused" for m in self.config.merge.methods)
         self.workspace = Workspace(refs, template=self.template, device=self.config.device,
-                                   dtype=TORCH_DTYPES[self.config.dtype])
+                                   dtype=TORCH_DTYPES[self.config.dtype], tokenizer_source=self.config.tokenizer_ref,
+                                   base=self.config.base_ref if uses_base else None)
 
     def prepare_study(self, study: optuna.Study) -> None:
         study.set_user_attr(ATTR_SPACE, {k: list(v) for k, v in self.bounds().items()})
@@ -121,10 +124,12 @@ def check_sources(config: SearchConfig) -> None:
     local = {field: ref for field, ref in refs.items() if Path(ref).is_dir()}
     shapes: dict[str, dict[str, tuple[int, ...]]] = {}
     layers: dict[str, int] = {}
+    vocab_tensors: set[str] = set()
     for field, ref in local.items():
         with Checkpoint.open(ref) as ck:
             shapes[field] = {t: tuple(ck.shape(t)) for t in ck.tensor_names()}
             layers[field] = ck.num_layers
+            vocab_tensors |= {s.name for s in (*ck.arch.pre_weights, *ck.arch.post_weights) if s.is_embed}
     if not shapes:
         return
     first = next(iter(shapes))
@@ -134,6 +139,8 @@ def check_sources(config: SearchConfig) -> None:
                               f"{layers[first]}; the merge's models need the same layers")
         for tensor, shape in shapes[field].items():
             other = shapes[first].get(tensor)
+            if config.merge.tokenizer_source is not None and tensor in vocab_tensors:
+                continue  # rows are moved into the output vocabulary; checked when it is built
             if other is not None and other != shape:
                 raise ConfigError(f"{field}: {local[field]} has {tensor} of shape {list(shape)} but {first} has "
                                   f"{list(other)}; the merge's models need the same shapes")

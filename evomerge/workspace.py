@@ -45,16 +45,20 @@ from evomerge.engine import (
     TensorTask,
     _as_slices,
     _resolve_params,
+    aligned_sources,
     all_finite,
     plan_merge,
     resolve_device,
     tensor_seed,
+    vocabulary_rows,
 )
 from evomerge.errors import CheckpointError, MergeError
 from evomerge.methods import Method
 from evomerge.methods.steps import Cache
 from evomerge.planner import Item, MemoryPlan, make_plan
 from evomerge.recipe import Recipe
+from evomerge.sources import open_model
+from evomerge.tokenizer import Vocabulary, build_vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +77,8 @@ class Workspace:
     def __init__(self, refs: list[str], *, template: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
                  compute_dtype: torch.dtype = torch.float32, memory_limit: int | None = None,
                  host_memory_limit: int | None = None, chunk_elems: int | None = None,
-                 fused: bool | None = None, verbose: bool = False, model: Any = None):
+                 fused: bool | None = None, verbose: bool = False, model: Any = None,
+                 tokenizer_source: str | None = None, base: str | None = None):
         """``refs``: every model a candidate may read; ``template``: the model whose config,
         architecture and tokenizer the live instance takes.
 
@@ -83,23 +88,39 @@ class Workspace:
         intermediates stay in cache). ``fused``: use the fused CUDA kernels (default: on CUDA when
         Triton is importable). ``verbose``: print the memory plan when it changes.
         ``model``: an already built live model to use instead of loading the template's weights.
+        ``tokenizer_source``: ``base``, ``union`` or one of ``refs`` (mergekit's): the output
+        vocabulary is built once, here, from ``refs`` in order, every source's vocabulary rows are
+        moved into it (the defaults for missing tokens from all sources, ``base`` preferred) and the
+        live model and tokenizer take it; candidates must then name the same ``tokenizer_source``.
         """
         self.device = resolve_device(device)
         self.dtype = dtype
         self.compute_dtype = compute_dtype
-        self.sources = {ref: _CachedCheckpoint(Checkpoint.open(ref)) for ref in dict.fromkeys([template, *refs])}
-        arches = {ck.arch.name for ck in self.sources.values()}
+        opened = {ref: open_model(ref) for ref in dict.fromkeys([template, *refs])}
+        arches = {ck.arch.name for ck in opened.values()}
         if len(arches) > 1:
             raise CheckpointError(f"models have different architectures: {', '.join(sorted(arches))}")
+        self.vocabulary: Vocabulary | None = None
+        if tokenizer_source is not None:
+            order = list(dict.fromkeys([*refs, template]))
+            self.vocabulary = build_vocabulary(tokenizer_source, base or order[0], order,
+                                               {r: opened[r].path for r in order},
+                                               {r: vocabulary_rows(opened[r]) for r in order})
+            opened = aligned_sources(opened, self.vocabulary, groups=lambda name: order, base=base)
+        self.sources = {ref: _CachedCheckpoint(ck) for ref, ck in opened.items()}
         tpl = self.sources[template]
         if model is None:
             from transformers import AutoModelForCausalLM
 
             model = AutoModelForCausalLM.from_pretrained(tpl.path, dtype=dtype)
+        if self.vocabulary is not None:
+            model.resize_token_embeddings(self.vocabulary.size, mean_resizing=False)
         self.model = model.to(self.device).eval()
         self.model.requires_grad_(False)
         self._template_path = tpl.path
-        self._tokenizer: Any = None
+        self._tokenizer: Any = self.vocabulary.tokenizer if self.vocabulary is not None else None
+        if self._tokenizer is not None and self._tokenizer.pad_token is None:
+            self._tokenizer.pad_token = self._tokenizer.eos_token
         self.num_layers = tpl.num_layers
         self.arch = tpl.arch
         self.params = _checkpoint_targets(self.model, tpl.arch, self.num_layers)

@@ -73,7 +73,7 @@ BAD = [
     ("epsilon", "merge_method: della\nbase_model: {base}\nmodels: [{{model: {a}, parameters: {{weight: 1, density: 0.2, epsilon: 0.3}}}}]\n", "keep probabilities outside (0, 1)"),
     ("layer range", "merge_method: passthrough\nslices: [{{sources: [{{model: {a}, layer_range: [0, 5]}}]}}]\n", "layer_range: [0, 5] is out of bounds"),
     ("missing model", "merge_method: linear\nmodels: [{{model: {a}, parameters: {{weight: 1}}}}, {{model: /no/such/model, parameters: {{weight: 1}}}}]\n", "/no/such/model"),
-    ("bin weights", "merge_method: linear\nmodels: [{{model: {a}, parameters: {{weight: 1}}}}, {{model: {binonly}, parameters: {{weight: 1}}}}]\n", "safetensors"),
+    ("bin weights", "merge_method: linear\nmodels: [{{model: {a}, parameters: {{weight: 1}}}}, {{model: {binonly}, parameters: {{weight: 1}}}}]\n", "set EVOMERGE_ALLOW_PICKLE=1"),
     ("shapes", "merge_method: linear\nmodels: [{{model: {a}, parameters: {{weight: 1}}}}, {{model: {wide}, parameters: {{weight: 1}}}}]\n", "tensor shapes differ"),
     ("missing weight", "merge_method: linear\nmodels: [{{model: {a}}}, {{model: {b}, parameters: {{weight: 1}}}}]\n", "weight: required by linear"),
     ("typo", "merge_method: ties\nbase_model: {base}\nmodels: [{{model: {a}, parameters: {{weight: 1, densty: 0.5}}}}]\n", "densty: not a parameter of ties"),
@@ -82,8 +82,10 @@ BAD = [
     ("slerp count", "merge_method: slerp\nbase_model: {base}\nmodels: [{{model: {a}}}, {{model: {b}}}]\nparameters: {{t: 0.5}}\n", "slerp takes 1 model(s) besides the base model, got 2"),
     ("yaml", "merge_method: [linear\n", "not valid YAML"),
     ("dtype", "merge_method: linear\nmodels: [{{model: {a}, parameters: {{weight: 1}}}}]\ndtype: float8\n", "dtype: expected one of"),
-    ("lora", "merge_method: linear\nmodels: [{{model: '{a}+some/lora', parameters: {{weight: 1}}}}]\n", "LoRA references"),
-    ("union", "merge_method: linear\nmodels: [{{model: {a}, parameters: {{weight: 1}}}}]\ntokenizer_source: union\n", "tokenizer_source: 'union' is not supported"),
+    ("lora", "merge_method: linear\nmodels: [{{model: '{a}+some/lora', parameters: {{weight: 1}}}}]\n", "some/lora: not a local folder and could not be fetched"),
+    ("lora not adapter", "merge_method: linear\nmodels: [{{model: '{a}+{b}', parameters: {{weight: 1}}}}]\n", "not a PEFT adapter"),
+    ("tokenizer source", "merge_method: linear\nmodels: [{{model: {a}, parameters: {{weight: 1}}}}]\ntokenizer_source: other\n", "tokenizer_source: 'other' is not one of the recipe's models"),
+    ("two revisions", "merge_method: linear\nmodels: [{{model: 'org/m@a@b', parameters: {{weight: 1}}}}]\n", "more than one '@'"),
 ]
 
 
