@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -11,6 +12,7 @@ from typing import Any, Callable
 import click
 
 from evomerge import __version__
+from evomerge.cli_mergekit import mergekit_yaml_options, settings
 from evomerge.errors import EvomergeError
 
 log = logging.getLogger("evomerge")
@@ -21,9 +23,31 @@ def _setup_logging(verbose: bool) -> None:
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(message)s" if not verbose else "%(asctime)s %(name)s %(levelname)s: %(message)s",
         stream=sys.stderr,
+        force=True,  # -v after the subcommand reconfigures what the group set up
     )
     for noisy in ("lm_eval", "lm-eval", "transformers", "datasets", "urllib3", "filelock", "httpx"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.ERROR)
+    if verbose:  # lm-eval's own switch: its logs and bars show, here and in Ray workers (they inherit it)
+        os.environ["LMEVAL_LOG_LEVEL"] = "DEBUG"
+
+
+def _verbose_flag(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value:
+        _setup_logging(True)
+
+
+class _Group(click.Group):
+    """Every subcommand also takes ``-v`` (so ``evomerge search x.yml -v`` works as ``evomerge -v search``)."""
+
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        cmd.params.append(click.Option(["-v", "--verbose"], is_flag=True, expose_value=False,
+                                       callback=_verbose_flag, help="Debug logging, including lm-eval's."))
+        super().add_command(cmd, name)
+
+
+def _example(*lines: str) -> str:
+    """A help epilog with example command lines (kept as written: click does not rewrap them)."""
+    return "\b\nExamples:\n" + "\n".join(f"  {line}" for line in lines)
 
 
 def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -52,7 +76,7 @@ def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="evomerge")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging (including lm-eval and transformers).")
 def main(verbose: bool) -> None:
@@ -60,32 +84,45 @@ def main(verbose: bool) -> None:
     _setup_logging(verbose)
 
 
-@main.command()
+@main.command(epilog=_example("evomerge merge recipe.yml merged/ --cuda --out-shard-size 2B"))
 @click.argument("recipe", type=click.Path(path_type=Path))
 @click.argument("out_dir", type=click.Path(path_type=Path))
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
-@click.option("--seed", type=int, default=None, help="Override the recipe's random_seed (DARE/DELLA masks).")
+@click.option("--device", default=None, help="cpu, cuda, cuda:N or auto (default: cpu, or cuda with --cuda).")
+@click.option("--seed", type=int, default=None, help="Same as --random-seed.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists.")
+@mergekit_yaml_options
 @friendly_errors
-def merge(recipe: Path, out_dir: Path, device: str, seed: int | None, overwrite: bool) -> None:
-    """Build the model described by a mergekit-style RECIPE into OUT_DIR."""
+def merge(recipe: Path, out_dir: Path, device: str | None, seed: int | None, overwrite: bool, **mk: Any) -> None:
+    """Build the model described by a mergekit RECIPE into OUT_DIR (mergekit-yaml's options work;
+    those that change nothing here say why)."""
     from tqdm import tqdm
 
     from evomerge.engine import merge_to_dir
+    from evomerge.files import read_text
     from evomerge.recipe import Recipe
 
+    opts = settings(device, seed, **mk)
+    for note in opts.notes:
+        click.echo(f"note: {note}", err=True)
     parsed = Recipe.from_yaml(recipe)
+    if opts.num_threads is not None:
+        import torch
+
+        torch.set_num_threads(opts.num_threads)
     bar: tqdm | None = None
 
     def progress(done: int, total: int, name: str) -> None:
         nonlocal bar
         if bar is None:
-            bar = tqdm(total=total, unit="tensor", desc="merging", disable=None, leave=False)
+            bar = tqdm(total=total, unit="tensor", desc="merging", disable=None if not opts.quiet else True,
+                       leave=False)
         bar.update(1)
 
     try:
-        path = merge_to_dir(parsed, out_dir, device=device, seed=seed, relative_to=recipe.parent,
-                            overwrite=overwrite, progress=progress)
+        path = merge_to_dir(parsed, out_dir, device=opts.device, seed=opts.seed, relative_to=recipe.parent,
+                            overwrite=overwrite, progress=progress, recipe_yaml=read_text(recipe, "recipe"),
+                            copy_tokenizer=opts.copy_tokenizer, write_card=opts.write_card,
+                            max_shard_bytes=opts.max_shard_bytes, allow_crimes=opts.allow_crimes)
     finally:
         if bar is not None:
             bar.close()
