@@ -298,7 +298,7 @@ class CheckpointWriter:
             if not self.out_dir.is_dir():
                 raise CheckpointError(f"{self.out_dir}: output path exists and is not a folder")
             if not overwrite and any(self.out_dir.iterdir()):
-                raise CheckpointError(f"{self.out_dir}: output folder is not empty (pass overwrite to replace it)")
+                raise CheckpointError(f"{self.out_dir}: output folder is not empty (--overwrite replaces it)")
         if tokenizer_source is not None and not Path(tokenizer_source).is_dir():
             raise CheckpointError(f"{tokenizer_source}: tokenizer source folder does not exist")
         self.config = dict(config)
@@ -400,7 +400,7 @@ class CheckpointWriter:
         aside: Path | None = None
         if self.out_dir.exists():
             if any(self.out_dir.iterdir()) and not self.overwrite:  # someone wrote there meanwhile
-                raise CheckpointError(f"{self.out_dir}: output folder is not empty (pass overwrite to replace it)")
+                raise CheckpointError(f"{self.out_dir}: output folder is not empty (--overwrite replaces it)")
             aside = self._sibling("old")
             os.replace(self.out_dir, aside)
         try:

@@ -137,12 +137,13 @@ def _trial_line(r) -> str:
     return f"trial {r.number:>4}  {r.fitness:.4f}  {r.seconds:6.1f}s  {best}{tag}  {r.summary}".rstrip()
 
 
-@main.command()
+@main.command(epilog=_example("evomerge search configs/demo.yml --trials 50", "evomerge search configs/ja_math.yml --dry-run", "evomerge search evolve.yml   # a mergekit-evolve config"))
 @click.argument("config", type=click.Path(path_type=Path))
 @click.option("--trials", type=int, default=None, help="Run until this many trials count (default: budget.trials).")
 @click.option("--fresh", is_flag=True, help="Delete the existing study of this name and start over.")
 @click.option("--fork", is_flag=True, help="If the config changed, start a new study beside the old one.")
-@click.option("--storage", default=None, help="Optuna storage URL (default sqlite:///runs/<study>.db).")
+@click.option("--storage", default=None, help="Optuna storage URL (default: sqlite:///runs/<study>.db in CONFIG's "
+              "folder; a relative sqlite:/// path here is relative to the current folder).")
 @click.option("--study", "study_name", default=None, help="Override the config's study name.")
 @click.option("--device", default=None, help="Override the config's device.")
 @click.option("--stage", "stage", type=click.Choice(["ps", "dfs"]), default=None,
@@ -169,7 +170,7 @@ def search(config: Path, trials: int | None, fresh: bool, fork: bool, storage: s
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    cfg = SearchConfig.load(config, storage=storage, study=study_name, device=device, workers=workers,
+    cfg = SearchConfig.load(config, storage=_storage_url(storage), study=study_name, device=device, workers=workers,
                             ray_address=ray_address)
     if trial_timeout is not None:
         cfg = cfg.model_copy(update={"budget": cfg.budget.model_copy(update={"timeout_s": trial_timeout})})
@@ -223,15 +224,28 @@ def search(config: Path, trials: int | None, fresh: bool, fork: bool, storage: s
 
 
 def _study_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    fn = click.option("--storage", default=None, help="Storage URL (default sqlite:///runs/<study>.db).")(fn)
+    fn = click.option("--storage", default=None, help="Storage URL, as `evomerge search` printed it (default "
+                      "sqlite:///runs/<study>.db; a relative sqlite:/// path is relative to the current folder).")(fn)
     fn = click.option("--study", "study_name", required=True, help="Study name.")(fn)
     return fn
+
+
+def _storage_url(storage: str | None) -> str | None:
+    """A ``--storage`` given on the command line: a relative SQLite path is relative to the current
+    folder, in every subcommand (a ``storage:`` inside a config file is relative to that file's folder)."""
+    if storage and storage.startswith("sqlite:///") and not storage.startswith("sqlite:////"):
+        return f"sqlite:///{Path(storage.removeprefix('sqlite:///')).resolve()}"
+    return storage
+
+
+def _study_url(study_name: str, storage: str | None) -> str:
+    return _storage_url(storage) or f"sqlite:///{Path('runs', study_name + '.db').resolve()}"
 
 
 def _load_study(study_name: str, storage: str | None):
     from evomerge.study import load_existing_study
 
-    url = storage or f"sqlite:///{Path('runs', study_name + '.db').resolve()}"
+    url = _study_url(study_name, storage)
     if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
         from evomerge.errors import ConfigError
 
@@ -239,15 +253,16 @@ def _load_study(study_name: str, storage: str | None):
     return load_existing_study(study_name, url)
 
 
-@main.command()
+@main.command(epilog=_example("evomerge export --study my-study --storage sqlite:///runs/my-study.db -o best.yml --merge merged/"))
 @_study_options
 @click.option("--trial", "number", type=int, default=None, help="Trial number (default: the best).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("best.yml"), show_default=True)
 @click.option("--merge", "merge_dir", type=click.Path(path_type=Path), default=None, help="Also build the model here.")
+@click.option("--overwrite", is_flag=True, help="Replace the --merge folder if it exists.")
 @click.option("--device", default="cpu", show_default=True)
 @friendly_errors
 def export(study_name: str, storage: str | None, number: int | None, output: Path, merge_dir: Path | None,
-           device: str) -> None:
+           overwrite: bool, device: str) -> None:
     """Write a trial's recipe as mergekit YAML (and optionally build it)."""
     from evomerge.export import baseline_note, build_trial_model, export_recipe
 
@@ -256,11 +271,11 @@ def export(study_name: str, storage: str | None, number: int | None, output: Pat
     note = baseline_note(study, trial)
     click.echo(f"wrote {path} (trial {trial.number}" + (f"; {note})" if note else ")"))
     if merge_dir is not None:
-        build_trial_model(study, trial, recipe, merge_dir, device=device)
+        build_trial_model(study, trial, recipe, merge_dir, device=device, overwrite=overwrite)
         click.echo(f"wrote {merge_dir}")
 
 
-@main.command()
+@main.command(epilog=_example("evomerge status --study my-study --storage sqlite:///runs/my-study.db --top 5"))
 @_study_options
 @click.option("--top", type=int, default=10, show_default=True)
 @friendly_errors
@@ -287,9 +302,9 @@ def status(study_name: str, storage: str | None, top: int) -> None:
     Console().print(table)
 
 
-@main.command()
+@main.command(epilog=_example("evomerge report --study my-study --storage sqlite:///runs/my-study.db -o reports/my-study"))
 @_study_options
-@click.option("-o", "--out", type=click.Path(path_type=Path), default=None,
+@click.option("-o", "--output", "--out", "out", type=click.Path(path_type=Path), default=None,
               help="Output folder (default reports/<study>/).")
 @friendly_errors
 def report(study_name: str, storage: str | None, out: Path | None) -> None:
@@ -298,7 +313,7 @@ def report(study_name: str, storage: str | None, out: Path | None) -> None:
     from evomerge.report import write_report
 
     study = _load_study(study_name, storage)
-    result = write_report(study, out or Path("reports", study_name))
+    result = write_report(study, out or Path("reports", study_name), storage=_study_url(study_name, storage))
     for path in result.files:
         click.echo(f"wrote {path}")
     for reason in result.skipped:
@@ -306,14 +321,14 @@ def report(study_name: str, storage: str | None, out: Path | None) -> None:
     click.echo(f"wrote {result.markdown}")
 
 
-@main.command()
+@main.command(epilog=_example("evomerge sweep configs/sweep_example.yml -o runs/sweep"))
 @click.argument("config", type=click.Path(path_type=Path))
 @click.option("--metric", type=click.Choice(["exact", "embedding"]), default=None,
               help="Re-score with this metric (cached generations are reused).")
 @click.option("--aggregate", type=click.Choice(["all", "mean"]), default=None,
               help="all: count prompts unlike every neighbour (AdaMMS); mean: average over neighbours.")
 @click.option("--smoothing", type=int, default=None, help="Moving-average half-width (0: none).")
-@click.option("-o", "--out", type=click.Path(path_type=Path), default=None,
+@click.option("-o", "--output", "--out", "out", type=click.Path(path_type=Path), default=None,
               help="Output folder (default runs/<sweep>/ next to CONFIG).")
 @click.option("--device", default=None, help="Override the config's device.")
 @friendly_errors
@@ -361,8 +376,8 @@ def sweep(config: Path, metric: str | None, aggregate: str | None, smoothing: in
     click.echo(f"generated {res.generated} of {total} points; wrote " + ", ".join(str(p) for p in res.files.values()))
 
 
-@main.command()
-@click.option("--out", type=click.Path(path_type=Path), default=Path("demo_out"), show_default=True,
+@main.command(epilog=_example("evomerge demo -o demo_out --trials 20"))
+@click.option("-o", "--output", "--out", "out", type=click.Path(path_type=Path), default=Path("demo_out"), show_default=True,
               help="Folder for the world, the study and the results.")
 @click.option("--trials", type=int, default=None, help="Search budget (default: configs/demo.yml's).")
 @click.option("--sampler", type=click.Choice(["cmaes", "tpe", "random", "qmc"]), default=None)

@@ -112,7 +112,11 @@ def storage_for(url: str) -> optuna.storages.BaseStorage:
     SQLite: a duplicate ``alembic_version`` row or a locked file); the loser waits a moment and
     opens the schema the winner made."""
     if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        folder = Path(url.removeprefix("sqlite:///")).parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"storage: cannot create the folder {folder} for {url} ({e.strerror})") from None
     delay = 0.05
     for attempt in range(SCHEMA_TRIES):
         try:
