@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import click
 
@@ -129,6 +130,24 @@ def merge(recipe: Path, out_dir: Path, device: str | None, seed: int | None, ove
     click.echo(f"wrote {path}")
 
 
+@contextlib.contextmanager
+def _logs_through(console: Any) -> Iterator[None]:
+    """Log records go through the rich console while it holds a live progress bar (printed above
+    it) instead of straight to stderr (which tears the bar)."""
+    from rich.logging import RichHandler
+
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    handler = RichHandler(console=console, show_time=False, show_level=False, show_path=False,
+                          markup=False, highlighter=None)
+    handler.setFormatter(saved[0].formatter if saved else logging.Formatter("%(message)s"))
+    root.handlers = [handler]
+    try:
+        yield
+    finally:
+        root.handlers = saved
+
+
 def _trial_line(r) -> str:
     if r.state == "FAIL":
         return f"trial {r.number:>4}  FAILED  {r.seconds:6.1f}s  {r.error}"
@@ -208,8 +227,9 @@ def search(config: Path, trials: int | None, fresh: bool, fork: bool, storage: s
         progress.update(task_id, completed=r.done, best=best)
 
     try:
-        result = run_search(cfg, fresh=fresh, fork=fork, trials=trials, on_trial=on_trial, on_start=on_start,
-                            stages=[stage] if stage else None)
+        with _logs_through(console):
+            result = run_search(cfg, fresh=fresh, fork=fork, trials=trials, on_trial=on_trial, on_start=on_start,
+                                stages=[stage] if stage else None)
     finally:
         if task_id is not None:
             progress.stop()
