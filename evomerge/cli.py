@@ -183,13 +183,13 @@ def search(config: Path, trials: int | None, fresh: bool, fork: bool, storage: s
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from evomerge.config import SearchConfig
+    from evomerge.evolve_config import load_search_config
     from evomerge.search import run_search
 
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    cfg = SearchConfig.load(config, storage=_storage_url(storage), study=study_name, device=device, workers=workers,
+    cfg = load_search_config(config, storage=_storage_url(storage), study=study_name, device=device, workers=workers,
                             ray_address=ray_address)
     if trial_timeout is not None:
         cfg = cfg.model_copy(update={"budget": cfg.budget.model_copy(update={"timeout_s": trial_timeout})})
@@ -241,6 +241,25 @@ def search(config: Path, trials: int | None, fresh: bool, fork: bool, storage: s
         click.echo(f"export it: evomerge export --study {result.study_name} --storage {result.storage_url} -o best.yml")
     if result.interrupted:  # Ctrl-C: the trials in flight are recorded; scripts see a stop, not a finish
         sys.exit(130)
+
+
+@main.command(epilog=_example("evomerge convert evolve.yml -o search.yml"))
+@click.argument("config", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="The native config to write.")
+@friendly_errors
+def convert(config: Path, output: Path) -> None:
+    """Write a mergekit-evolve CONFIG (genome:, tasks:) as an evomerge search config, with the
+    mapping of each field in comments (`evomerge search` reads either)."""
+    from evomerge.evolve_config import load_native, native_yaml
+    from evomerge.files import write_atomic
+
+    native, lines = load_native(config)
+    from evomerge.config import SearchConfig
+
+    SearchConfig.from_dict(native, root=output.resolve().parent, source=str(output))  # it must load as written
+    for line in lines:
+        click.echo(line)
+    click.echo(f"wrote {write_atomic(output, native_yaml(native, lines, config))}")
 
 
 def _study_options(fn: Callable[..., Any]) -> Callable[..., Any]:
