@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import threading
 import uuid
 from collections import Counter
@@ -25,12 +26,14 @@ from safetensors.torch import save_file
 
 from evomerge.architectures import Architecture, architecture_for
 from evomerge.errors import CheckpointError
+from evomerge.files import file_mode, write_error
 
 __all__ = ["Checkpoint", "CheckpointWriter", "TOKENIZER_FILES"]
 
 logger = logging.getLogger(__name__)
 
 SINGLE_FILE = "model.safetensors"
+RECIPE_FILE = "mergekit_config.yml"  # the recipe, under the name mergekit-yaml gives it
 INDEX_FILE = "model.safetensors.index.json"
 
 TOKENIZER_FILES: tuple[str, ...] = (
@@ -47,6 +50,9 @@ TOKENIZER_FILES: tuple[str, ...] = (
     "chat_template.json",
 )
 """Files copied from the tokenizer source into a written model (whichever exist)."""
+
+DEFAULT_SHARD_BYTES = 5_000_000_000
+"""Bytes per output shard unless told otherwise (mergekit-yaml's default ``--out-shard-size 5B``)."""
 
 _HUB_PATTERNS = ["*.safetensors", "*.json", "tokenizer*", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -234,6 +240,39 @@ class Checkpoint:
         return f"Checkpoint({self.ref!r}, arch={self.arch.name!r}, tensors={len(self._weight_map)})"
 
 
+def _owner_tag() -> str:
+    host = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:24] or "host"
+    return f"{host}-{os.getpid()}"
+
+
+_TEMP_NAME = re.compile(r"^\..+\.(?:tmp|old)-(?P<host>[A-Za-z0-9]+)-(?P<pid>\d+)-[0-9a-f]{12}$")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+def clean_stale_temps(parent: Path) -> list[Path]:
+    """Remove the hidden temp folders a killed writer left in ``parent``: those made on this host
+    by a process that no longer runs. Returns what was removed."""
+    host = _owner_tag().rsplit("-", 1)[0]
+    removed = []
+    for entry in parent.iterdir() if parent.is_dir() else ():
+        m = _TEMP_NAME.match(entry.name)
+        if m is None or m["host"] != host or int(m["pid"]) == os.getpid() or _pid_alive(int(m["pid"])):
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        logger.info("removed %s, left by a merge that was killed (process %s)", entry, m["pid"])
+        removed.append(entry)
+    return removed
+
+
 class CheckpointWriter:
     """Writes a merged model atomically: a temp folder next to out_dir, renamed into place at the end.
 
@@ -250,29 +289,33 @@ class CheckpointWriter:
         config: dict[str, Any],
         tokenizer_source: Path | None,
         model_card: str | None = None,
-        max_shard_bytes: int = 2_000_000_000,
+        max_shard_bytes: int = DEFAULT_SHARD_BYTES,
         overwrite: bool = False,
         tokenizer: Any = None,
+        recipe_yaml: str | None = None,
     ):
         self.out_dir = Path(out_dir).expanduser().absolute()
         if self.out_dir.exists():
             if not self.out_dir.is_dir():
                 raise CheckpointError(f"{self.out_dir}: output path exists and is not a folder")
             if not overwrite and any(self.out_dir.iterdir()):
-                raise CheckpointError(f"{self.out_dir}: output folder is not empty (pass overwrite to replace it)")
+                raise CheckpointError(f"{self.out_dir}: output folder is not empty (--overwrite replaces it)")
         if tokenizer_source is not None and not Path(tokenizer_source).is_dir():
             raise CheckpointError(f"{tokenizer_source}: tokenizer source folder does not exist")
-        if max_shard_bytes <= 0:
-            raise ValueError("max_shard_bytes must be positive")
         self.config = dict(config)
         self.tokenizer_source = Path(tokenizer_source) if tokenizer_source is not None else None
         self.model_card = model_card
         self.tokenizer = tokenizer  # a built tokenizer (save_pretrained) written instead of the source's files
-        self.max_shard_bytes = max_shard_bytes
+        self.max_shard_bytes = max_shard_bytes  # <= 0: one file, however large (as mergekit)
         self.overwrite = overwrite
-        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp_dir = self._sibling("tmp")
-        self.tmp_dir.mkdir()  # plain mkdir (not mkdtemp) so the final folder gets umask permissions
+        self.recipe_yaml = recipe_yaml
+        try:
+            self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+            clean_stale_temps(self.out_dir.parent)
+            self.tmp_dir = self._sibling("tmp")
+            self.tmp_dir.mkdir()  # plain mkdir (not mkdtemp) so the final folder gets umask permissions
+        except OSError as e:
+            raise write_error(self.out_dir, e) from None
         self._buffer: dict[str, torch.Tensor] = {}
         self._buffer_bytes = 0
         self._shards: list[list[str]] = []  # tensor names per flushed shard
@@ -283,8 +326,9 @@ class CheckpointWriter:
         logger.debug("writing %s via %s", self.out_dir, self.tmp_dir)
 
     def _sibling(self, kind: str) -> Path:
-        """A fresh hidden path next to ``out_dir`` (same filesystem, so renames are atomic)."""
-        return self.out_dir.parent / f".{self.out_dir.name}.{kind}-{uuid.uuid4().hex[:12]}"
+        """A fresh hidden path next to ``out_dir`` (same filesystem, so renames are atomic), named
+        after this host and process so a later run can tell a dead writer's leftovers."""
+        return self.out_dir.parent / f".{self.out_dir.name}.{kind}-{_owner_tag()}-{uuid.uuid4().hex[:12]}"
 
     def _shard_tmp(self, index: int) -> Path:
         return self.tmp_dir / f"shard-{index:05d}.safetensors.part"
@@ -302,7 +346,7 @@ class CheckpointWriter:
         if shared or storage.nbytes() != tensor.nbytes:
             tensor = tensor.clone()
         size = tensor.nbytes
-        if self._buffer and self._buffer_bytes + size > self.max_shard_bytes:
+        if self._buffer and self.max_shard_bytes > 0 and self._buffer_bytes + size > self.max_shard_bytes:
             self._flush()
         self._buffer[name] = tensor
         self._buffer_bytes += size
@@ -316,6 +360,7 @@ class CheckpointWriter:
             return
         path = self._shard_tmp(len(self._shards))
         save_file(self._buffer, str(path), metadata={"format": "pt"})
+        os.chmod(path, file_mode())  # safetensors creates files 0600; a model folder is for sharing
         logger.debug("wrote shard %s (%d tensors, %d bytes)", path.name, len(self._buffer), self._buffer_bytes)
         self._shards.append(list(self._buffer))
         self._buffer = {}
@@ -353,12 +398,14 @@ class CheckpointWriter:
             self.tokenizer.save_pretrained(str(self.tmp_dir))
         if self.model_card is not None:
             (self.tmp_dir / "README.md").write_text(self.model_card, encoding="utf-8")
+        if self.recipe_yaml is not None:
+            (self.tmp_dir / RECIPE_FILE).write_text(self.recipe_yaml, encoding="utf-8")
 
     def _swap_in(self) -> None:
         aside: Path | None = None
         if self.out_dir.exists():
             if any(self.out_dir.iterdir()) and not self.overwrite:  # someone wrote there meanwhile
-                raise CheckpointError(f"{self.out_dir}: output folder is not empty (pass overwrite to replace it)")
+                raise CheckpointError(f"{self.out_dir}: output folder is not empty (--overwrite replaces it)")
             aside = self._sibling("old")
             os.replace(self.out_dir, aside)
         try:
@@ -378,6 +425,9 @@ class CheckpointWriter:
             self._write_weights()
             self._write_extras()
             self._swap_in()
+        except OSError as e:
+            self.abort()
+            raise write_error(self.out_dir, e) from None
         except BaseException:
             self.abort()
             raise

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import os
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import click
 
 from evomerge import __version__
+from evomerge.cli_mergekit import mergekit_yaml_options, settings
 from evomerge.errors import EvomergeError
 
 log = logging.getLogger("evomerge")
@@ -21,9 +24,31 @@ def _setup_logging(verbose: bool) -> None:
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(message)s" if not verbose else "%(asctime)s %(name)s %(levelname)s: %(message)s",
         stream=sys.stderr,
+        force=True,  # -v after the subcommand reconfigures what the group set up
     )
     for noisy in ("lm_eval", "lm-eval", "transformers", "datasets", "urllib3", "filelock", "httpx"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.ERROR)
+    if verbose:  # lm-eval's own switch: its logs and bars show, here and in Ray workers (they inherit it)
+        os.environ["LMEVAL_LOG_LEVEL"] = "DEBUG"
+
+
+def _verbose_flag(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value:
+        _setup_logging(True)
+
+
+class _Group(click.Group):
+    """Every subcommand also takes ``-v`` (so ``evomerge search x.yml -v`` works as ``evomerge -v search``)."""
+
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        cmd.params.append(click.Option(["-v", "--verbose"], is_flag=True, expose_value=False,
+                                       callback=_verbose_flag, help="Debug logging, including lm-eval's."))
+        super().add_command(cmd, name)
+
+
+def _example(*lines: str) -> str:
+    """A help epilog with example command lines (kept as written: click does not rewrap them)."""
+    return "\b\nExamples:\n" + "\n".join(f"  {line}" for line in lines)
 
 
 def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -52,7 +77,7 @@ def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="evomerge")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging (including lm-eval and transformers).")
 def main(verbose: bool) -> None:
@@ -60,7 +85,7 @@ def main(verbose: bool) -> None:
     _setup_logging(verbose)
 
 
-@main.command()
+@main.command(epilog=_example("evomerge moe moe.yml moe_out/"))
 @click.argument("config", type=click.Path(path_type=Path))
 @click.argument("out_dir", type=click.Path(path_type=Path))
 @click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists.")
@@ -75,36 +100,67 @@ def moe(config: Path, out_dir: Path, overwrite: bool) -> None:
     click.echo(f"wrote {write_moe(cfg, out_dir, overwrite=overwrite, study_recipe=study_recipes(cfg))}")
 
 
-@main.command()
+@main.command(epilog=_example("evomerge merge recipe.yml merged/ --cuda --out-shard-size 2B"))
 @click.argument("recipe", type=click.Path(path_type=Path))
 @click.argument("out_dir", type=click.Path(path_type=Path))
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
-@click.option("--seed", type=int, default=None, help="Override the recipe's random_seed (DARE/DELLA masks).")
+@click.option("--device", default=None, help="cpu, cuda, cuda:N or auto (default: cpu, or cuda with --cuda).")
+@click.option("--seed", type=int, default=None, help="Same as --random-seed.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists.")
+@mergekit_yaml_options
 @friendly_errors
-def merge(recipe: Path, out_dir: Path, device: str, seed: int | None, overwrite: bool) -> None:
-    """Build the model described by a mergekit-style RECIPE into OUT_DIR."""
+def merge(recipe: Path, out_dir: Path, device: str | None, seed: int | None, overwrite: bool, **mk: Any) -> None:
+    """Build the model described by a mergekit RECIPE into OUT_DIR (mergekit-yaml's options work;
+    those that change nothing here say why)."""
     from tqdm import tqdm
 
     from evomerge.engine import merge_to_dir
+    from evomerge.files import read_text
     from evomerge.recipe import Recipe
 
+    opts = settings(device, seed, **mk)
+    for note in opts.notes:
+        click.echo(f"note: {note}", err=True)
     parsed = Recipe.from_yaml(recipe)
+    if opts.num_threads is not None:
+        import torch
+
+        torch.set_num_threads(opts.num_threads)
     bar: tqdm | None = None
 
     def progress(done: int, total: int, name: str) -> None:
         nonlocal bar
         if bar is None:
-            bar = tqdm(total=total, unit="tensor", desc="merging", disable=None, leave=False)
+            bar = tqdm(total=total, unit="tensor", desc="merging", disable=None if not opts.quiet else True,
+                       leave=False)
         bar.update(1)
 
     try:
-        path = merge_to_dir(parsed, out_dir, device=device, seed=seed, relative_to=recipe.parent,
-                            overwrite=overwrite, progress=progress)
+        path = merge_to_dir(parsed, out_dir, device=opts.device, seed=opts.seed, relative_to=recipe.parent,
+                            overwrite=overwrite, progress=progress, recipe_yaml=read_text(recipe, "recipe"),
+                            copy_tokenizer=opts.copy_tokenizer, write_card=opts.write_card,
+                            max_shard_bytes=opts.max_shard_bytes, allow_crimes=opts.allow_crimes)
     finally:
         if bar is not None:
             bar.close()
     click.echo(f"wrote {path}")
+
+
+@contextlib.contextmanager
+def _logs_through(console: Any) -> Iterator[None]:
+    """Log records go through the rich console while it holds a live progress bar (printed above
+    it) instead of straight to stderr (which tears the bar)."""
+    from rich.logging import RichHandler
+
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    handler = RichHandler(console=console, show_time=False, show_level=False, show_path=False,
+                          markup=False, highlighter=None)
+    handler.setFormatter(saved[0].formatter if saved else logging.Formatter("%(message)s"))
+    root.handlers = [handler]
+    try:
+        yield
+    finally:
+        root.handlers = saved
 
 
 def _trial_line(r) -> str:
@@ -115,12 +171,13 @@ def _trial_line(r) -> str:
     return f"trial {r.number:>4}  {r.fitness:.4f}  {r.seconds:6.1f}s  {best}{tag}  {r.summary}".rstrip()
 
 
-@main.command()
+@main.command(epilog=_example("evomerge search configs/demo.yml --trials 50", "evomerge search configs/ja_math.yml --dry-run", "evomerge search evolve.yml   # a mergekit-evolve config"))
 @click.argument("config", type=click.Path(path_type=Path))
 @click.option("--trials", type=int, default=None, help="Run until this many trials count (default: budget.trials).")
 @click.option("--fresh", is_flag=True, help="Delete the existing study of this name and start over.")
 @click.option("--fork", is_flag=True, help="If the config changed, start a new study beside the old one.")
-@click.option("--storage", default=None, help="Optuna storage URL (default sqlite:///runs/<study>.db).")
+@click.option("--storage", default=None, help="Optuna storage URL (default: sqlite:///runs/<study>.db in CONFIG's "
+              "folder; a relative sqlite:/// path here is relative to the current folder).")
 @click.option("--study", "study_name", default=None, help="Override the config's study name.")
 @click.option("--device", default=None, help="Override the config's device.")
 @click.option("--stage", "stage", type=click.Choice(["ps", "dfs", "moe"]), default=None,
@@ -141,13 +198,13 @@ def search(config: Path, trials: int | None, fresh: bool, fork: bool, storage: s
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from evomerge.config import SearchConfig
+    from evomerge.evolve_config import load_search_config
     from evomerge.search import run_search
 
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    cfg = SearchConfig.load(config, storage=storage, study=study_name, device=device, workers=workers,
+    cfg = load_search_config(config, storage=_storage_url(storage), study=study_name, device=device, workers=workers,
                             ray_address=ray_address)
     if trial_timeout is not None:
         cfg = cfg.model_copy(update={"budget": cfg.budget.model_copy(update={"timeout_s": trial_timeout})})
@@ -185,8 +242,9 @@ def search(config: Path, trials: int | None, fresh: bool, fork: bool, storage: s
         progress.update(task_id, completed=r.done, best=best)
 
     try:
-        result = run_search(cfg, fresh=fresh, fork=fork, trials=trials, on_trial=on_trial, on_start=on_start,
-                            stages=[stage] if stage else None)
+        with _logs_through(console):
+            result = run_search(cfg, fresh=fresh, fork=fork, trials=trials, on_trial=on_trial, on_start=on_start,
+                                stages=[stage] if stage else None)
     finally:
         if task_id is not None:
             progress.stop()
@@ -200,16 +258,48 @@ def search(config: Path, trials: int | None, fresh: bool, fork: bool, storage: s
         sys.exit(130)
 
 
+@main.command(epilog=_example("evomerge convert evolve.yml -o search.yml"))
+@click.argument("config", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="The native config to write.")
+@friendly_errors
+def convert(config: Path, output: Path) -> None:
+    """Write a mergekit-evolve CONFIG (genome:, tasks:) as an evomerge search config, with the
+    mapping of each field in comments (`evomerge search` reads either)."""
+    from evomerge.evolve_config import load_native, native_yaml
+    from evomerge.files import write_atomic
+
+    native, lines = load_native(config)
+    from evomerge.config import SearchConfig
+
+    SearchConfig.from_dict(native, root=output.resolve().parent, source=str(output))  # it must load as written
+    for line in lines:
+        click.echo(line)
+    click.echo(f"wrote {write_atomic(output, native_yaml(native, lines, config))}")
+
+
 def _study_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    fn = click.option("--storage", default=None, help="Storage URL (default sqlite:///runs/<study>.db).")(fn)
+    fn = click.option("--storage", default=None, help="Storage URL, as `evomerge search` printed it (default "
+                      "sqlite:///runs/<study>.db; a relative sqlite:/// path is relative to the current folder).")(fn)
     fn = click.option("--study", "study_name", required=True, help="Study name.")(fn)
     return fn
+
+
+def _storage_url(storage: str | None) -> str | None:
+    """A ``--storage`` given on the command line: a relative SQLite path is relative to the current
+    folder, in every subcommand (a ``storage:`` inside a config file is relative to that file's folder)."""
+    if storage and storage.startswith("sqlite:///") and not storage.startswith("sqlite:////"):
+        return f"sqlite:///{Path(storage.removeprefix('sqlite:///')).resolve()}"
+    return storage
+
+
+def _study_url(study_name: str, storage: str | None) -> str:
+    return _storage_url(storage) or f"sqlite:///{Path('runs', study_name + '.db').resolve()}"
 
 
 def _load_study(study_name: str, storage: str | None):
     from evomerge.study import load_existing_study
 
-    url = storage or f"sqlite:///{Path('runs', study_name + '.db').resolve()}"
+    url = _study_url(study_name, storage)
     if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
         from evomerge.errors import ConfigError
 
@@ -217,15 +307,16 @@ def _load_study(study_name: str, storage: str | None):
     return load_existing_study(study_name, url)
 
 
-@main.command()
+@main.command(epilog=_example("evomerge export --study my-study --storage sqlite:///runs/my-study.db -o best.yml --merge merged/"))
 @_study_options
 @click.option("--trial", "number", type=int, default=None, help="Trial number (default: the best).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("best.yml"), show_default=True)
 @click.option("--merge", "merge_dir", type=click.Path(path_type=Path), default=None, help="Also build the model here.")
+@click.option("--overwrite", is_flag=True, help="Replace the --merge folder if it exists.")
 @click.option("--device", default="cpu", show_default=True)
 @friendly_errors
 def export(study_name: str, storage: str | None, number: int | None, output: Path, merge_dir: Path | None,
-           device: str) -> None:
+           overwrite: bool, device: str) -> None:
     """Write a trial's recipe as mergekit YAML (and optionally build it)."""
     from evomerge.export import baseline_note, build_trial_model, export_recipe
 
@@ -234,11 +325,11 @@ def export(study_name: str, storage: str | None, number: int | None, output: Pat
     note = baseline_note(study, trial)
     click.echo(f"wrote {path} (trial {trial.number}" + (f"; {note})" if note else ")"))
     if merge_dir is not None:
-        build_trial_model(study, trial, recipe, merge_dir, device=device)
+        build_trial_model(study, trial, recipe, merge_dir, device=device, overwrite=overwrite)
         click.echo(f"wrote {merge_dir}")
 
 
-@main.command()
+@main.command(epilog=_example("evomerge status --study my-study --storage sqlite:///runs/my-study.db --top 5"))
 @_study_options
 @click.option("--top", type=int, default=10, show_default=True)
 @friendly_errors
@@ -265,9 +356,9 @@ def status(study_name: str, storage: str | None, top: int) -> None:
     Console().print(table)
 
 
-@main.command()
+@main.command(epilog=_example("evomerge report --study my-study --storage sqlite:///runs/my-study.db -o reports/my-study"))
 @_study_options
-@click.option("-o", "--out", type=click.Path(path_type=Path), default=None,
+@click.option("-o", "--output", "--out", "out", type=click.Path(path_type=Path), default=None,
               help="Output folder (default reports/<study>/).")
 @friendly_errors
 def report(study_name: str, storage: str | None, out: Path | None) -> None:
@@ -276,7 +367,7 @@ def report(study_name: str, storage: str | None, out: Path | None) -> None:
     from evomerge.report import write_report
 
     study = _load_study(study_name, storage)
-    result = write_report(study, out or Path("reports", study_name))
+    result = write_report(study, out or Path("reports", study_name), storage=_study_url(study_name, storage))
     for path in result.files:
         click.echo(f"wrote {path}")
     for reason in result.skipped:
@@ -284,14 +375,14 @@ def report(study_name: str, storage: str | None, out: Path | None) -> None:
     click.echo(f"wrote {result.markdown}")
 
 
-@main.command()
+@main.command(epilog=_example("evomerge sweep configs/sweep_example.yml -o runs/sweep"))
 @click.argument("config", type=click.Path(path_type=Path))
 @click.option("--metric", type=click.Choice(["exact", "embedding"]), default=None,
               help="Re-score with this metric (cached generations are reused).")
 @click.option("--aggregate", type=click.Choice(["all", "mean"]), default=None,
               help="all: count prompts unlike every neighbour (AdaMMS); mean: average over neighbours.")
 @click.option("--smoothing", type=int, default=None, help="Moving-average half-width (0: none).")
-@click.option("-o", "--out", type=click.Path(path_type=Path), default=None,
+@click.option("-o", "--output", "--out", "out", type=click.Path(path_type=Path), default=None,
               help="Output folder (default runs/<sweep>/ next to CONFIG).")
 @click.option("--device", default=None, help="Override the config's device.")
 @friendly_errors
@@ -339,8 +430,8 @@ def sweep(config: Path, metric: str | None, aggregate: str | None, smoothing: in
     click.echo(f"generated {res.generated} of {total} points; wrote " + ", ".join(str(p) for p in res.files.values()))
 
 
-@main.command()
-@click.option("--out", type=click.Path(path_type=Path), default=Path("demo_out"), show_default=True,
+@main.command(epilog=_example("evomerge demo -o demo_out --trials 20"))
+@click.option("-o", "--output", "--out", "out", type=click.Path(path_type=Path), default=Path("demo_out"), show_default=True,
               help="Folder for the world, the study and the results.")
 @click.option("--trials", type=int, default=None, help="Search budget (default: configs/demo.yml's).")
 @click.option("--sampler", type=click.Choice(["cmaes", "tpe", "random", "qmc"]), default=None)

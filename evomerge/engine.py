@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 import torch
+import yaml
 from torch import Tensor
 
-from evomerge.checkpoint import Checkpoint, CheckpointWriter
+from evomerge.checkpoint import DEFAULT_SHARD_BYTES, Checkpoint, CheckpointWriter
 from evomerge.errors import CheckpointError, ConfigError, MergeError
 from evomerge.methods import Method, run_method
 from evomerge.recipe import OutputSlice, Params, Recipe, SliceSource, TokenSource, evaluate
@@ -61,10 +62,12 @@ class MergePlan:
 
 
 # --------------------------------------------------------------------------- sources
-def open_sources(recipe: Recipe, relative_to: Path | None = None) -> dict[str, Checkpoint]:
+def open_sources(recipe: Recipe, relative_to: Path | None = None, *,
+                 allow_crimes: bool = False) -> dict[str, Checkpoint]:
     """Open every model the recipe references (lazily: configs and tensor indexes only; a
     ``model+lora`` reference is built in memory). References are parsed first, so a malformed one
-    fails before any model is read."""
+    fails before any model is read. ``allow_crimes`` (mergekit-yaml's ``--allow-crimes``): merge
+    models of different architectures by the first model's weight names (shapes must still agree)."""
     refs = recipe.referenced_models()
     for ref in refs:
         parse_reference(ref, relative_to)
@@ -79,7 +82,9 @@ def open_sources(recipe: Recipe, relative_to: Path | None = None) -> dict[str, C
     arches = {ck.arch.name for ck in sources.values()}
     if len(arches) > 1:
         desc = ", ".join(f"{ref} ({ck.arch.name})" for ref, ck in sources.items())
-        raise CheckpointError(f"models have different architectures: {desc}")
+        if not allow_crimes:
+            raise CheckpointError(f"models have different architectures: {desc} (`evomerge merge --allow-crimes` merges them anyway)")
+        log.warning("merging models of different architectures (--allow-crimes): %s", desc)
     return sources
 
 
@@ -129,10 +134,11 @@ def task_groups(plan: MergePlan) -> dict[str, list[str]]:
             for t in plan.tasks if t.is_embed}
 
 
-def prepare(recipe: Recipe, relative_to: Path | None = None) -> tuple[MergePlan, dict[str, Any], Vocabulary | None]:
+def prepare(recipe: Recipe, relative_to: Path | None = None, *,
+            allow_crimes: bool = False) -> tuple[MergePlan, dict[str, Any], Vocabulary | None]:
     """Open the sources, plan the merge and, when the recipe builds a vocabulary, move every
     model's vocabulary rows into it. The caller closes the returned sources."""
-    sources = open_sources(recipe, relative_to)
+    sources = open_sources(recipe, relative_to, allow_crimes=allow_crimes)
     try:
         plan = plan_merge(recipe, sources)
         vocab = recipe_vocabulary(recipe, sources)
@@ -366,29 +372,43 @@ def resolve_device(device: str) -> torch.device:
         raise ConfigError(f"--device: expected cpu, cuda or cuda:N, got {device!r}") from None
 
 
-def model_card(recipe: Recipe) -> str:
-    models = "\n".join(f"- `{m}`" for m in recipe.referenced_models())
+def model_card(recipe: Recipe, recipe_yaml: str | None = None) -> str:
+    """README.md of a merged model: Hub front matter (``base_model:`` the recipe's models, tags),
+    the models and the recipe (``recipe_yaml``, the text as written, else the recipe dumped)."""
+    refs = recipe.referenced_models()
+    front = yaml.safe_dump({"base_model": refs, "library_name": "transformers",
+                            "tags": ["merge", "mergekit", "evomerge"]}, sort_keys=False)
+    models = "\n".join(f"- `{m}`" for m in refs)
+    base = f" with `{recipe.base_model}` as the base" if recipe.base_model else ""
+    text = recipe_yaml if recipe_yaml is not None else recipe.to_yaml()
     return (
-        "---\nlibrary_name: transformers\ntags:\n- merge\n- evomerge\n---\n"
-        f"# Merged model\n\nMade with [evomerge](https://github.com/) using `{recipe.merge_method}`.\n\n"
-        f"## Models\n\n{models}\n\n## Recipe\n\n```yaml\n{recipe.to_yaml()}```\n"
+        f"---\n{front}---\n"
+        f"# Merged model\n\nMade with evomerge using `{recipe.merge_method}`{base}. The recipe is also in "
+        f"`mergekit_config.yml`: rebuild with `evomerge merge mergekit_config.yml OUT` or `mergekit-yaml`.\n\n"
+        f"## Models\n\n{models}\n\n## Recipe\n\n```yaml\n{text.rstrip()}\n```\n"
     )
 
 
 def merge_to_dir(recipe: Recipe, out_dir: str | Path, *, device: str = "cpu", seed: int | None = None,
                  relative_to: Path | None = None, overwrite: bool = False,
-                 progress: Callable[[int, int, str], None] | None = None) -> Path:
-    """Build the recipe's model and write it (sharded safetensors, config, tokenizer, card) to
-    ``out_dir`` atomically. Every check runs before anything is written."""
+                 progress: Callable[[int, int, str], None] | None = None, recipe_yaml: str | None = None,
+                 copy_tokenizer: bool = True, write_card: bool = True,
+                 max_shard_bytes: int = DEFAULT_SHARD_BYTES, allow_crimes: bool = False) -> Path:
+    """Build the recipe's model and write it (sharded safetensors, config, tokenizer, card, the
+    recipe as ``mergekit_config.yml``) to ``out_dir`` atomically. Every check runs before anything
+    is written. ``recipe_yaml``: the recipe's text as the user wrote it (default: dumped)."""
     dev = resolve_device(device)
     if seed is not None:
         recipe = recipe.model_copy(update={"random_seed": seed})
-    plan, sources, vocab = prepare(recipe, relative_to)
+        recipe_yaml = None  # the file's text no longer says what was built
+    text = recipe_yaml if recipe_yaml is not None else recipe.to_yaml()
+    plan, sources, vocab = prepare(recipe, relative_to, allow_crimes=allow_crimes)
     try:
-        tok_path = sources[plan.tokenizer_source].path
+        tok_path = sources[plan.tokenizer_source].path if copy_tokenizer else None
         with CheckpointWriter(out_dir, config=plan.config, tokenizer_source=tok_path,
-                              model_card=model_card(recipe), overwrite=overwrite,
-                              tokenizer=vocab.tokenizer if vocab is not None else None) as writer:
+                              model_card=model_card(recipe, text) if write_card else None, overwrite=overwrite,
+                              recipe_yaml=text, max_shard_bytes=max_shard_bytes,
+                              tokenizer=vocab.tokenizer if vocab is not None and copy_tokenizer else None) as writer:
             for i, (name, tensor) in enumerate(iter_merged(plan, sources, device=dev)):
                 writer.add(name, tensor.cpu())
                 if progress:

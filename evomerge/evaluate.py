@@ -33,8 +33,16 @@ LM_EVAL_SEED = 0  # python `random` (lm-eval's DEFAULT_RANDOM_SEED)
 LM_EVAL_OTHER_SEED = 1234  # numpy, torch and few-shot sampling (lm-eval's DEFAULT_OTHER_SEED)
 
 
+def lm_eval_verbose() -> bool:
+    """Whether lm-eval's own logs and bars should show: ``LMEVAL_LOG_LEVEL`` (lm-eval's own switch)
+    is DEBUG or INFO. ``evomerge -v`` sets it; Ray workers inherit it."""
+    return os.environ.get("LMEVAL_LOG_LEVEL", "").upper() in ("DEBUG", "INFO")
+
+
 def quiet_lm_eval() -> None:
-    """Silence lm-eval's and transformers' progress bars and info logs."""
+    """Silence lm-eval's and transformers' progress bars and info logs (unless :func:`lm_eval_verbose`)."""
+    if lm_eval_verbose():
+        return
     os.environ.setdefault("TQDM_DISABLE", "1")
     for name in ("lm_eval", "lm-eval", "transformers", "datasets", "evaluate"):
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -251,7 +259,10 @@ def check_local_task_metrics(fitness: FitnessSpec, include_paths: list[str]) -> 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     """lm-eval draws tqdm bars and prints warnings on stderr whatever its log level: swallow
-    them while it runs (our own progress bar stays on the terminal)."""
+    them while it runs (our own progress bar stays on the terminal); not under -v."""
+    if lm_eval_verbose():
+        yield
+        return
     with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         yield

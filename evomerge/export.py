@@ -72,6 +72,12 @@ def export_recipe(study: optuna.Study, out: str | Path, number: int | None = Non
     """Write the trial's recipe. For a dfs trial it is a passthrough recipe, preceded by comments
     on what mergekit cannot express (input scales, embeddings/head of the host)."""
     recipe, trial = trial_recipe(study, number)
+    path = write_atomic(out, recipe_header(study, trial) + _recipe_body(study, trial, recipe))
+    return path, recipe, trial
+
+
+def _recipe_body(study: optuna.Study, trial: optuna.trial.FrozenTrial, recipe: Recipe) -> str:
+    """The trial's recipe as YAML; for a dfs trial, the passthrough recipe with its comments."""
     body = recipe.to_yaml()
     if ATTR_PATH in trial.user_attrs:
         from evomerge.layerpath import Hop, SourceLayer, annotated_yaml, passthrough_recipe
@@ -81,8 +87,7 @@ def export_recipe(study: optuna.Study, out: str | Path, number: int | None = Non
         _, warnings = passthrough_recipe(hops, sources, study.user_attrs[ATTR_DFS_REFS],
                                          dtype=recipe.dtype or "float32", host=study.user_attrs[ATTR_DFS_HOST])
         body = annotated_yaml(recipe, warnings, hops)
-    path = write_atomic(out, recipe_header(study, trial) + body)
-    return path, recipe, trial
+    return body
 
 
 def build_trial_model(study: optuna.Study, trial: optuna.trial.FrozenTrial, recipe: Recipe, out: str | Path,
@@ -109,4 +114,4 @@ def build_trial_model(study: optuna.Study, trial: optuna.trial.FrozenTrial, reci
     model = LayerPathModel({n: refs[n] for n in names}, host=study.user_attrs[ATTR_DFS_HOST], device=device,
                            dtype=TORCH_DTYPES.get(recipe.dtype or "float32", torch.float32))
     model.set_path([Hop(int(a), float(b)) for a, b in trial.user_attrs[ATTR_PATH]])
-    return model.export(out, overwrite=overwrite)
+    return model.export(out, overwrite=overwrite, recipe_yaml=_recipe_body(study, trial, recipe))

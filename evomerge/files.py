@@ -1,4 +1,5 @@
-"""Small file helpers shared by every reader and writer: YAML with one-line errors, atomic writes."""
+"""Small file helpers shared by every reader and writer: YAML with one-line errors, atomic writes,
+one-line errors for folders that cannot be written."""
 
 from __future__ import annotations
 
@@ -9,7 +10,27 @@ from typing import Any
 
 import yaml
 
-from evomerge.errors import ConfigError
+from evomerge.errors import ConfigError, EvomergeError
+
+
+def file_mode() -> int:
+    """The mode a new file gets under the process umask (0644 under the usual 022)."""
+    try:  # Linux: read the umask without changing it (os.umask would, for a moment, for every thread)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def write_error(path: str | Path, exc: OSError) -> EvomergeError:
+    """One line for a file or folder that cannot be written (permissions, a read-only or full disk)."""
+    reason = exc.strerror or type(exc).__name__
+    where = exc.filename if exc.filename and str(exc.filename) != str(path) else None
+    return EvomergeError(f"{path}: cannot write here ({reason}" + (f": {where})" if where else ")"))
 
 
 def read_yaml(path: str | Path, what: str = "config") -> Any:
@@ -25,18 +46,35 @@ def read_yaml(path: str | Path, what: str = "config") -> Any:
         raise ConfigError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
 
 
+def read_text(path: str | Path, what: str = "config") -> str:
+    """A text file's contents; a missing or unreadable file becomes one ConfigError line naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: {what} file not found")
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read the {what} file ({getattr(e, 'strerror', None) or e})") from None
+
+
 def write_atomic(path: str | Path, text: str | bytes) -> Path:
     """Write ``text`` (or bytes) to ``path`` via a temp file in the same folder and an atomic rename."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise write_error(path, e) from None
     try:
         with os.fdopen(fd, "wb" if isinstance(text, bytes) else "w") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise write_error(path, e) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -455,8 +455,10 @@ class LayerPathModel:
             f"| hop | model | layer | scale |\n|---|---|---|---|\n{rows}\n"
         )
 
-    def export(self, out_dir: str | Path, *, overwrite: bool = False, model_card: str | None = None) -> Path:
-        """Write the path model as a Hugging Face folder (atomically); see the module docstring."""
+    def export(self, out_dir: str | Path, *, overwrite: bool = False, model_card: str | None = None,
+               recipe_yaml: str | None = None) -> Path:
+        """Write the path model as a Hugging Face folder (atomically); see the module docstring.
+        ``recipe_yaml``: its passthrough recipe, written as ``mergekit_config.yml``."""
         cfg = self.export_config()
         scaled = "input_scales" in cfg
         modeling = _modeling_source(self.model, self._decoder) if scaled else None
@@ -464,7 +466,7 @@ class LayerPathModel:
         with tempfile.TemporaryDirectory(prefix="evopath-tok-") as tmp:
             tok_source = self._tokenizer_folder(Path(tmp))
             with CheckpointWriter(out_dir, config=cfg, tokenizer_source=tok_source, model_card=card,
-                                  overwrite=overwrite) as writer:
+                                  overwrite=overwrite, recipe_yaml=recipe_yaml) as writer:
                 for name, tensor in self._iter_materialized():
                     writer.add(name, tensor)
                 if modeling is not None:

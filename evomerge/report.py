@@ -205,6 +205,7 @@ class Report:
     files: list[Path] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     markdown: Path | None = None
+    storage: str | None = None  # the study's storage URL, for the commands report.md suggests
 
 
 def _trials(study: optuna.Study) -> tuple[list[optuna.trial.FrozenTrial], list[optuna.trial.FrozenTrial], list[int]]:
@@ -231,9 +232,10 @@ def importances(study: optuna.Study, searched: list[optuna.trial.FrozenTrial]) -
                                  target=trial_fitness)
 
 
-def write_report(study: optuna.Study, out_dir: str | Path) -> Report:
-    """Every applicable plot of ``study`` as PNG under ``out_dir`` and report.md linking them."""
-    out = Report(Path(out_dir))
+def write_report(study: optuna.Study, out_dir: str | Path, storage: str | None = None) -> Report:
+    """Every applicable plot of ``study`` as PNG under ``out_dir`` and report.md linking them.
+    ``storage``: the study's URL, written into the commands report.md suggests."""
+    out = Report(Path(out_dir), storage=storage)
     searched, baselines, failed = _trials(study)
     stage = study.user_attrs.get(ATTR_STAGE) or ("dfs" if ATTR_DFS_SOURCES in study.user_attrs else "ps")
     multi = len(study.directions) > 1
@@ -307,7 +309,8 @@ def _recipe_section(study: optuna.Study, best: optuna.trial.FrozenTrial | None, 
                                  title=f"{study.study_name}: trial {best.number} ({method}), fitness {trial_fitness(best):.4f}"))
     extra = ", ".join(f"{k}={v}" for k, v in (recipe.get("parameters") or {}).items())
     md += ["## Best searched recipe", "", f"Trial {best.number}, `{method}`" + (f"; global: {extra}" if extra else "")
-           + ". Export it with `evomerge export --study " + study.study_name + f" --trial {best.number}`.", "",
+           + ". Export it with `evomerge export --study " + study.study_name
+           + (f" --storage {out.storage}" if out.storage else "") + f" --trial {best.number}`.", "",
            "![recipe](recipe.png)", ""]
 
 

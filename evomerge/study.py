@@ -112,7 +112,11 @@ def storage_for(url: str) -> optuna.storages.BaseStorage:
     SQLite: a duplicate ``alembic_version`` row or a locked file); the loser waits a moment and
     opens the schema the winner made."""
     if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        folder = Path(url.removeprefix("sqlite:///")).parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"storage: cannot create the folder {folder} for {url} ({e.strerror})") from None
     delay = 0.05
     for attempt in range(SCHEMA_TRIES):
         try:
@@ -260,12 +264,15 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def fail_stale_trials(study: optuna.Study) -> int:
+def fail_stale_trials(study: optuna.Study, running: list[optuna.trial.FrozenTrial] | None = None) -> int:
     """Trials left RUNNING by a process of this host that no longer exists (kill -9, power
-    loss) are marked FAILED and interrupted, so their candidates are evaluated again."""
+    loss) are marked FAILED and interrupted, so their candidates are evaluated again.
+    ``running``: the RUNNING trials if the caller has just read them (saves a storage read)."""
     host = socket.gethostname()
     n = 0
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+    if running is None:
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    for t in running:
         h, _, pid = t.user_attrs.get(ATTR_OWNER, "").rpartition(":")
         if h == host and pid.isdigit() and not _pid_alive(int(pid)) and int(pid) != os.getpid():
             study._storage.set_trial_user_attr(t._trial_id, ATTR_INTERRUPTED, True)

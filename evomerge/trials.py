@@ -24,7 +24,7 @@ from evomerge.config import Sampler, SearchConfig
 from evomerge.errors import CandidateError, ConfigError, EvomergeError, MergeError
 from evomerge.fitness import Fitness, HostedFitness, Score
 from evomerge.study import (ATTR_BASELINE, ATTR_ERROR, ATTR_INTERRUPTED, ATTR_OWNER, ATTR_SCORES, ATTR_SECONDS,
-                            best_of, counted_of, owner, trial_fitness)
+                            best_of, counted_of, fail_stale_trials, owner, trial_fitness)
 
 log = logging.getLogger(__name__)
 
@@ -142,8 +142,11 @@ class StageJob:
         """Trials still to start: the budget less the counted trials and those running anywhere
         (this driver's and other drivers' on a shared storage), read in one storage call."""
         trials = self.study.get_trials(deepcopy=False)
-        running = sum(1 for t in trials if t.state == TrialState.RUNNING)
-        return self.total - counted_of(trials) - running
+        running = [t for t in trials if t.state == TrialState.RUNNING]
+        if running and fail_stale_trials(self.study, running):  # a peer driver killed with kill -9
+            trials = self.study.get_trials(deepcopy=False)
+            running = [t for t in trials if t.state == TrialState.RUNNING]
+        return self.total - counted_of(trials) - len(running)
 
     def report(self, report: TrialReport) -> TrialReport:
         if self.on_trial:

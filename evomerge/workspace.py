@@ -28,7 +28,6 @@ exactly, seeded ones identically on the same device.
 from __future__ import annotations
 
 import logging
-import sys
 import threading
 import time
 from dataclasses import replace
@@ -86,7 +85,8 @@ class Workspace:
         what is free); ``host_memory_limit``: pinned host bytes for sources streamed to a GPU.
         ``chunk_elems``: elements per chunk of the per-candidate pass (CPU default 256k, so the
         intermediates stay in cache). ``fused``: use the fused CUDA kernels (default: on CUDA when
-        Triton is importable). ``verbose``: print the memory plan when it changes.
+        Triton is importable). ``verbose``: log the memory plan at info each time it changes
+        (else: the first plan at info, its changes at debug).
         ``model``: an already built live model to use instead of loading the template's weights.
         ``tokenizer_source``: ``base``, ``union`` or one of ``refs`` (mergekit's): the output
         vocabulary is built once, here, from ``refs`` in order, every source's vocabulary rows are
@@ -126,6 +126,7 @@ class Workspace:
         self.params = _checkpoint_targets(self.model, tpl.arch, self.num_layers)
         self.chunk_elems = chunk_elems or (1 << 18 if self.device.type == "cpu" else 1 << 26)
         self.verbose = verbose
+        self._plan_shown = False
         self._memory_limit = memory_limit
         self._host_memory_limit = host_memory_limit
         self.memory: MemoryPlan | None = None
@@ -354,10 +355,9 @@ class Workspace:
         for it in items:
             if it.where in ("device", "host"):
                 self._store[it.key] = builders[it.key]()
-        if len(mem.items) != before:
-            log.info("%s", mem.table())
-            if self.verbose:
-                print(mem.table(), file=sys.stderr)
+        if len(mem.items) != before:  # the first plan at info; how it grows at debug (every change: verbose)
+            log.log(logging.INFO if self.verbose or not self._plan_shown else logging.DEBUG, "%s", mem.table())
+            self._plan_shown = True
 
     def _want_derived(self, task: TensorTask, method: Method, seed: int, rows: int | None, numel: int,
                       want: Callable[..., None]) -> None:

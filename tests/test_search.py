@@ -400,6 +400,7 @@ def test_two_stage_ps_then_dfs(tiny_models, tiny_task, tmp_path):
     assert result.exit_code == 0, result.output
     exported = yaml.safe_load(out.read_text())
     assert exported["merge_method"] == "passthrough"
+    assert yaml.safe_load((merged / "mergekit_config.yml").read_text()) == exported  # every output has its recipe
     hops = trial.user_attrs["evomerge:path"]
     assert sum(s["sources"][0]["layer_range"][1] - s["sources"][0]["layer_range"][0] for s in exported["slices"]) == len(hops)
     from transformers import AutoConfig

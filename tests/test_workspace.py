@@ -405,3 +405,20 @@ def test_fused_kernels_in_the_triton_interpreter(models3, models_bf16, method, s
         assert ws.kernels is not None, f"a fused kernel failed: {ws.kernel_error}"
     finally:
         ws.close()
+
+
+def test_memory_plan_logged_once_at_info(models3, caplog):
+    """The plan grows with each new method (ties, then della's caches): shown once at info, its
+    growth at debug only, so it does not fill (and tear) the search's progress display."""
+    import logging
+
+    ws = _workspace(models3)
+    try:
+        with caplog.at_level(logging.DEBUG, logger="evomerge.workspace"):
+            for data in recipes_for("ties", models3) + recipes_for("della", models3):
+                ws.load(Recipe.from_dict(data))
+        plans = [r for r in caplog.records if r.getMessage().startswith("memory plan")]
+        assert len(plans) >= 2  # it did change
+        assert [r.levelno for r in plans] == [logging.INFO] + [logging.DEBUG] * (len(plans) - 1)
+    finally:
+        ws.close()

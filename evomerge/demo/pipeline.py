@@ -99,7 +99,7 @@ def run_demo(out: Path, *, trials: int | None = None, sampler: str | None = None
     }
     from evomerge.report import write_report
 
-    report = write_report(study, out / "report")
+    report = write_report(study, out / "report", storage=cfg.storage_url)
     summary["report"] = str(report.markdown)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
