@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
@@ -21,6 +22,7 @@ from evomerge.checkpoint import Checkpoint, CheckpointWriter
 from evomerge.errors import CheckpointError, ConfigError, MergeError
 from evomerge.methods import Method, run_method
 from evomerge.recipe import OutputSlice, Params, Recipe, SliceSource, evaluate
+from evomerge.statistics import Statistics, statistics_for
 
 log = logging.getLogger(__name__)
 
@@ -255,8 +257,10 @@ def all_finite(t: torch.Tensor) -> torch.Tensor:
 
 
 def execute_task(task: TensorTask, method: Method, fetch: Callable[[TensorRef], Tensor], *, seed: int,
-                 device: torch.device, compute_dtype: torch.dtype = torch.float32) -> Tensor:
-    """Merge one tensor; returns it in ``compute_dtype`` on ``device``."""
+                 device: torch.device, compute_dtype: torch.dtype = torch.float32,
+                 stats: Statistics | None = None) -> Tensor:
+    """Merge one tensor; returns it in ``compute_dtype`` on ``device``. ``stats``: the
+    statistics a method with ``needs`` reads (see :func:`load_statistics`)."""
     base = fetch(task.base).to(device=device, dtype=compute_dtype) if task.base else None
     xs = [fetch(r).to(device=device, dtype=compute_dtype) for r in task.inputs]
     if task.is_embed:
@@ -265,14 +269,33 @@ def execute_task(task: TensorTask, method: Method, fetch: Callable[[TensorRef], 
             log.warning("%s: vocabulary sizes differ; keeping the first %d rows", task.out_name, rows)
             base = base[:rows] if base is not None else None
             xs = [x[:rows] for x in xs]
-    out = run_method(method, base, xs, task.params, generators_for(task, method, seed, device))
+    per_model = None
+    if method.needs:
+        if stats is None:
+            raise MergeError(f"{task.out_name}: merge_method {method.name} needs {method.needs} statistics")
+        per_model = [stats.get(m, name) for m, name in task.inputs]
+    out = run_method(method, base, xs, task.params, generators_for(task, method, seed, device), per_model)
     if not all_finite(out):
         raise MergeError(f"{task.out_name}: the merge produced non-finite values (NaN or inf)")
     return out
 
 
+def load_statistics(recipe: Recipe, sources: Mapping[str, Checkpoint], *, device: str | torch.device = "cpu",
+                    relative_to: Path | None = None) -> Statistics | None:
+    """The statistics the recipe's method ``needs`` (None if none), from the recipe's
+    ``calibration`` data: read from the statistics cache, or computed and cached."""
+    need = recipe.method.needs
+    if need is None:
+        return None
+    if recipe.calibration is None:  # Recipe validation refuses this; kept for hand-built recipes
+        raise ConfigError(f"calibration: merge_method {recipe.merge_method} needs calibration data")
+    cal = recipe.calibration.resolved(relative_to)
+    return statistics_for(need, {ref: ck.path for ref, ck in sources.items()}, cal, device=device)
+
+
 def iter_merged(plan: MergePlan, sources: Mapping[str, Checkpoint], *, device: str | torch.device = "cpu",
-                compute_dtype: torch.dtype = torch.float32, seed: int | None = None) -> Iterator[tuple[str, Tensor]]:
+                compute_dtype: torch.dtype = torch.float32, seed: int | None = None,
+                stats: Statistics | None = None) -> Iterator[tuple[str, Tensor]]:
     """Yield ``(name, tensor)`` for every output tensor, in ``plan.out_dtype`` on ``device``."""
     device = torch.device(device)
     seed = plan.recipe.seed if seed is None else seed
@@ -281,7 +304,8 @@ def iter_merged(plan: MergePlan, sources: Mapping[str, Checkpoint], *, device: s
         return sources[ref[0]].get(ref[1], device=device)
 
     for task in plan.tasks:
-        out = execute_task(task, plan.method, fetch, seed=seed, device=device, compute_dtype=compute_dtype)
+        out = execute_task(task, plan.method, fetch, seed=seed, device=device, compute_dtype=compute_dtype,
+                           stats=stats)
         yield task.out_name, out.to(plan.out_dtype)
 
 
@@ -314,13 +338,17 @@ def merge_to_dir(recipe: Recipe, out_dir: str | Path, *, device: str = "cpu", se
     sources = open_sources(recipe, relative_to)
     try:
         plan = plan_merge(recipe, sources)
+        stats = load_statistics(recipe, sources, device=dev, relative_to=relative_to)
+        t0 = time.perf_counter()
         tok_path = sources[plan.tokenizer_source].path
         with CheckpointWriter(out_dir, config=plan.config, tokenizer_source=tok_path,
                               model_card=model_card(recipe), overwrite=overwrite) as writer:
-            for i, (name, tensor) in enumerate(iter_merged(plan, sources, device=dev)):
+            for i, (name, tensor) in enumerate(iter_merged(plan, sources, device=dev, stats=stats)):
                 writer.add(name, tensor.cpu())
                 if progress:
                     progress(i + 1, len(plan.tasks), name)
+        if stats is not None:
+            log.info("statistics %.1f s (0 = from the cache), merge %.1f s", stats.seconds, time.perf_counter() - t0)
         return Path(out_dir)
     finally:
         for ck in sources.values():
@@ -332,7 +360,9 @@ def merge_in_memory(recipe: Recipe, *, device: str = "cpu", relative_to: Path | 
     sources = open_sources(recipe, relative_to)
     try:
         plan = plan_merge(recipe, sources)
-        return dict(iter_merged(plan, sources, device=resolve_device(device)))
+        dev = resolve_device(device)
+        stats = load_statistics(recipe, sources, device=dev, relative_to=relative_to)
+        return dict(iter_merged(plan, sources, device=dev, stats=stats))
     finally:
         for ck in sources.values():
             ck.close()

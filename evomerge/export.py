@@ -33,7 +33,7 @@ def trial_recipe(study: optuna.Study, number: int | None = None) -> tuple[Recipe
     return Recipe.from_dict(data, f"trial {trial.number} recipe"), trial
 
 
-def recipe_header(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> str:
+def recipe_header(study: optuna.Study, trial: optuna.trial.FrozenTrial, recipe: Recipe | None = None) -> str:
     lines = [f"# exported by evomerge from study {study.study_name!r}, trial {trial.number}"]
     fit = trial_fitness(trial)
     if fit is not None:
@@ -42,7 +42,12 @@ def recipe_header(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> str:
         lines.append(f"#   {task}: {value:.6g}")
     if trial.user_attrs.get(ATTR_BASELINE):
         lines.append(f"# baseline trial: {trial.user_attrs[ATTR_BASELINE]}")
-    lines.append("# build it with `evomerge merge THIS.yml OUT` (or mergekit-yaml; random_seed is evomerge's)")
+    if recipe is not None and recipe.method.needs:
+        lines += [f"# evomerge extension: merge_method {recipe.merge_method} and the calibration block are not",
+                  "# mergekit's; mergekit-yaml refuses this recipe. Build it with `evomerge merge THIS.yml OUT`,",
+                  f"# or export the merged checkpoint: `evomerge export --study {study.study_name} --merge OUT`"]
+    else:
+        lines.append("# build it with `evomerge merge THIS.yml OUT` (or mergekit-yaml; random_seed is evomerge's)")
     return "\n".join(lines) + "\n"
 
 
@@ -59,7 +64,7 @@ def export_recipe(study: optuna.Study, out: str | Path, number: int | None = Non
         _, warnings = passthrough_recipe(hops, sources, study.user_attrs[ATTR_DFS_REFS],
                                          dtype=recipe.dtype or "float32", host=study.user_attrs[ATTR_DFS_HOST])
         body = annotated_yaml(recipe, warnings, hops)
-    path = write_atomic(out, recipe_header(study, trial) + body)
+    path = write_atomic(out, recipe_header(study, trial, recipe) + body)
     return path, recipe, trial
 
 

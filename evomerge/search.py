@@ -25,6 +25,7 @@ from optuna.trial import TrialState
 
 from evomerge.config import SearchConfig
 from evomerge.errors import ConfigError, EvomergeError
+from evomerge.methods import get_method
 
 log = logging.getLogger(__name__)
 
@@ -333,6 +334,10 @@ class PsStage:
         refs = list(self.config.source_refs.values()) + ([self.config.base_ref] if self.config.base_ref else [])
         self.workspace = Workspace(refs, template=self.template, device=self.config.device,
                                    dtype=TORCH_DTYPES[self.config.dtype])
+        # statistics of data-aware methods: once per worker, before any trial (not in a trial's time)
+        for kind in dict.fromkeys(m.needs for m in map(get_method, self.config.merge.methods) if m.needs):
+            seconds = self.workspace.ensure_statistics(kind, self.config.calibration_ref)
+            log.info("statistics %s: %.1f s (0 = read from the cache)", kind, seconds)
 
     def prepare_study(self, study: optuna.Study) -> None:
         study.set_user_attr(ATTR_SPACE, {k: list(v) for k, v in self.bounds().items()})

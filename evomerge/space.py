@@ -105,6 +105,8 @@ class Space:
             data["parameters"] = global_params
         if method.stochastic:
             data["random_seed"] = cfg.merge.random_seed
+        if method.needs:
+            data["calibration"] = cfg.calibration_ref.model_dump(mode="json", exclude_defaults=True)
         return Recipe.from_dict(data, "decoded recipe")
 
     def _value(self, params: dict[str, float], knob: str, model: str | None) -> Any:

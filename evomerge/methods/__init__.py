@@ -304,11 +304,12 @@ def run_method(
     tensors: Sequence[Tensor],
     params: Mapping[str, Any],
     generators: Sequence[torch.Generator | None] | None = None,
+    stats: Sequence[Tensor | None] | None = None,
 ) -> Tensor:
     """Apply ``method`` with fully resolved params (globals as scalars, per-model as lists) to
     whole tensors: ``prepare``, its ``reduce``, then one ``combine``. ``generators[i]`` drives
-    model i's random draws."""
-    inputs = WholeInputs(base, tensors, generators)
+    model i's random draws; ``stats[i]`` is model i's statistic (methods with ``needs``)."""
+    inputs = WholeInputs(base, tensors, generators, stats)
     prep = method.prepare(inputs, dict(params))
     prep.reduce(inputs)
     return method.combine(prep, inputs, None)
