@@ -40,9 +40,9 @@ RIDGE = 1e-9  # relative to the mean diagonal of the summed Gram
 
 
 def shrink(gram: Tensor, alpha: float) -> Tensor:
-    """``alpha G + (1 - alpha) diag(G)``."""
+    """``alpha G + (1 - alpha) diag(G)``: the off-diagonal scaled, the diagonal kept exactly."""
     out = gram * alpha
-    out.diagonal().add_(gram.diagonal() * (1.0 - alpha))
+    out.diagonal().copy_(gram.diagonal())
     return out
 
 
