@@ -298,6 +298,7 @@ def collect_grams(model: nn.Module, encoded: list[Tensor], pad_id: int, device: 
     return index
 
 
+@torch.enable_grad()  # callers may run under no_grad (a workspace's load)
 def collect_fisher(model: nn.Module, encoded: list[Tensor], device: torch.device, out: Path) -> dict[str, list[str]]:
     """Diagonal empirical Fisher of every parameter; one file in ``out``; returns the index."""
     from safetensors.torch import save_file
