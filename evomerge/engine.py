@@ -329,16 +329,19 @@ def model_card(recipe: Recipe) -> str:
 
 def merge_to_dir(recipe: Recipe, out_dir: str | Path, *, device: str = "cpu", seed: int | None = None,
                  relative_to: Path | None = None, overwrite: bool = False,
-                 progress: Callable[[int, int, str], None] | None = None) -> Path:
+                 progress: Callable[[int, int, str], None] | None = None,
+                 stats: Statistics | None = None) -> Path:
     """Build the recipe's model and write it (sharded safetensors, config, tokenizer, card) to
-    ``out_dir`` atomically. Every check runs before anything is written."""
+    ``out_dir`` atomically. Every check runs before anything is written. ``stats``: statistics
+    already loaded (:func:`load_statistics`); default: loaded here when the method needs them."""
     dev = resolve_device(device)
     if seed is not None:
         recipe = recipe.model_copy(update={"random_seed": seed})
     sources = open_sources(recipe, relative_to)
     try:
         plan = plan_merge(recipe, sources)
-        stats = load_statistics(recipe, sources, device=dev, relative_to=relative_to)
+        if stats is None:
+            stats = load_statistics(recipe, sources, device=dev, relative_to=relative_to)
         t0 = time.perf_counter()
         tok_path = sources[plan.tokenizer_source].path
         with CheckpointWriter(out_dir, config=plan.config, tokenizer_source=tok_path,

@@ -336,7 +336,8 @@ class PsStage:
                                    dtype=TORCH_DTYPES[self.config.dtype])
         # statistics of data-aware methods: once per worker, before any trial (not in a trial's time)
         for kind in dict.fromkeys(m.needs for m in map(get_method, self.config.merge.methods) if m.needs):
-            seconds = self.workspace.ensure_statistics(kind, self.config.calibration_ref)
+            seconds = self.workspace.ensure_statistics(kind, self.config.calibration_ref,
+                                                       list(self.config.source_refs.values()))
             log.info("statistics %s: %.1f s (0 = read from the cache)", kind, seconds)
 
     def prepare_study(self, study: optuna.Study) -> None:

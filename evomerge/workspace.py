@@ -170,7 +170,7 @@ class Workspace:
 
     def _load(self, recipe: Recipe) -> None:
         if recipe.method.needs and recipe.calibration is not None:
-            self.ensure_statistics(recipe.method.needs, recipe.calibration)
+            self.ensure_statistics(recipe.method.needs, recipe.calibration, recipe.referenced_models())
         start = time.perf_counter()
         plan, structure = self._plan(recipe)
         if plan.num_layers != self.num_layers:
@@ -214,22 +214,28 @@ class Workspace:
         self.recipe = recipe
         self.last_load_seconds = time.perf_counter() - start
 
-    def ensure_statistics(self, kind: str, calibration: Calibration) -> float:
-        """Hold statistics of ``kind`` (a method's ``needs``) of every source on ``calibration``:
-        read from the statistics cache or computed, once per worker (the disk cache makes it once
-        per study). Returns the seconds spent computing; they also add up in ``stats_seconds``,
-        never in a load's seconds. Called by ``load`` for a recipe whose method needs them, or
-        ahead of the first candidate."""
+    def ensure_statistics(self, kind: str, calibration: Calibration, refs: Sequence[str] | None = None) -> float:
+        """Hold statistics of ``kind`` (a method's ``needs``) on ``calibration`` for the sources
+        ``refs`` (default: all): read from the statistics cache or computed, once per worker (the
+        disk cache makes it once per study). Returns the seconds spent computing; they also add up
+        in ``stats_seconds``, never in a load's seconds. Called by ``load`` for a recipe whose
+        method needs them, or ahead of the first candidate."""
         key = calibration.model_dump_json()
-        if self._stats_cal.get(kind) == key:
-            return 0.0
-        if kind in self._stats_cal:
+        if kind in self._stats_cal and self._stats_cal[kind] != key:
             raise MergeError("calibration: changed between candidates of one workspace; use one calibration per study")
-        refs = {ref: ck.path for ref, ck in self.sources.items()}
-        self._stats[kind] = statistics_for(kind, refs, calibration.resolved(None), device=self.device)
+        held = self._stats.get(kind)
+        missing = {ref: self.sources[ref].path for ref in (refs if refs is not None else self.sources)
+                   if held is None or ref not in held.folders}
+        if not missing:
+            return 0.0
+        got = statistics_for(kind, missing, calibration.resolved(None), device=self.device)
+        if held is None:
+            self._stats[kind] = got
+        else:
+            held.folders.update(got.folders)
         self._stats_cal[kind] = key
-        self.stats_seconds += self._stats[kind].seconds
-        return self._stats[kind].seconds
+        self.stats_seconds += got.seconds
+        return got.seconds
 
     def _stat(self, kind: str | None, ref: TensorRef) -> Tensor | None:
         stats = self._stats.get(kind) if kind else None

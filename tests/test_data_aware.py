@@ -327,3 +327,16 @@ def test_short_search_over_regmean_and_fisher_knobs(tiny_models, tiny_task_dir, 
     text = path.read_text()
     assert "evomerge extension" in text and "mergekit-yaml refuses" in text and "--merge" in text
     assert Recipe.from_yaml(path) == recipe
+
+
+# --------------------------------------------------------------------------- planner estimate
+def test_statistics_estimate_for_a_7b_model():
+    from evomerge.dryrun import KNOWN_MODELS, ModelFacts, statistics_estimate
+
+    facts = ModelFacts("meta-llama/Llama-2-7b-hf", KNOWN_MODELS["meta-llama/Llama-2-7b-hf"], "table", True)
+    peak, seconds, lines = statistics_estimate("gram", facts, 2, 64, 256, "cuda")
+    layer_grams = (3 * 4096 ** 2 + 11008 ** 2) * 4  # q/k/v, o, gate/up and down inputs, float32
+    assert peak == facts.params * 4 + layer_grams + 2 * 64 * 256 * 4096 * 4
+    assert seconds > 0 and "estimate" in lines[0] and "regmean per trial" in lines[1]
+    peak_f, _, lines_f = statistics_estimate("fisher", facts, 2, 64, 256, "cuda")
+    assert peak_f > 2 * facts.params * 4 and "fisher" in lines_f[0]
