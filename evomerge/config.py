@@ -23,6 +23,7 @@ from typing import Any, Literal, Sequence, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
+from evomerge.calibration import Calibration
 from evomerge.configfile import IDENTIFIER, YamlConfig, check_file_name
 from evomerge.errors import ConfigError
 from evomerge.files import resolve_ref
@@ -333,6 +334,8 @@ class SearchConfig(_Strict, YamlConfig):
     # with more or fewer workers, on one machine or a cluster.
     workers: int | None = Field(None, ge=1)  # None: one per visible GPU (device cuda), else 1
     ray_address: str | None = None  # join a running Ray cluster (`ray start --head`); None: local
+    # data for data-aware methods (fisher, regmean; an evomerge extension), paths relative to this file
+    calibration: Calibration | None = None
     root: Path = Field(default=Path("."), exclude=True)  # the config file's folder
 
     @field_validator("study")
@@ -366,6 +369,9 @@ class SearchConfig(_Strict, YamlConfig):
                 raise ValueError(f"models: {name} takes {method.min_models}"
                                  f"{'' if method.max_models == method.min_models else '+' if method.max_models is None else f'-{method.max_models}'}"
                                  f" model(s) besides the base, got {n}")
+            if method.needs and self.calibration is None:
+                raise ValueError(f"calibration: merge method {name} needs calibration data; add "
+                                 "calibration: {data: FILE.txt|FILE.jsonl|TASK.yaml|lm-eval task, n: 64}")
             for p in method.params:
                 if p.required and p.name not in self.merge.search and p.name not in self.merge.fixed:
                     raise ValueError(f"merge.search: {name} needs '{p.name}'; search it or set it under merge.fixed")
@@ -462,6 +468,11 @@ class SearchConfig(_Strict, YamlConfig):
         tok = self.merge.tokenizer_source
         return self.source_refs[tok] if tok in self.models else tok
 
+    @property
+    def calibration_ref(self) -> Calibration | None:
+        """``calibration`` with its paths relative to the config's folder made absolute."""
+        return None if self.calibration is None else self.calibration.resolved(self.root)
+
     def search_relevant(self) -> dict[str, Any]:
         """The parts whose change makes an existing study's trials incomparable."""
         return {
@@ -473,6 +484,8 @@ class SearchConfig(_Strict, YamlConfig):
             "sampler": self.sampler.model_dump(mode="json"),
             "seed": self.seed,
             "dtype": self.dtype,
+            # only when set: studies without calibration keep their fingerprints
+            **({"calibration": self.calibration_ref.model_dump(mode="json")} if self.calibration else {}),
         }
 
     def dfs_relevant(self) -> dict[str, Any]:

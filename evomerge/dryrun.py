@@ -26,6 +26,7 @@ from evomerge.config import FitnessTask, PromptSource, SearchConfig
 from evomerge.errors import CheckpointError, ConfigError
 from evomerge.evaluate import load_tasks, local_tasks, select_split
 from evomerge.moe_stage import MoeSpace
+from evomerge.methods import get_method
 from evomerge.planner import GiB, Item, MemoryPlan, fmt_bytes, make_plan
 
 if TYPE_CHECKING:
@@ -61,6 +62,9 @@ RECOMPUTE_PASSES = 4  # a cache built per candidate (topk/sort/Bernoulli): this 
 MERGE_PASSES = 8  # the merge arithmetic (deltas, masks, sign election, sums): passes over float32 inputs
 TOKENS_PER_S_7B = {"cuda": (2.0e4, 1.0e3), "cpu": (50.0, 5.0)}  # (prompt, generated) tokens/s, batched, 7B
 STORED_BYTES_ASSUMED = 2  # bytes per parameter of a checkpoint whose config was not read (16-bit)
+# statistics of data-aware methods (evomerge.statistics): sustained float32 / float64 FLOP/s
+STATS_FLOPS = {"cuda": (5.0e13, 3.0e13), "cpu": (1.0e11, 2.0e10)}
+FISHER_BATCH_EFFICIENCY = 0.3  # one example per backward pass: small matmuls use the device poorly
 
 
 @dataclass(frozen=True)
@@ -271,6 +275,53 @@ def ps_memory(cfg: SearchConfig, facts: dict[str, ModelFacts], device_free: int 
     return plan
 
 
+def statistics_estimate(kind: str, facts: ModelFacts, n_models: int, examples: int, max_length: int,
+                        device: str) -> tuple[float, float, list[str]]:
+    """Statistics of ``kind`` (``gram``/``fisher``) for ``n_models`` models like ``facts``: (peak
+    memory bytes, seconds for all models, lines saying how), plus for ``gram`` RegMean's per-trial
+    solves. An estimate from FLOP counts at the assumed rates, not a measurement."""
+    c = facts.config
+    h, inter, heads = int(c["hidden_size"]), int(c["intermediate_size"]), int(c["num_attention_heads"])
+    head_dim = int(c.get("head_dim") or h // heads)
+    layers, params = facts.num_layers, facts.params
+    kind_dev = "cuda" if device.startswith("cuda") else "cpu"
+    f32, f64 = STATS_FLOPS[kind_dev]
+    tokens = examples * max_length
+    model_bytes = params * 4  # statistics load the model in float32
+    forward = 2 * params * tokens
+    inputs = [h, heads * head_dim, h, inter]  # distinct linear inputs per layer: q/k/v, o, gate/up, down
+    per_layer_gram = sum(d * d for d in inputs) * 4
+    lines = []
+    if kind == "gram":
+        hidden_bytes = 2 * tokens * h * 4  # the examples' hidden states, in and out of one layer
+        peak = model_bytes + per_layer_gram + hidden_bytes
+        flops = forward + layers * 2 * tokens * sum(d * d for d in inputs)
+        seconds = n_models * flops / f32
+        disk = n_models * layers * per_layer_gram
+        solves = layers * (3 * 2 / 3 * h ** 3 + (2 / 3) * (heads * head_dim) ** 3 + 2 * 2 / 3 * h ** 3
+                           + 2 / 3 * inter ** 3)  # one float64 LU per linear weight (7 per layer)
+        lines.append(f"statistics gram (estimate): {examples} examples x {max_length} tokens per model; peak "
+                     f"{fmt_bytes(peak)} (float32 model {fmt_bytes(model_bytes)} + one layer's Grams "
+                     f"{fmt_bytes(per_layer_gram)} + hidden states {fmt_bytes(hidden_bytes)}); cache on disk "
+                     f"{fmt_bytes(disk)}; {seconds:.0f} s for {n_models} model(s) at {f32 / 1e12:g} TFLOP/s float32")
+        lines.append(f"regmean per trial (estimate): {solves:.2g} float64 FLOP of solves = {solves / f64:.1f} s "
+                     f"at {f64 / 1e12:g} TFLOP/s, plus reading {fmt_bytes(n_models * layers * per_layer_gram)} of "
+                     "Grams where the memory plan keeps none")
+    else:
+        # activations kept for one example's backward, float32 (Korthikanti et al. 2022's per-layer
+        # count s*h*(34 + 5*a*s/h) bytes at 16 bits, doubled), plus the logits and their gradient
+        acts = 2 * layers * max_length * h * (34 + 5 * heads * max_length / h) + 3 * max_length * int(c["vocab_size"]) * 4
+        peak = int(2 * model_bytes + acts)
+        flops = 3 * forward
+        seconds = n_models * flops / (f32 * FISHER_BATCH_EFFICIENCY)
+        lines.append(f"statistics fisher (estimate): {examples} examples x {max_length} tokens, one backward each; "
+                     f"peak about {fmt_bytes(peak)} (float32 model and float32 accumulator, {fmt_bytes(model_bytes)} "
+                     f"each, + one example's activations {fmt_bytes(int(acts))}); cache on disk {fmt_bytes(n_models * model_bytes)}; {seconds:.0f} s for "
+                     f"{n_models} model(s) at {f32 * FISHER_BATCH_EFFICIENCY / 1e12:g} TFLOP/s effective")
+    lines.append("  computed once per study (cached on disk), before the first trial; not part of a trial's time")
+    return peak, seconds, lines
+
+
 def merge_seconds(plan: MemoryPlan, out_bytes: int) -> tuple[float, str]:
     """One pass over every merge input from where it lives, recomputed caches RECOMPUTE_PASSES
     times, the arithmetic MERGE_PASSES times over the sources in float32, plus writing the merged
@@ -399,6 +450,10 @@ def plan_stages(cfg: SearchConfig, facts: dict[str, ModelFacts], device_free: in
             eval_t, eval_lines = eval_seconds(cfg, template.params)
             sp.seconds = n_merges * merge_t + eval_t
             sp.time_lines = [f"{merge_line}: {merge_t:.1f} s x {n_merges} merge(s)", *eval_lines]
+            for kind in dict.fromkeys(m.needs for m in map(get_method, cfg.merge.methods) if m.needs):
+                cal = cfg.calibration
+                _, _, stat_lines = statistics_estimate(kind, template, len(cfg.models), cal.n, cal.max_length, cfg.device)
+                sp.time_lines += stat_lines
         elif stage == "moe":
             n_cand = len(cfg.models) if cfg.moe.candidates == "parents" else cfg.moe.top_k
             names = list(MoeSpace(tuple(cfg.moe.prompts), tuple(f"c{i}" for i in range(n_cand)),

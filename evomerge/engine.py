@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
@@ -25,6 +26,7 @@ from evomerge.recipe import OutputSlice, Params, Recipe, SliceSource, TokenSourc
 from evomerge.sources import open_model, parse_reference
 from evomerge.tokenizer import Vocabulary, build_vocabulary
 from evomerge.vocabulary import AlignedCheckpoint, Aligner
+from evomerge.statistics import Statistics, statistics_for
 
 log = logging.getLogger(__name__)
 
@@ -333,8 +335,10 @@ def all_finite(t: torch.Tensor) -> torch.Tensor:
 
 
 def execute_task(task: TensorTask, method: Method, fetch: Callable[[TensorRef], Tensor], *, seed: int,
-                 device: torch.device, compute_dtype: torch.dtype = torch.float32) -> Tensor:
-    """Merge one tensor; returns it in ``compute_dtype`` on ``device``."""
+                 device: torch.device, compute_dtype: torch.dtype = torch.float32,
+                 stats: Statistics | None = None) -> Tensor:
+    """Merge one tensor; returns it in ``compute_dtype`` on ``device``. ``stats``: the
+    statistics a method with ``needs`` reads (see :func:`load_statistics`)."""
     base = fetch(task.base).to(device=device, dtype=compute_dtype) if task.base else None
     xs = [fetch(r).to(device=device, dtype=compute_dtype) for r in task.inputs]
     if task.is_embed:
@@ -343,14 +347,33 @@ def execute_task(task: TensorTask, method: Method, fetch: Callable[[TensorRef], 
             log.warning("%s: vocabulary sizes differ; keeping the first %d rows", task.out_name, rows)
             base = base[:rows] if base is not None else None
             xs = [x[:rows] for x in xs]
-    out = run_method(method, base, xs, task.params, generators_for(task, method, seed, device))
+    per_model = None
+    if method.needs:
+        if stats is None:
+            raise MergeError(f"{task.out_name}: merge_method {method.name} needs {method.needs} statistics")
+        per_model = [stats.get(m, name) for m, name in task.inputs]
+    out = run_method(method, base, xs, task.params, generators_for(task, method, seed, device), per_model)
     if not all_finite(out):
         raise MergeError(f"{task.out_name}: the merge produced non-finite values (NaN or inf)")
     return out
 
 
+def load_statistics(recipe: Recipe, sources: Mapping[str, Checkpoint], *, device: str | torch.device = "cpu",
+                    relative_to: Path | None = None) -> Statistics | None:
+    """The statistics the recipe's method ``needs`` (None if none), from the recipe's
+    ``calibration`` data: read from the statistics cache, or computed and cached."""
+    need = recipe.method.needs
+    if need is None:
+        return None
+    if recipe.calibration is None:  # Recipe validation refuses this; kept for hand-built recipes
+        raise ConfigError(f"calibration: merge_method {recipe.merge_method} needs calibration data")
+    cal = recipe.calibration.resolved(relative_to)
+    return statistics_for(need, {ref: ck.path for ref, ck in sources.items()}, cal, device=device)
+
+
 def iter_merged(plan: MergePlan, sources: Mapping[str, Checkpoint], *, device: str | torch.device = "cpu",
-                compute_dtype: torch.dtype = torch.float32, seed: int | None = None) -> Iterator[tuple[str, Tensor]]:
+                compute_dtype: torch.dtype = torch.float32, seed: int | None = None,
+                stats: Statistics | None = None) -> Iterator[tuple[str, Tensor]]:
     """Yield ``(name, tensor)`` for every output tensor, in ``plan.out_dtype`` on ``device``."""
     device = torch.device(device)
     seed = plan.recipe.seed if seed is None else seed
@@ -359,7 +382,8 @@ def iter_merged(plan: MergePlan, sources: Mapping[str, Checkpoint], *, device: s
         return sources[ref[0]].get(ref[1], device=device)
 
     for task in plan.tasks:
-        out = execute_task(task, plan.method, fetch, seed=seed, device=device, compute_dtype=compute_dtype)
+        out = execute_task(task, plan.method, fetch, seed=seed, device=device, compute_dtype=compute_dtype,
+                           stats=stats)
         yield task.out_name, out.to(plan.out_dtype)
 
 
@@ -393,10 +417,13 @@ def merge_to_dir(recipe: Recipe, out_dir: str | Path, *, device: str = "cpu", se
                  relative_to: Path | None = None, overwrite: bool = False,
                  progress: Callable[[int, int, str], None] | None = None, recipe_yaml: str | None = None,
                  copy_tokenizer: bool = True, write_card: bool = True,
-                 max_shard_bytes: int = DEFAULT_SHARD_BYTES, allow_crimes: bool = False) -> Path:
+                 max_shard_bytes: int = DEFAULT_SHARD_BYTES, allow_crimes: bool = False,
+                 stats: Statistics | None = None) -> Path:
     """Build the recipe's model and write it (sharded safetensors, config, tokenizer, card, the
     recipe as ``mergekit_config.yml``) to ``out_dir`` atomically. Every check runs before anything
-    is written. ``recipe_yaml``: the recipe's text as the user wrote it (default: dumped)."""
+    is written. ``recipe_yaml``: the recipe's text as the user wrote it (default: dumped).
+    ``stats``: statistics already loaded (:func:`load_statistics`); default: loaded here when the
+    method needs them."""
     dev = resolve_device(device)
     if seed is not None:
         recipe = recipe.model_copy(update={"random_seed": seed})
@@ -404,15 +431,20 @@ def merge_to_dir(recipe: Recipe, out_dir: str | Path, *, device: str = "cpu", se
     text = recipe_yaml if recipe_yaml is not None else recipe.to_yaml()
     plan, sources, vocab = prepare(recipe, relative_to, allow_crimes=allow_crimes)
     try:
+        if stats is None:
+            stats = load_statistics(recipe, sources, device=dev, relative_to=relative_to)
+        t0 = time.perf_counter()
         tok_path = sources[plan.tokenizer_source].path if copy_tokenizer else None
         with CheckpointWriter(out_dir, config=plan.config, tokenizer_source=tok_path,
                               model_card=model_card(recipe, text) if write_card else None, overwrite=overwrite,
                               recipe_yaml=text, max_shard_bytes=max_shard_bytes,
                               tokenizer=vocab.tokenizer if vocab is not None and copy_tokenizer else None) as writer:
-            for i, (name, tensor) in enumerate(iter_merged(plan, sources, device=dev)):
+            for i, (name, tensor) in enumerate(iter_merged(plan, sources, device=dev, stats=stats)):
                 writer.add(name, tensor.cpu())
                 if progress:
                     progress(i + 1, len(plan.tasks), name)
+        if stats is not None:
+            log.info("statistics %.1f s (0 = from the cache), merge %.1f s", stats.seconds, time.perf_counter() - t0)
         return Path(out_dir)
     finally:
         for ck in sources.values():
@@ -423,7 +455,9 @@ def merge_in_memory(recipe: Recipe, *, device: str = "cpu", relative_to: Path | 
     """The merged state dict (tests, small models)."""
     plan, sources, _ = prepare(recipe, relative_to)
     try:
-        return dict(iter_merged(plan, sources, device=resolve_device(device)))
+        dev = resolve_device(device)
+        stats = load_statistics(recipe, sources, device=dev, relative_to=relative_to)
+        return dict(iter_merged(plan, sources, device=dev, stats=stats))
     finally:
         for ck in sources.values():
             ck.close()

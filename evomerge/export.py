@@ -39,7 +39,7 @@ def trial_recipe(study: optuna.Study, number: int | None = None) -> tuple[Recipe
     return Recipe.from_dict(data, f"trial {trial.number} recipe"), trial
 
 
-def recipe_header(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> str:
+def recipe_header(study: optuna.Study, trial: optuna.trial.FrozenTrial, recipe: Recipe | None = None) -> str:
     lines = [f"# exported by evomerge from study {study.study_name!r}, trial {trial.number}"]
     fit = trial_fitness(trial)
     if fit is not None:
@@ -49,7 +49,12 @@ def recipe_header(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> str:
     note = baseline_note(study, trial)
     if note:
         lines.append(f"# {note}")
-    lines.append("# build it with `evomerge merge THIS.yml OUT` (or mergekit-yaml; random_seed is evomerge's)")
+    if recipe is not None and recipe.method.needs:
+        lines += [f"# evomerge extension: merge_method {recipe.merge_method} and the calibration block are not",
+                  "# mergekit's; mergekit-yaml refuses this recipe. Build it with `evomerge merge THIS.yml OUT`,",
+                  f"# or export the merged checkpoint: `evomerge export --study {study.study_name} --merge OUT`"]
+    else:
+        lines.append("# build it with `evomerge merge THIS.yml OUT` (or mergekit-yaml; random_seed is evomerge's)")
     lines.append("# relative model paths are relative to the search config's folder: put this file there and run it from there")
     return "\n".join(lines) + "\n"
 
@@ -72,7 +77,7 @@ def export_recipe(study: optuna.Study, out: str | Path, number: int | None = Non
     """Write the trial's recipe. For a dfs trial it is a passthrough recipe, preceded by comments
     on what mergekit cannot express (input scales, embeddings/head of the host)."""
     recipe, trial = trial_recipe(study, number)
-    path = write_atomic(out, recipe_header(study, trial) + _recipe_body(study, trial, recipe))
+    path = write_atomic(out, recipe_header(study, trial, recipe) + _recipe_body(study, trial, recipe))
     return path, recipe, trial
 
 

@@ -38,6 +38,8 @@ PRIORITY = {
     "row ranks": 2,
     "magnitude ranks": 3,
     "bernoulli thresholds": 4,
+    "gram": 5,  # statistics of data-aware methods; "recompute" = re-read from the statistics cache
+    "fisher": 6,
 }
 
 

@@ -3,9 +3,11 @@
 Supported keys: ``merge_method``, ``models`` (each ``model`` + ``parameters``), ``base_model``,
 ``parameters`` (global), ``slices`` (``sources`` with ``model``/``layer_range``/``parameters``,
 optional per-slice ``base_model``/``parameters``), ``dtype``, ``out_dtype``, ``tokenizer_source``
-(``base``, ``union`` or a model) or the ``tokenizer`` block (see :class:`TokenizerBlock`), and
-evomerge's ``random_seed`` (seeds DARE/DELLA masks; mergekit ignores it). A model is written as
-mergekit writes it: ``model[@revision][+lora]`` (see :mod:`evomerge.sources`).
+(``base``, ``union`` or a model) or the ``tokenizer`` block (see :class:`TokenizerBlock`),
+evomerge's ``random_seed`` (seeds DARE/DELLA masks; mergekit ignores it) and evomerge's
+``calibration`` (the data of data-aware methods, Fisher and RegMean: see :mod:`evomerge.calibration`;
+mergekit has neither the key nor the methods, so ``mergekit-yaml`` refuses such a recipe). A model
+is written as mergekit writes it: ``model[@revision][+lora]`` (see :mod:`evomerge.sources`).
 
 A parameter value is a scalar, a *gradient* (a list of numbers interpolated across the layers of
 a slice, as mergekit does), or a list of ``{filter, value}`` entries: the first entry whose
@@ -22,6 +24,7 @@ from typing import Annotated, Any, Iterator, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from evomerge.calibration import Calibration
 from evomerge.errors import ConfigError
 from evomerge.files import read_yaml
 from evomerge.methods import METHODS, Method, get_method
@@ -119,6 +122,7 @@ class Recipe(_Strict):
     tokenizer_source: str | None = None
     tokenizer: TokenizerBlock | None = None
     random_seed: int | None = None
+    calibration: Calibration | None = None  # evomerge extension: data for methods with ``needs``
 
     # ----------------------------------------------------------------- validation
     @model_validator(mode="after")
@@ -140,6 +144,11 @@ class Recipe(_Strict):
                     raise ValueError(f"slices.{i}.base_model: merge_method {method.name} needs a base model")
                 if base not in [src.model for src in s.sources]:
                     raise ValueError(f"slices.{i}: base model {base!r} must be one of the slice's sources")
+        if method.needs and self.calibration is None:
+            raise ValueError(f"calibration: merge_method {method.name} needs calibration data (an evomerge "
+                             "extension): add calibration: {data: FILE.txt|FILE.jsonl|TASK.yaml|lm-eval task, n: 64}")
+        if self.calibration is not None and not method.needs:
+            log.warning("calibration: not used by merge_method %s; ignored", method.name)
         for where, params in self._param_blocks():
             _check_params(method, where, params)
         self._check_counts(method)

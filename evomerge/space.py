@@ -107,6 +107,8 @@ class Space:
             data["random_seed"] = cfg.merge.random_seed
         if cfg.tokenizer_ref is not None:
             data["tokenizer_source"] = cfg.tokenizer_ref
+        if method.needs:
+            data["calibration"] = cfg.calibration_ref.model_dump(mode="json", exclude_defaults=True)
         return Recipe.from_dict(data, "decoded recipe")
 
     def _value(self, params: dict[str, float], knob: str, model: str | None) -> Any:

@@ -83,6 +83,11 @@ class PsStage:
         self.workspace = Workspace(refs, template=self.template, device=self.config.device,
                                    dtype=TORCH_DTYPES[self.config.dtype], tokenizer_source=self.config.tokenizer_ref,
                                    base=self.config.base_ref if uses_base else None)
+        # statistics of data-aware methods: once per worker, before any trial (not in a trial's time)
+        for kind in dict.fromkeys(m.needs for m in map(get_method, self.config.merge.methods) if m.needs):
+            seconds = self.workspace.ensure_statistics(kind, self.config.calibration_ref,
+                                                       list(self.config.source_refs.values()))
+            log.info("statistics %s: %.1f s (0 = read from the cache)", kind, seconds)
 
     def prepare_study(self, study: optuna.Study) -> None:
         study.set_user_attr(ATTR_SPACE, {k: list(v) for k, v in self.bounds().items()})

@@ -55,9 +55,11 @@ from evomerge.errors import CheckpointError, MergeError
 from evomerge.methods import Method
 from evomerge.methods.steps import Cache
 from evomerge.planner import Item, MemoryPlan, make_plan
+from evomerge.calibration import Calibration
 from evomerge.recipe import Recipe
 from evomerge.sources import open_model
 from evomerge.tokenizer import Vocabulary, build_vocabulary
+from evomerge.statistics import Statistics, statistics_for
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +146,9 @@ class Workspace:
         self.recipe: Recipe | None = None
         self._out_dtype = dtype
         self.last_load_seconds: float | None = None
+        self._stats: dict[str, Statistics] = {}  # by kind: what methods with ``needs`` read
+        self._stats_cal: dict[str, str] = {}  # by kind: the calibration they were computed on
+        self.stats_seconds = 0.0  # spent computing statistics (not part of any load's seconds)
         self.kernels = None
         self.kernel_error: str | None = None
         if fused is None:
@@ -186,6 +191,8 @@ class Workspace:
             torch.set_num_threads(threads)
 
     def _load(self, recipe: Recipe) -> None:
+        if recipe.method.needs and recipe.calibration is not None:
+            self.ensure_statistics(recipe.method.needs, recipe.calibration, recipe.referenced_models())
         start = time.perf_counter()
         plan, structure = self._plan(recipe)
         if plan.num_layers != self.num_layers:
@@ -229,6 +236,33 @@ class Workspace:
         self.recipe = recipe
         self.last_load_seconds = time.perf_counter() - start
 
+    def ensure_statistics(self, kind: str, calibration: Calibration, refs: Sequence[str] | None = None) -> float:
+        """Hold statistics of ``kind`` (a method's ``needs``) on ``calibration`` for the sources
+        ``refs`` (default: all): read from the statistics cache or computed, once per worker (the
+        disk cache makes it once per study). Returns the seconds spent computing; they also add up
+        in ``stats_seconds``, never in a load's seconds. Called by ``load`` for a recipe whose
+        method needs them, or ahead of the first candidate."""
+        key = calibration.model_dump_json()
+        if kind in self._stats_cal and self._stats_cal[kind] != key:
+            raise MergeError("calibration: changed between candidates of one workspace; use one calibration per study")
+        held = self._stats.get(kind)
+        missing = {ref: self.sources[ref].path for ref in (refs if refs is not None else self.sources)
+                   if held is None or ref not in held.folders}
+        if not missing:
+            return 0.0
+        got = statistics_for(kind, missing, calibration.resolved(None), device=self.device)
+        if held is None:
+            self._stats[kind] = got
+        else:
+            held.folders.update(got.folders)
+        self._stats_cal[kind] = key
+        self.stats_seconds += got.seconds
+        return got.seconds
+
+    def _stat(self, kind: str | None, ref: TensorRef) -> Tensor | None:
+        stats = self._stats.get(kind) if kind else None
+        return None if stats is None else stats.get(*ref)
+
     def _untie_head(self, name: str) -> Tensor | None:
         """Give the live model a head of its own (a merge of tied and untied sources writes one);
         None if the model has no parameter ``name`` at all."""
@@ -262,7 +296,8 @@ class Workspace:
     def describe(self) -> dict[str, Any]:
         n = sum(p.numel() for p in self.model.parameters())
         out: dict[str, Any] = {"device": str(self.device), "parameters": n, "sources": len(self.sources),
-                               "fused_kernels": self.kernels is not None, "kernel_error": self.kernel_error}
+                               "fused_kernels": self.kernels is not None, "kernel_error": self.kernel_error,
+                               "statistics_seconds": round(self.stats_seconds, 2)}
         if self.memory is not None:
             out["memory_plan"] = self.memory.summary()
             out["placements"] = self.memory.counts()
@@ -499,6 +534,7 @@ class _TaskInputs:
     def __init__(self, ws: Workspace, task: TensorTask, method: Method, seed: int, rows: int | None):
         self.ws, self.task, self.rows = ws, task, rows
         self._stochastic, self._seed = method.stochastic, seed
+        self._needs = method.needs
         self.shape = ws._shape(task, rows)
         self.numel = 1
         for s in self.shape:
@@ -562,6 +598,10 @@ class _TaskInputs:
 
     def map_chunks(self, fn: Callable[[slice], Any]) -> list[Any]:
         return self.ws._map_chunks(self.numel, fn)
+
+    def stat(self, i: int) -> Tensor | None:
+        t = self.ws._stat(self._needs, self._ref(i))
+        return None if t is None else t.to(self.device)
 
 
 # --------------------------------------------------------------------------- plan structure

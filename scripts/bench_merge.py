@@ -99,6 +99,30 @@ def write_models(root: Path, shape: dict[str, int], sources: int, dtype: torch.d
     return refs
 
 
+CALIBRATION_WORDS = "the a of to and in is it you that he was for on are with as i his they be at one have this".split()
+
+
+def write_calibration(root: Path, refs: list[str]) -> Path:
+    """For data-aware methods (``needs``): a word-level tokenizer in every checkpoint (ids below
+    the vocabulary size) and a calibration text of 32 pseudo-sentences."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", *CALIBRATION_WORDS])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    for ref in refs:
+        if not (Path(ref) / "tokenizer.json").exists():
+            fast.save_pretrained(ref)
+    g = torch.Generator().manual_seed(0)
+    lines = [" ".join(CALIBRATION_WORDS[int(k)] for k in torch.randint(len(CALIBRATION_WORDS), (64,), generator=g))
+             for _ in range(32)]
+    path = root / "calibration.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 # --------------------------------------------------------------------------- recipes
 def _frac(x: float) -> float:
     return x - math.floor(x)
@@ -128,6 +152,11 @@ def recipe_for(method: str, refs: list[str], j: int, dtype: str) -> dict[str, An
                  + [{"model": base}])
     elif method == "passthrough":
         r["models"] = [{"model": fts[0], "parameters": {"scale": round(0.8 + 0.4 * _frac(0.61 * j), 4)}}]
+    elif m.needs:  # data-aware: statistics on calibration text (write_calibration), per-trial knobs vary
+        r["models"] = [{"model": x, "parameters": {"weight": w(i)}} for i, x in enumerate(fts)]
+        r["parameters"] = ({"alpha": round(0.5 + 0.5 * _frac(0.61 * j), 4)} if method == "regmean"
+                           else {"fisher_floor": 1e-6})
+        r["calibration"] = {"data": str(Path(base).parent / "calibration.txt"), "n": 32, "max_length": 64}
     elif method == "model_stock":
         r.update(base_model=base, models=[{"model": x} for x in fts] + [{"model": base}])
     elif method == "sce":
@@ -279,6 +308,8 @@ def main() -> int:
         else:
             refs = write_models(root, shape, args.sources, dtype, "cuda" if device.type == "cuda" else "cpu")
         log(f"checkpoints: {shape} x {args.sources + 1} in {root} ({time.perf_counter() - t0:.1f} s)")
+        if any(METHODS[m].needs for m in methods):
+            write_calibration(root, refs)
         sources = {r: Checkpoint.open(r) for r in refs}
         n_params = sum(math.prod(sources[refs[0]].shape(n)) for n in sources[refs[0]].tensor_names())
         limit = parse_count(args.memory_limit) if args.memory_limit else None
@@ -297,9 +328,11 @@ def main() -> int:
             floor_ms = (nread + nwritten) / bw * 1e3
             sync(device)
             t0 = time.perf_counter()
-            ws.load(parsed[0])  # builds this method's caches
+            stats_before = ws.stats_seconds
+            ws.load(parsed[0])  # builds this method's caches (and statistics, for a method with needs)
             sync(device)
-            setup = time.perf_counter() - t0
+            stats_s = ws.stats_seconds - stats_before
+            setup = time.perf_counter() - t0 - stats_s
             times = []
             for rec in parsed[1:]:
                 sync(device)
@@ -311,7 +344,9 @@ def main() -> int:
             row: dict[str, Any] = {"method": method, "ours_ms": ours, "ours_ms_all": times, "setup_s": setup,
                                    "floor_ms": floor_ms, "ratio_to_floor": ours / floor_ms,
                                    "bytes_read": nread, "bytes_written": nwritten}
-            if mergekit is not None:
+            if METHODS[method].needs:
+                row["statistics_s"] = stats_s  # computed once (then cached on disk), not in setup_s
+            if mergekit is not None and not METHODS[method].needs:  # mergekit has no data-aware method
                 try:
                     mk_times = []
                     warm = 1 if args.mergekit_warmup == "each" or not mk_warmed else 0
@@ -331,7 +366,8 @@ def main() -> int:
             results.append(row)
             mk = (f"  mergekit {row['mergekit_ms']:9.1f} ms  x{row['speedup_vs_mergekit']:.1f}"
                   if "mergekit_ms" in row else (f"  mergekit: {row['mergekit_error']}" if "mergekit_error" in row else ""))
-            log(f"{method:<17} {ours:9.2f} ms  floor {floor_ms:8.2f} ms  x{ours / floor_ms:5.1f}  setup {setup:6.2f} s{mk}")
+            st = f"  statistics {stats_s:6.2f} s" if METHODS[method].needs else ""
+            log(f"{method:<17} {ours:9.2f} ms  floor {floor_ms:8.2f} ms  x{ours / floor_ms:5.1f}  setup {setup:6.2f} s{st}{mk}")
         if args.show_plan:
             log(ws.memory_table())
         info = {

@@ -12,6 +12,8 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# statistics of data-aware methods (evomerge.statistics) are cached here, not in ~/.cache
+os.environ.setdefault("EVOMERGE_STATS_CACHE", __import__("tempfile").mkdtemp(prefix="evomerge-stats-"))
 
 import json
 import textwrap

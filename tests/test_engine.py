@@ -180,6 +180,9 @@ def test_every_method_builds_a_loadable_model(four, tmp_path):
                 data["base_model"] = base
             data["models"] = [{"model": m["model"], "parameters": {k: v for k, v in m["parameters"].items() if method.param(k)}}
                               for m in data["models"]]
+        if method.needs:  # data-aware: a few lines of calibration text
+            (tmp_path / "cal.txt").write_text("one two three\nfour five six seven\n")
+            data["calibration"] = {"data": str(tmp_path / "cal.txt"), "n": 2, "max_length": 16}
         out = merge_to_dir(recipe({"merge_method": name, **data}), tmp_path / name)
         model = AutoModelForCausalLM.from_pretrained(out)
         logits = model(torch.tensor([[1, 8, 9, 10]])).logits

@@ -139,8 +139,9 @@ def test_each_models_vocabulary_rows_equal_mergekits_exactly(vocab_models, tmp_p
         n = len(vocab.vocab)
         for name in VOCAB_TENSORS:
             assert torch.equal(ours[name][:n], theirs[name][:n]), (key, name)
-            # padding rows are the mean of the rows, summed in id order (which mergekit shuffles)
-            torch.testing.assert_close(ours[name][n:], theirs[name][n:], rtol=0, atol=1e-8)
+            # padding rows are the mean of the rows, summed in id order (which mergekit shuffles from
+            # run to run): summation-order rounding over ~12 float32 rows, a few ulps (rtol 1e-6)
+            torch.testing.assert_close(ours[name][n:], theirs[name][n:], rtol=1e-6, atol=1e-8)
 
 
 def test_union_vocabulary_known_answer(vocab_models):

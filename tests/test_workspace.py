@@ -93,6 +93,12 @@ def recipes_for(method: str, m: dict[str, str], dtype: str | None = None) -> lis
         elif method == "sce":
             r = {"models": [{"model": a}, {"model": b}, {"model": c}, {"model": base}], "base_model": base,
                  "parameters": {"select_topk": [1.0, _attn_split(0.4, 0.7), [0.3, 0.8]][j]}}
+        elif METHODS[method].needs:  # data-aware (fisher, regmean): statistics from calibration text
+            cal = Path(a).parent / "cal.txt"
+            cal.write_text("one two three\nfour five six seven\neight nine\n")
+            models = [{"model": x, "parameters": {"weight": gta[k]["weight"]}} for k, x in (("a", a), ("b", b), ("c", c))]
+            glob = {"alpha": [0.9, 0.5 + s]} if method == "regmean" else {"fisher_floor": [1e-6, 1e-3, 1e-8][j]}
+            r = {"models": models, "parameters": glob, "calibration": {"data": str(cal), "n": 3, "max_length": 16}}
         elif method == "passthrough":
             r = {"slices": [{"sources": [{"model": a, "layer_range": [0, 2], "parameters": {"scale": [1.0, 1.5 + s]}}]},
                             {"sources": [{"model": b, "layer_range": [2, 3], "parameters": {"scale": 0.5 + s}}]}]}

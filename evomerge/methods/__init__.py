@@ -38,7 +38,10 @@ from evomerge.methods.interpolate import (
     slerp_prepare,
     weighted_sum_combine,
 )
+from evomerge.methods.fisher import (FISHER_FLOOR, fisher_caches, fisher_combine, fisher_prepare,
+                                     positive_weights)
 from evomerge.methods.model_stock import MeanTowardBase, model_stock_combine_step, model_stock_prepare
+from evomerge.methods.regmean import regmean_caches, regmean_combine, regmean_prepare
 from evomerge.methods.sce import ElectedMix, sce_caches, sce_combine_step, sce_prepare
 from evomerge.methods.steps import Cache, Inputs, WholeInputs, no_caches
 from evomerge.methods.task_arithmetic import SM_SCALE_PTR, TaskVectorMix, gta_caches, gta_combine, gta_prepare
@@ -106,6 +109,9 @@ class Method:
     extra_checks: tuple[Callable[[Mapping[str, Any]], str | None], ...] = field(default=())
     caches: Callable[[Inputs, Mapping[str, Any]], list[Cache]] = no_caches  # trial-invariant arrays
     kernel: str | None = None  # a fused kernel that consumes the prepared value (evomerge.kernels)
+    # statistics of this kind the backends must hold (evomerge.statistics; read by inputs.stat);
+    # a method with ``needs`` reads calibration data named by the recipe's ``calibration`` block
+    needs: str | None = None
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
@@ -249,6 +255,29 @@ METHODS: dict[str, Method] = {
             base="required", min_models=1, max_models=None,
             reference="https://arxiv.org/abs/2408.07990", summary="select by variance, weight by energy, erase sign conflicts",
         ),
+        # data-aware: statistics from calibration text (evomerge extension; mergekit has neither)
+        Method(
+            name="fisher",
+            prepare=fisher_prepare, combine=fisher_combine, caches=fisher_caches, needs="fisher",
+            params=(Param("weight", "model", default=1.0, low=0.0, search=(0.0, 1.0),
+                          doc="the model's share (the paper's lambda)"),
+                    Param("fisher_floor", "global", default=FISHER_FLOOR, low=0.0, low_open=True,
+                          search=(1e-8, 1e-4), doc="lower bound of every Fisher value (no 0 / 0)")),
+            base="unused", min_models=1, max_models=None, extra_checks=(positive_weights,),
+            reference="https://arxiv.org/abs/2111.09832",
+            summary="per-parameter average weighted by each model's diagonal Fisher",
+        ),
+        Method(
+            name="regmean",
+            prepare=regmean_prepare, combine=regmean_combine, caches=regmean_caches, needs="gram",
+            params=(Param("weight", "model", default=1.0, low=0.0, search=(0.0, 1.0),
+                          doc="scales the model's Gram (evomerge extension; 1 = the paper)"),
+                    Param("alpha", "global", default=0.9, low=0.0, high=1.0, search=(0.0, 1.0),
+                          doc="off-diagonal multiplier of the Grams (1 = plain least squares)")),
+            base="unused", min_models=1, max_models=None, extra_checks=(positive_weights,),
+            reference="https://arxiv.org/abs/2212.09849",
+            summary="least-squares merge of linear layers from input Grams; other tensors averaged",
+        ),
         Method(
             name="passthrough",
             prepare=passthrough_prepare, combine=weighted_sum_combine, kernel="weighted_sum",
@@ -275,11 +304,12 @@ def run_method(
     tensors: Sequence[Tensor],
     params: Mapping[str, Any],
     generators: Sequence[torch.Generator | None] | None = None,
+    stats: Sequence[Tensor | None] | None = None,
 ) -> Tensor:
     """Apply ``method`` with fully resolved params (globals as scalars, per-model as lists) to
     whole tensors: ``prepare``, its ``reduce``, then one ``combine``. ``generators[i]`` drives
-    model i's random draws."""
-    inputs = WholeInputs(base, tensors, generators)
+    model i's random draws; ``stats[i]`` is model i's statistic (methods with ``needs``)."""
+    inputs = WholeInputs(base, tensors, generators, stats)
     prep = method.prepare(inputs, dict(params))
     prep.reduce(inputs)
     return method.combine(prep, inputs, None)

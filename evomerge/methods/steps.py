@@ -19,6 +19,12 @@ Backends are ways of running these steps, never a second copy of a method:
 - the fused Triton kernels: a method's registry entry names a ``kernel`` that consumes its
   prepared value; a backend without it (or a kernel that declines) runs ``combine``.
 
+Data-aware methods (Fisher, RegMean) declare ``needs`` in the registry (a kind of statistics:
+``"fisher"``, ``"gram"``); the backend then holds statistics of that kind (computed once from
+calibration text by :mod:`evomerge.statistics`) and ``inputs.stat(i)`` returns model ``i``'s
+statistic for the output tensor (a Fisher shaped like the tensor, a linear layer's input Gram),
+or None where the statistics hold none. Neither backend knows what the statistics mean.
+
 A method that only has a whole-tensor function gets both steps from :func:`whole_tensor`:
 ``Method(name=..., **whole_tensor(fn), params=..., ...)``.
 """
@@ -80,6 +86,7 @@ class Inputs(Protocol):
     def generator(self, i: int) -> torch.Generator | None: ...
     def seed(self, i: int) -> int | None: ...  # the seed of model i's generator, if known
     def map_chunks(self, fn: Callable[[slice], Any]) -> list[Any]: ...
+    def stat(self, i: int) -> Tensor | None: ...  # model i's statistic for this tensor (see below)
 
 
 def rank_dtype(n: int) -> torch.dtype:
@@ -95,8 +102,10 @@ class WholeInputs:
     """The engine's inputs: whole tensors in memory, nothing cached between calls."""
 
     def __init__(self, base: Tensor | None, xs: Sequence[Tensor],
-                 generators: Sequence[torch.Generator | None] | None = None):
+                 generators: Sequence[torch.Generator | None] | None = None,
+                 stats: Sequence[Tensor | None] | None = None):
         self._base = base
+        self._stats = list(stats) if stats is not None else None
         self._xs = list(xs)
         ref = base if base is not None else self._xs[0]
         self.shape = tuple(ref.shape)
@@ -144,6 +153,9 @@ class WholeInputs:
     def map_chunks(self, fn: Callable[[slice], Any]) -> list[Any]:
         return [fn(slice(0, self.numel))]
 
+    def stat(self, i: int) -> Tensor | None:
+        return None if self._stats is None else self._stats[i]
+
 
 class ShapeOnly(WholeInputs):
     """Inputs known by shape only (memory estimates: ``caches`` reads nothing but shapes)."""
@@ -156,6 +168,7 @@ class ShapeOnly(WholeInputs):
             self.numel *= s
         self.n, self.has_base, self.dtype, self.device = n, has_base, dtype, device
         self._generators = [None] * n
+        self._stats = None
 
     def seed(self, i: int) -> int | None:
         return i
