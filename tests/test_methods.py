@@ -669,6 +669,8 @@ def _value_in_search(param, rng) -> Any:
         return param.choices[int(rng.integers(len(param.choices)))]
     assert param.search is not None, f"{param.name} needs a search range to be sampled"
     lo, hi = param.search
+    if param.kind is int:
+        return int(rng.integers(int(lo), int(hi) + 1))
     return float(rng.uniform(lo, hi))
 
 
@@ -710,7 +712,7 @@ def n_models(m: Method) -> int:
 
 
 CASES = [
-    pytest.param(name, with_base, id=f"{name}{'' if with_base == (m.base != 'unused') else ('+base' if with_base else '-base')}")
+    pytest.param(name, with_base, id=f"{name}{'' if with_base == (m.base in ('required', 'optional')) else ('+base' if with_base else '-base')}")
     for name, m in METHODS.items()
     for with_base in ([True, False] if m.base == "optional" else [m.base == "required"])
 ]
@@ -921,6 +923,11 @@ PARAM_CASES = [
     ("ties", "rescale_mode", "l2", False), ("ties", "rescale_mode", "l1", True), ("ties", "rescale_mode", "keep_prob", True),
     ("linear", "weight", -0.5, True), ("linear", "weight", 3.0, True), ("linear", "weight", None, False),
     ("model_stock", "filter_wise", False, True), ("model_stock", "filter_wise", "false", False),
+    ("karcher", "max_iter", 3, True), ("karcher", "max_iter", 3.0, True), ("karcher", "max_iter", 0, True),
+    ("karcher", "max_iter", 2.5, False), ("karcher", "max_iter", -1, False), ("karcher", "max_iter", True, False),
+    ("karcher", "max_iter", "3", False), ("karcher", "tol", 0.0, False), ("karcher", "tol", 1e-9, True),
+    ("multislerp", "eps", -1e-9, False), ("multislerp", "eps", 0.0, True), ("ram", "epsilon", -1e-5, False),
+    ("ramplus_tl", "r", -0.1, False), ("ramplus_tl", "alpha", 3.0, True),
 ]
 
 
@@ -938,6 +945,7 @@ def test_param_check_messages_name_the_interval():
     assert METHODS["slerp"].param("t").check(-0.1) == "expected a value in [0, 1]"
     assert METHODS["breadcrumbs"].param("gamma").check(1.0) == "expected a value in [0, 1)"
     assert METHODS["nearswap"].param("t").check(-1.0) == "expected a value in [0, inf)"
+    assert METHODS["karcher"].param("max_iter").check(2.5) == "expected an integer"
 
 
 @pytest.mark.parametrize("name", list(METHODS))
@@ -1008,6 +1016,12 @@ MK_CASES = [
     ("model_stock", {"filter_wise": False}), ("model_stock", {"filter_wise": True}),
     ("sce", {"select_topk": 1.0}), ("sce", {"select_topk": 0.4}),
     ("passthrough", {"scale": [1.5]}),
+    ("multislerp", {"weight": [0.3, 0.5, 0.9]}),
+    ("multislerp", {"weight": [0.3, 0.5, 0.9], "normalize_weights": False, "eps": 1e-3}),
+    ("karcher", {"max_iter": 10, "tol": 1e-5}), ("karcher", {"max_iter": 2, "tol": 1e-7}),
+    ("arcee_fusion", {}),
+    ("ram", {"epsilon": 0.4}),
+    ("ramplus_tl", {"r": 0.7, "alpha": 0.9, "epsilon": 0.4}),
 ]
 
 
@@ -1027,13 +1041,17 @@ def test_mergekit_parity_deterministic(name, params, shape):
     base = torch.randn(shape, generator=g, dtype=F64)
     shared = torch.randn(shape, generator=g, dtype=F64)
     xs = [base + 0.5 * shared + 0.3 * torch.randn(shape, generator=g, dtype=F64) for _ in range(n)]
-    with_base = m.base != "unused"
+    with_base = m.base in ("required", "optional")
     ours = run_method(m, base if with_base else None, xs, _our_params(name, n, params))
     theirs = mk_merge(name, base if with_base else None, xs, params)
     np.testing.assert_allclose(np64(ours), np64(theirs), rtol=1e-12, atol=1e-12)
-    if name == "nuslerp":  # the optional base, too
+    if m.base == "optional":  # without the optional base, too
         theirs = mk_merge(name, None, xs, params)
         ours = run_method(m, None, xs, _our_params(name, n, params))
+        np.testing.assert_allclose(np64(ours), np64(theirs), rtol=1e-12, atol=1e-12)
+    if m.base == "input":  # a base is one more input
+        theirs = mk_merge(name, base, xs, params)
+        ours = run_method(m, None, [*xs, base], _our_params(name, n + 1, params))
         np.testing.assert_allclose(np64(ours), np64(theirs), rtol=1e-12, atol=1e-12)
 
 
