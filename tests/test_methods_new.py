@@ -228,6 +228,15 @@ def test_multislerp_three_cancelling_models_is_an_error():
     x = torch.tensor([1.0, -2.0, 0.5], dtype=F64)
     with pytest.raises(ValueError, match="cancel"):
         multislerp([x, -x, 2 * x], weights=[0.5, 0.5, 0.0])
+    # in a merge: one line naming the tensor
+    from evomerge.engine import TensorTask, execute_task
+    from evomerge.errors import MergeError
+
+    refs = {("a", "w"): x, ("b", "w"): -x, ("c", "w"): 2 * x}
+    task = TensorTask("w", None, tuple(refs), {"weight": [0.5, 0.5, 0.0], "normalize_weights": True, "eps": 1e-8})
+    with pytest.raises(MergeError, match="^w: multislerp: the weighted directions"):
+        execute_task(task, METHODS["multislerp"], refs.__getitem__, seed=0, device=torch.device("cpu"),
+                     compute_dtype=F64)
 
 
 def test_multislerp_zero_vector_adds_no_direction_and_no_norm():
