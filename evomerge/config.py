@@ -153,8 +153,11 @@ class MergeSpace(_Strict):
             if all(s is None for s in specs):
                 raise ValueError(f"search.{knob}: not a parameter of {', '.join(methods)}")
             spec = next(s for s in specs if s is not None)
-            if spec.kind is not float:
+            if spec.kind not in (float, int):
                 raise ValueError(f"search.{knob}: only numeric knobs are searched; set it under 'fixed'")
+            if spec.kind is int and self.layer_groups != 1:
+                raise ValueError(f"search.{knob}: an integer knob is searched for the whole model (layer_groups: 1); "
+                                 "a per-layer gradient of integers interpolates to fractions")
             if rng is not None:
                 lo, hi = rng
                 if not (math.isfinite(lo) and math.isfinite(hi)) or lo >= hi:

@@ -184,6 +184,17 @@ def _lookup(name: str, model: str | None, tensor: str, t: float, recipe: Recipe,
     return None
 
 
+def _whole(p: Any, value: Any, tensor: str) -> Any:
+    """An integer parameter's value as an int; a gradient that interpolates to a fraction is an
+    error, as in mergekit."""
+    if p.kind is not int or value is None:
+        return value
+    if not float(value).is_integer():
+        raise ConfigError(f"parameters.{p.name}: expected an integer, got {value:g} for {tensor} "
+                          f"(a gradient between different integers gives fractions)")
+    return int(value)
+
+
 def _resolve_params(method: Method, recipe: Recipe, out_slice: OutputSlice, tensor: str, t: float,
                     models: list[str], model_params: Mapping[str, Params | None], base: str | None) -> dict[str, Any]:
     params: dict[str, Any] = {}
@@ -193,7 +204,7 @@ def _resolve_params(method: Method, recipe: Recipe, out_slice: OutputSlice, tens
             if p.required:
                 raise ConfigError(f"parameters.{p.name}: required by {method.name} (missing for {tensor})")
             value = p.default
-        params[p.name] = value
+        params[p.name] = _whole(p, value, tensor)
     for p in method.model_params:
         values = []
         for m in models:
@@ -202,7 +213,7 @@ def _resolve_params(method: Method, recipe: Recipe, out_slice: OutputSlice, tens
                 if p.required and m != base:
                     raise ConfigError(f"{p.name}: required by {method.name} for model {m} (missing for {tensor})")
                 value = p.default
-            values.append(value)
+            values.append(_whole(p, value, tensor))
         params[p.name] = values
     for check in method.extra_checks:
         problem = check(params)
@@ -222,7 +233,7 @@ def plan_merge(recipe: Recipe, sources: Mapping[str, Checkpoint]) -> MergePlan:
     def add(out_name: str, refs: list[TensorRef], out_slice: OutputSlice, t: float,
             model_params: Mapping[str, Params | None], layer: int | None, is_embed: bool = False) -> None:
         base_ref = out_slice.base_model or recipe.base_model
-        if method.base == "unused":
+        if method.base in ("unused", "input"):
             base, inputs = None, refs
         else:
             base = next((r for r in refs if r[0] == base_ref), None)
@@ -352,7 +363,10 @@ def execute_task(task: TensorTask, method: Method, fetch: Callable[[TensorRef], 
         if stats is None:
             raise MergeError(f"{task.out_name}: merge_method {method.name} needs {method.needs} statistics")
         per_model = [stats.get(m, name) for m, name in task.inputs]
-    out = run_method(method, base, xs, task.params, generators_for(task, method, seed, device), per_model)
+    try:
+        out = run_method(method, base, xs, task.params, generators_for(task, method, seed, device), per_model)
+    except ValueError as e:  # a method's own error about these tensors (e.g. cancelling directions)
+        raise MergeError(f"{task.out_name}: {e}") from None
     if not all_finite(out):
         raise MergeError(f"{task.out_name}: the merge produced non-finite values (NaN or inf)")
     return out

@@ -195,13 +195,13 @@ class Recipe(_Strict):
         for i, s in enumerate(self.slices or []):
             groups.append((f"slices.{i}.sources", [x.model for x in s.sources], s.base_model or self.base_model))
         for where, refs, base in groups:
-            others = [r for r in refs if r != base] if method.base != "unused" else refs
+            others = [r for r in refs if r != base] if method.base in ("required", "optional") else refs
             n = len(others)
             if n < method.min_models or (method.max_models is not None and n > method.max_models):
                 want = (str(method.min_models) if method.max_models == method.min_models
                         else f"at least {method.min_models}" if method.max_models is None
                         else f"{method.min_models} to {method.max_models}")
-                extra = " besides the base model" if method.base != "unused" else ""
+                extra = " besides the base model" if method.base in ("required", "optional") else ""
                 raise ValueError(f"{where}: {method.name} takes {want} model(s){extra}, got {n}")
 
     # ----------------------------------------------------------------- helpers

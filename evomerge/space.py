@@ -11,6 +11,9 @@ Dimension names read ``<group>[.<part>].<model>.<knob>`` for per-model knobs and
 - embeddings, the final norm and the head take the first group's (``mlp``) values: mergekit reads
   per-layer gradients at t = 0 for them.
 
+An integer knob (karcher's ``max_iter``) is a float dimension rounded to the nearest integer in
+``decode``, searched for the whole model only (a gradient of integers interpolates to fractions).
+
 With several methods, one more dimension, ``method``, in ``[0, n_methods)``, picks one by
 flooring; knobs the chosen method lacks are ignored.
 """
@@ -84,7 +87,7 @@ class Space:
                 continue
             targets = list(cfg.models) if spec.scope == "model" else [None]
             for model in targets:
-                value = self._value(params, knob, model)
+                value = self._value(params, knob, model, whole=spec.kind is int)
                 (model_params[model] if model else global_params)[knob] = value
         for knob, value in cfg.merge.fixed.items():
             spec = method.param(knob)
@@ -111,12 +114,14 @@ class Space:
             data["calibration"] = cfg.calibration_ref.model_dump(mode="json", exclude_defaults=True)
         return Recipe.from_dict(data, "decoded recipe")
 
-    def _value(self, params: dict[str, float], knob: str, model: str | None) -> Any:
-        """Scalar for one group; otherwise a per-layer gradient, split by filter if asked."""
-        def per_layer(part: str | None) -> list[float]:
-            values = [0.0] * self.num_layers
+    def _value(self, params: dict[str, float], knob: str, model: str | None, whole: bool = False) -> Any:
+        """Scalar for one group; otherwise a per-layer gradient, split by filter if asked.
+        ``whole``: an integer knob, rounded to the nearest integer."""
+        def per_layer(part: str | None) -> list[Any]:
+            values: list[Any] = [0.0] * self.num_layers
             for g, layers in enumerate(self.groups):
-                v = float(params[dim_name(self._group_name(g), part, model, knob)])
+                v: Any = float(params[dim_name(self._group_name(g), part, model, knob)])
+                v = round(v) if whole else v
                 for layer in layers:
                     values[layer] = v
             return values

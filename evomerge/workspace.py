@@ -478,10 +478,14 @@ class Workspace:
         if tuple(target.shape) != shape:
             raise MergeError(f"{task.out_name}: merged shape {shape} != model's {tuple(target.shape)}")
         inputs = _TaskInputs(self, task, method, seed, rows)
-        prep = method.prepare(inputs, task.params)
-        if self.kernels is not None and method.kernel is not None:
+        try:
+            prep = method.prepare(inputs, task.params)
+        except ValueError as e:  # as the engine
+            raise MergeError(f"{task.out_name}: {e}") from None
+        kernel = method.kernel_for(prep)
+        if self.kernels is not None and kernel is not None:
             try:
-                if self.kernels.run(method.kernel, prep, inputs, target, self._out_dtype, flag):
+                if self.kernels.run(kernel, prep, inputs, target, self._out_dtype, flag):
                     return None
             except Exception as e:  # noqa: BLE001 - a kernel that does not compile here: the eager path is exact too
                 log.warning("fused kernel failed for %s (%s: %s); using the eager path from now on",

@@ -162,6 +162,19 @@ def recipe_for(method: str, refs: list[str], j: int, dtype: str) -> dict[str, An
     elif method == "sce":
         r.update(base_model=base, models=[{"model": x} for x in fts] + [{"model": base}],
                  parameters={"select_topk": round(0.3 + 0.6 * _frac(0.61 * j + 0.2), 4)})
+    elif method == "multislerp":
+        r.update(base_model=base, models=[{"model": x, "parameters": {"weight": w(i)}} for i, x in enumerate(fts)]
+                 + [{"model": base}])
+    elif method == "karcher":  # the base is one more input; the step count changes per candidate
+        r.update(base_model=base, models=[{"model": x} for x in fts],
+                 parameters={"max_iter": 5 + j % 6, "tol": round(1e-6 * (1 + 9 * _frac(0.61 * j)), 9)})
+    elif method == "arcee_fusion":  # no knobs: every candidate is the same merge
+        r.update(base_model=base, models=[{"model": fts[0]}, {"model": base}])
+    elif method in ("ram", "ramplus_tl"):  # task vectors here are ~0.002-0.004 per entry
+        glob: dict[str, Any] = {"epsilon": round(0.001 + 0.004 * _frac(0.61 * j), 6) if method == "ram" else 0.003}
+        if method == "ramplus_tl":
+            glob.update(r=round(0.1 + 0.8 * _frac(0.61 * j), 4), alpha=round(0.1 + 0.8 * _frac(0.37 * j + 0.2), 4))
+        r.update(base_model=base, models=[{"model": x} for x in fts] + [{"model": base}], parameters=glob)
     else:
         models = []
         for i, x in enumerate(fts):

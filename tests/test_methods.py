@@ -669,6 +669,8 @@ def _value_in_search(param, rng) -> Any:
         return param.choices[int(rng.integers(len(param.choices)))]
     assert param.search is not None, f"{param.name} needs a search range to be sampled"
     lo, hi = param.search
+    if param.kind is int:
+        return int(rng.integers(int(lo), int(hi) + 1))
     return float(rng.uniform(lo, hi))
 
 
@@ -710,7 +712,7 @@ def n_models(m: Method) -> int:
 
 
 CASES = [
-    pytest.param(name, with_base, id=f"{name}{'' if with_base == (m.base != 'unused') else ('+base' if with_base else '-base')}")
+    pytest.param(name, with_base, id=f"{name}{'' if with_base == (m.base in ('required', 'optional')) else ('+base' if with_base else '-base')}")
     for name, m in METHODS.items()
     for with_base in ([True, False] if m.base == "optional" else [m.base == "required"])
 ]
@@ -921,6 +923,11 @@ PARAM_CASES = [
     ("ties", "rescale_mode", "l2", False), ("ties", "rescale_mode", "l1", True), ("ties", "rescale_mode", "keep_prob", True),
     ("linear", "weight", -0.5, True), ("linear", "weight", 3.0, True), ("linear", "weight", None, False),
     ("model_stock", "filter_wise", False, True), ("model_stock", "filter_wise", "false", False),
+    ("karcher", "max_iter", 3, True), ("karcher", "max_iter", 3.0, True), ("karcher", "max_iter", 0, True),
+    ("karcher", "max_iter", 2.5, False), ("karcher", "max_iter", -1, False), ("karcher", "max_iter", True, False),
+    ("karcher", "max_iter", "3", False), ("karcher", "tol", 0.0, False), ("karcher", "tol", 1e-9, True),
+    ("multislerp", "eps", -1e-9, False), ("multislerp", "eps", 0.0, True), ("ram", "epsilon", -1e-5, False),
+    ("ramplus_tl", "r", -0.1, False), ("ramplus_tl", "alpha", 3.0, True),
 ]
 
 
@@ -938,6 +945,7 @@ def test_param_check_messages_name_the_interval():
     assert METHODS["slerp"].param("t").check(-0.1) == "expected a value in [0, 1]"
     assert METHODS["breadcrumbs"].param("gamma").check(1.0) == "expected a value in [0, 1)"
     assert METHODS["nearswap"].param("t").check(-1.0) == "expected a value in [0, inf)"
+    assert METHODS["karcher"].param("max_iter").check(2.5) == "expected an integer"
 
 
 @pytest.mark.parametrize("name", list(METHODS))
@@ -1008,6 +1016,12 @@ MK_CASES = [
     ("model_stock", {"filter_wise": False}), ("model_stock", {"filter_wise": True}),
     ("sce", {"select_topk": 1.0}), ("sce", {"select_topk": 0.4}),
     ("passthrough", {"scale": [1.5]}),
+    ("multislerp", {"weight": [0.3, 0.5, 0.9]}),
+    ("multislerp", {"weight": [0.3, 0.5, 0.9], "normalize_weights": False, "eps": 1e-3}),
+    ("karcher", {"max_iter": 10, "tol": 1e-5}), ("karcher", {"max_iter": 2, "tol": 1e-7}),
+    ("arcee_fusion", {}),
+    ("ram", {"epsilon": 0.4}),
+    ("ramplus_tl", {"r": 0.7, "alpha": 0.9, "epsilon": 0.4}),
 ]
 
 
@@ -1027,13 +1041,17 @@ def test_mergekit_parity_deterministic(name, params, shape):
     base = torch.randn(shape, generator=g, dtype=F64)
     shared = torch.randn(shape, generator=g, dtype=F64)
     xs = [base + 0.5 * shared + 0.3 * torch.randn(shape, generator=g, dtype=F64) for _ in range(n)]
-    with_base = m.base != "unused"
+    with_base = m.base in ("required", "optional")
     ours = run_method(m, base if with_base else None, xs, _our_params(name, n, params))
     theirs = mk_merge(name, base if with_base else None, xs, params)
     np.testing.assert_allclose(np64(ours), np64(theirs), rtol=1e-12, atol=1e-12)
-    if name == "nuslerp":  # the optional base, too
+    if m.base == "optional":  # without the optional base, too
         theirs = mk_merge(name, None, xs, params)
         ours = run_method(m, None, xs, _our_params(name, n, params))
+        np.testing.assert_allclose(np64(ours), np64(theirs), rtol=1e-12, atol=1e-12)
+    if m.base == "input":  # a base is one more input
+        theirs = mk_merge(name, base, xs, params)
+        ours = run_method(m, None, [*xs, base], _our_params(name, n + 1, params))
         np.testing.assert_allclose(np64(ours), np64(theirs), rtol=1e-12, atol=1e-12)
 
 
@@ -1155,3 +1173,88 @@ def test_golden_output_digest(name):
 @pytest.mark.parametrize("kind", ["dare", "della"])
 def test_golden_mask_digest(kind):
     assert golden_mask(kind) == GOLDEN_MASKS[kind], f"{kind}: the seeded mask changed"
+
+
+# =========================================================================== 7. recipe-level parity
+# The same YAML recipe through ``evomerge merge`` (the CLI) and mergekit 0.1.5's ``run_merge`` (what
+# ``mergekit-yaml`` runs) on tiny float32 Llama models, every tensor. The elementwise methods agree
+# bit for bit; multislerp and karcher to mergekit's float32 rounding (see their modules).
+def _mk_run_merge():
+    try:
+        from mergekit.config import MergeConfiguration
+        from mergekit.merge import MergeOptions, run_merge
+    except Exception:  # noqa: BLE001 - no mergekit: no parity test
+        return None
+    return lambda recipe, out: run_merge(MergeConfiguration.model_validate(recipe), str(out),
+                                         options=MergeOptions(copy_tokenizer=False))
+
+
+@pytest.fixture(scope="module")
+def llamas(tmp_path_factory) -> dict[str, str]:
+    """A 3-layer tiny Llama and three fine-tunes of it (float32)."""
+    from conftest import make_tiny_llama
+
+    root = tmp_path_factory.mktemp("recipe_parity")
+    base = make_tiny_llama(root / "base", seed=20, num_layers=3)
+    out = {"base": str(base)}
+    for i, name in enumerate("abc"):
+        out[name] = str(make_tiny_llama(root / name, seed=21 + i, base=base, num_layers=3))
+    return out
+
+
+def _split(attn: Any, rest: Any) -> list[dict]:
+    return [{"filter": "self_attn", "value": attn}, {"value": rest}]
+
+
+# name -> (recipe without models' paths filled in, exact?)
+RECIPE_CASES: dict[str, tuple[dict, bool]] = {
+    "multislerp+base": ({"merge_method": "multislerp", "base_model": "base",
+                         "models": [{"model": "a", "parameters": {"weight": [0.2, 0.8]}},
+                                    {"model": "b", "parameters": {"weight": 0.5}},
+                                    {"model": "c", "parameters": {"weight": _split(0.3, 0.9)}}]}, False),
+    "multislerp": ({"merge_method": "multislerp", "parameters": {"normalize_weights": False, "eps": 1e-6},
+                    "models": [{"model": "a", "parameters": {"weight": 0.3}},
+                               {"model": "b", "parameters": {"weight": [0.6, 0.1]}}]}, False),
+    "karcher+base": ({"merge_method": "karcher", "base_model": "base", "parameters": {"max_iter": 5, "tol": 1e-6},
+                      "models": [{"model": "a"}, {"model": "b"}]}, False),
+    "karcher": ({"merge_method": "karcher", "models": [{"model": "a"}, {"model": "b"}, {"model": "c"}]}, False),
+    "arcee_fusion": ({"merge_method": "arcee_fusion", "base_model": "base", "models": [{"model": "a"}]}, True),
+    "ram": ({"merge_method": "ram", "base_model": "base", "parameters": {"epsilon": [0.01, 0.03]},
+             "models": [{"model": "a"}, {"model": "b"}, {"model": "c"}]}, True),
+    "ramplus_tl": ({"merge_method": "ramplus_tl", "base_model": "base",
+                    "parameters": {"r": 0.5, "alpha": _split(0.1, 0.9), "epsilon": 0.015},
+                    "models": [{"model": "a"}, {"model": "b"}, {"model": "c"}]}, True),
+}
+
+
+def _fill(recipe: dict, paths: dict[str, str]) -> dict:
+    out = {**recipe, "dtype": "float32", "models": [{**m, "model": paths[m["model"]]} for m in recipe["models"]]}
+    if "base_model" in recipe:
+        out["base_model"] = paths[recipe["base_model"]]
+    return out
+
+
+@pytest.mark.skipif(_mk_run_merge() is None, reason="mergekit not importable")
+@pytest.mark.parametrize("case", list(RECIPE_CASES))
+def test_recipe_parity_with_mergekit_yaml(llamas, case, tmp_path):
+    import yaml
+    from click.testing import CliRunner
+
+    from conftest import load_state
+    from evomerge.cli import main
+
+    recipe, exact = RECIPE_CASES[case]
+    recipe = _fill(recipe, llamas)
+    (tmp_path / "r.yml").write_text(yaml.safe_dump(recipe))
+    res = CliRunner().invoke(main, ["merge", str(tmp_path / "r.yml"), str(tmp_path / "ours")])
+    assert res.exit_code == 0, res.output
+    _mk_run_merge()(recipe, tmp_path / "mk")
+    ours, theirs = load_state(tmp_path / "ours"), load_state(tmp_path / "mk")
+    assert sorted(ours) == sorted(theirs)
+    for name, t in theirs.items():
+        assert ours[name].dtype == t.dtype == F32, name
+        if exact:
+            assert torch.equal(ours[name], t), name
+        else:  # mergekit's float32 rounding of the literal steps (8 ulps of the largest entry bounds it here)
+            ulp = torch.finfo(F32).eps * float(t.abs().max())
+            assert float((ours[name] - t).abs().max()) <= 8 * ulp, name

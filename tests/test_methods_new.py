@@ -8,7 +8,11 @@ ramplus_tl (``evomerge/methods/{multislerp,karcher,arcee_fusion,ram}.py``).
    prepare/combine split equals the one-call function.
 3. Edge cases: zero vectors, 1-D tensors, non-default eps/epsilon, Karcher convergence.
 4. Parity with mergekit 0.1.5's own methods on random float32 tensors (skipped without mergekit).
-5. The registry specs each module exports are valid ``Param`` fields.
+
+The registry's shared suites (``tests/test_methods.py``: shape, dtype, identical inputs, one-hot
+weights, parameter ranges, mergekit's table; ``tests/test_workspace.py``: workspace == engine;
+recipe-level parity with ``mergekit-yaml``) cover these methods' registry entries; the test
+``test_registry_steps_equal_the_functions`` ties the entries' steps to the functions tested here.
 """
 
 from __future__ import annotations
@@ -19,11 +23,7 @@ import numpy as np
 import pytest
 import torch
 
-from evomerge.methods import Param
-from evomerge.methods import arcee_fusion as fusion_mod
-from evomerge.methods import karcher as karcher_mod
-from evomerge.methods import multislerp as multislerp_mod
-from evomerge.methods import ram as ram_mod
+from evomerge.methods import METHODS, run_method
 from evomerge.methods.arcee_fusion import arcee_fusion, fusion_mask, fusion_threshold
 from evomerge.methods.karcher import karcher, karcher_combine, karcher_mean_coordinates, karcher_prepare
 from evomerge.methods.multislerp import multislerp, multislerp_combine, multislerp_prepare
@@ -228,6 +228,15 @@ def test_multislerp_three_cancelling_models_is_an_error():
     x = torch.tensor([1.0, -2.0, 0.5], dtype=F64)
     with pytest.raises(ValueError, match="cancel"):
         multislerp([x, -x, 2 * x], weights=[0.5, 0.5, 0.0])
+    # in a merge: one line naming the tensor
+    from evomerge.engine import TensorTask, execute_task
+    from evomerge.errors import MergeError
+
+    refs = {("a", "w"): x, ("b", "w"): -x, ("c", "w"): 2 * x}
+    task = TensorTask("w", None, tuple(refs), {"weight": [0.5, 0.5, 0.0], "normalize_weights": True, "eps": 1e-8})
+    with pytest.raises(MergeError, match="^w: multislerp: the weighted directions"):
+        execute_task(task, METHODS["multislerp"], refs.__getitem__, seed=0, device=torch.device("cpu"),
+                     compute_dtype=F64)
 
 
 def test_multislerp_zero_vector_adds_no_direction_and_no_norm():
@@ -418,48 +427,11 @@ def test_ramplus_global_rho():
 
 
 # =========================================================================== 2. properties
-def run_new(name, base, xs, **kw):
-    if name == "multislerp":
-        return multislerp(xs, weights=kw.get("weights", [1.0] * len(xs)), base=base)
-    if name == "karcher":
-        return karcher(xs)
-    if name == "arcee_fusion":
-        return arcee_fusion(base, xs[0])
-    if name == "ram":
-        return ram(base, xs)
-    return ramplus_tl(base, xs)
-
-
 NAMES = ["multislerp", "karcher", "arcee_fusion", "ram", "ramplus_tl"]
 
 
 def n_models(name):
     return 1 if name == "arcee_fusion" else 3
-
-
-@pytest.mark.parametrize("dtype", [F64, F32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
-@pytest.mark.parametrize("name", NAMES)
-def test_shape_dtype_finite(name, shape, dtype):
-    base, xs = make(shape, n_models(name), seed=12, dtype=dtype)
-    out = run_new(name, base, xs)
-    assert out.dtype == dtype and out.shape == base.shape
-    assert torch.isfinite(out).all()
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("name", NAMES)
-def test_identical_inputs_return_that_input(name, dtype):
-    """Exact for arcee_fusion (a model equal to its base: importance 0 everywhere); for the
-    others to rounding: the averages divide and multiply back (multislerp also by cos(eps))."""
-    g = gen(13)
-    base = torch.randn(5, 6, generator=g, dtype=dtype)
-    x = base + torch.randn(5, 6, generator=g, dtype=dtype)
-    if name == "arcee_fusion":
-        assert torch.equal(run_new(name, x, [x.clone()]), x)
-        return
-    out = run_new(name, base, [x.clone() for _ in range(n_models(name))])
-    assert_matches(out, np64(x), dtype, rtol=4 * RTOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -493,6 +465,33 @@ def test_prepare_combine_split_equals_one_call():
     for r, alpha in ((0.1, 0.2), (0.9, 0.7)):
         lam = ramplus_lambdas(ramplus_rho(*ram_overlap_counts(masks), 0.5), r=r, alpha=alpha)
         assert torch.equal(ram_combine(base, deltas, masks, lam), ramplus_tl(base, xs, r=r, alpha=alpha, epsilon=0.5))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name,with_base", [("multislerp", False), ("multislerp", True), ("karcher", False),
+                                            ("arcee_fusion", True), ("ram", True), ("ramplus_tl", True)])
+def test_registry_steps_equal_the_functions(name, with_base, dtype):
+    """The registry entry (prepare, then combine) gives the function's result bit for bit."""
+    base, xs = make_sparse((7, 9), n_models(name), seed=18, dtype=dtype, keep=0.5)
+    params = {
+        "multislerp": {"weight": [0.2, 0.5, 0.9], "normalize_weights": True, "eps": 1e-8},
+        "karcher": {"max_iter": 4, "tol": 1e-6},
+        "arcee_fusion": {},
+        "ram": {"epsilon": 0.3},
+        "ramplus_tl": {"r": 0.6, "alpha": 0.4, "epsilon": 0.3},
+    }[name]
+    ours = run_method(METHODS[name], base if with_base else None, xs, params)
+    if name == "multislerp":
+        expected = multislerp(xs, weights=params["weight"], base=base if with_base else None)
+    elif name == "karcher":
+        expected = karcher(xs, max_iter=4, tol=1e-6)
+    elif name == "arcee_fusion":
+        expected = arcee_fusion(base, xs[0], sample_size=None)
+    elif name == "ram":
+        expected = ram(base, xs, epsilon=0.3)
+    else:
+        expected = ramplus_tl(base, xs, r=0.6, alpha=0.4, epsilon=0.3)
+    assert torch.equal(ours, expected)
 
 
 def test_gram_is_chunk_independent():
@@ -641,19 +640,3 @@ def test_parity_ramplus_tl(shape, r, alpha, epsilon, dtype):
     base, xs = make_sparse(shape, 4, seed=28, dtype=dtype, keep=0.6)
     params = {"r": r, "alpha": alpha, "epsilon": epsilon}
     assert torch.equal(ramplus_tl(base, xs, **params), mk_merge("ramplus_tl", base, xs, params))
-
-
-# =========================================================================== 5. specs
-@pytest.mark.parametrize("spec", [multislerp_mod.SPEC, karcher_mod.SPEC, fusion_mod.SPEC, ram_mod.SPEC, ram_mod.SPEC_PLUS],
-                         ids=lambda s: s["name"])
-def test_specs_build_valid_params(spec):
-    """Each spec's params are Param fields; defaults pass their own check; search ranges lie
-    within the valid range."""
-    assert spec["base"] in ("required", "optional", "unused")
-    for fields in spec["params"]:
-        p = Param(**fields)
-        if p.default is not None:
-            assert p.check(p.default) is None, (p.name, p.default)
-        if p.search is not None:
-            for v in p.search:
-                assert p.check(v) is None, (p.name, v)

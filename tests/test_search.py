@@ -78,6 +78,8 @@ CONFIG_ERRORS = [
     ({"fitness": {"tasks": []}}, "fitness.tasks"),
     ({"colour": "blue"}, "colour: unknown key"),
     ({"merge": {"method": "slerp", "search": {"t": None}}}, "slerp takes 1 model(s) besides the base, got 2"),
+    ({"merge": {"method": "karcher", "search": {"max_iter": None}, "layer_groups": 2}},
+     "search.max_iter: an integer knob is searched for the whole model"),
 ]
 
 
@@ -213,6 +215,32 @@ def test_search_records_baselines_resumes_and_refuses_changed_config(tiny_models
     relaxed["fitness"]["batch_size"] = 8
     relaxed["budget"] = {"trials": 99}
     assert run_search(SearchConfig.from_dict(relaxed), trials=2).completed == 2
+
+
+def test_search_with_an_integer_knob_and_the_base_as_an_input(tiny_models, tiny_task, tmp_path):
+    """karcher: max_iter is searched as an integer, and the config's base model is one more input
+    to the mean (as in mergekit); the new methods' knobs take their default ranges."""
+    data = config_dict(tiny_models, tiny_task, tmp_path, method=["karcher", "ramplus_tl"],
+                       search={"max_iter": None, "tol": None, "r": None}, layer_groups=1)
+    space = build_space(SearchConfig.from_dict(data), num_layers=2)
+    assert space.bounds() == {"all.max_iter": (0.0, 20.0), "all.tol": (1e-7, 1e-3), "all.r": (0.0, 1.0),
+                              "method": (0.0, 2.0)}
+    recipe = space.decode({"all.max_iter": 6.6, "all.tol": 1e-4, "all.r": 0.3, "method": 0.5})
+    assert recipe.merge_method == "karcher" and recipe.parameters == {"max_iter": 7, "tol": 1e-4}
+    assert isinstance(recipe.parameters["max_iter"], int) and recipe.base_model == str(tiny_models["base"])
+    assert space.decode({"all.max_iter": 6.6, "all.tol": 1e-4, "all.r": 0.3, "method": 1.5}).parameters == {"r": 0.3}
+
+    data = config_dict(tiny_models, tiny_task, tmp_path, method="karcher", search={"max_iter": None, "tol": None},
+                       layer_groups=1)
+    data["sampler"] = {"name": "random", "baselines": False}
+    cfg = SearchConfig.from_dict(data)
+    reports = []
+    run_search(cfg, trials=2, on_trial=reports.append)
+    assert [r.state for r in reports] == ["COMPLETE"] * 2, [r.error for r in reports]
+    for t in load_existing_study("t", cfg.storage_url).trials:
+        r = t.user_attrs[ATTR_RECIPE]
+        assert r["merge_method"] == "karcher" and r["base_model"] == str(tiny_models["base"])
+        assert isinstance(r["parameters"]["max_iter"], int) and 0 <= r["parameters"]["max_iter"] <= 20
 
 
 def test_failed_trial_is_recorded_and_search_goes_on(tiny_models, tiny_task, tmp_path):

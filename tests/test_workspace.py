@@ -99,6 +99,26 @@ def recipes_for(method: str, m: dict[str, str], dtype: str | None = None) -> lis
             models = [{"model": x, "parameters": {"weight": gta[k]["weight"]}} for k, x in (("a", a), ("b", b), ("c", c))]
             glob = {"alpha": [0.9, 0.5 + s]} if method == "regmean" else {"fisher_floor": [1e-6, 1e-3, 1e-8][j]}
             r = {"models": models, "parameters": glob, "calibration": {"data": str(cal), "n": 3, "max_length": 16}}
+        elif method == "multislerp":  # with a base, then without
+            r = {"models": [{"model": a, "parameters": {"weight": [0.2 + s, 0.6]}},
+                            {"model": b, "parameters": {"weight": _attn_split(0.5 - s, 0.3)}},
+                            {"model": c, "parameters": {"weight": 0.4}}],
+                 "parameters": {"normalize_weights": j != 1}}
+            if j != 2:
+                r["base_model"] = base
+        elif method == "karcher":  # the base, when named, is one more input
+            r = {"models": [{"model": a}, {"model": b}, {"model": c}],
+                 "parameters": {"max_iter": [10, 2, 0][j], "tol": _attn_split(1e-5, 1e-7 + 1e-6 * j)}}
+            if j != 1:
+                r["base_model"] = base
+        elif method == "arcee_fusion":
+            r = {"models": [{"model": [a, b, c][j]}, {"model": base}], "base_model": base}
+        elif method in ("ram", "ramplus_tl"):  # epsilon near the task vectors' scale: masks vary
+            glob = {"epsilon": _attn_split(0.01 + 0.005 * j, [0.02, 0.0, 0.02][j])}
+            if method == "ramplus_tl":
+                glob.update({"r": [0.1, 0.5, 1.0][j], "alpha": _attn_split(0.2 + s, 0.9)})
+            r = {"models": [{"model": a}, {"model": b}, {"model": c}, {"model": base}], "base_model": base,
+                 "parameters": glob}
         elif method == "passthrough":
             r = {"slices": [{"sources": [{"model": a, "layer_range": [0, 2], "parameters": {"scale": [1.0, 1.5 + s]}}]},
                             {"sources": [{"model": b, "layer_range": [2, 3], "parameters": {"scale": 0.5 + s}}]}]}

@@ -4,10 +4,14 @@ Every method is a :class:`Method`: its parameters (with defaults, valid ranges a
 search range), whether it needs a base model, how many other models it takes, and its two steps
 (see :mod:`evomerge.methods.steps`): ``prepare`` (everything not elementwise; its trial-invariant
 parts declared by ``caches`` or memoized) and ``combine`` (elementwise, whole or in chunks), plus
-``kernel``, the id of a fused accelerator that consumes the prepared value (optional). The engine,
+``kernel``, the id of a fused accelerator that consumes the prepared value (optional; a function
+of the prepared value where a method prepares one of two kinds). The engine,
 the workspace, the kernels and the search space read only this registry, so a method added here is
 mergeable and searchable everywhere: a method with only a whole-tensor function gets both steps
 from :func:`~evomerge.methods.steps.whole_tensor`.
+
+``base`` says how a recipe's ``base_model`` is used: ``required``/``optional`` (the base role),
+``unused`` (dropped), ``input`` (one more input, mergekit's "ignored" base: karcher).
 
 Parameter names and defaults are mergekit's. Extensions (documented in the README):
 ``rescale_mode`` (``l1`` = mergekit, ``keep_prob`` = the DARE/DELLA papers).
@@ -25,6 +29,7 @@ import torch
 from torch import Tensor
 
 from evomerge.errors import ConfigError
+from evomerge.methods.arcee_fusion import fusion_caches, fusion_combine, fusion_prepare
 from evomerge.methods.interpolate import (
     DistanceBlend,
     SphericalBlend,
@@ -40,7 +45,15 @@ from evomerge.methods.interpolate import (
 )
 from evomerge.methods.fisher import (FISHER_FLOOR, fisher_caches, fisher_combine, fisher_prepare,
                                      positive_weights)
+from evomerge.methods.karcher import KARCHER_MAX_ITER, KARCHER_TOL, karcher_prepare_step
 from evomerge.methods.model_stock import MeanTowardBase, model_stock_combine_step, model_stock_prepare
+from evomerge.methods.multislerp import (
+    MULTISLERP_EPS,
+    multislerp_combine_step,
+    multislerp_kernel,
+    multislerp_prepare_step,
+)
+from evomerge.methods.ram import RAM_EPSILON, RAMPLUS_ALPHA, RAMPLUS_R, ram_combine_step, ram_prepare, ramplus_prepare
 from evomerge.methods.regmean import regmean_caches, regmean_combine, regmean_prepare
 from evomerge.methods.sce import ElectedMix, sce_caches, sce_combine_step, sce_prepare
 from evomerge.methods.steps import Cache, Inputs, WholeInputs, no_caches
@@ -51,13 +64,14 @@ __all__ = ["METHODS", "Method", "Param", "get_method", "run_method", "WeightedSu
            "TaskVectorMix", "SM_SCALE_PTR", "SphericalBlend", "MeanTowardBase", "ElectedMix"]
 
 Scope = Literal["global", "model"]
-BaseUse = Literal["required", "optional", "unused"]
+BaseUse = Literal["required", "optional", "unused", "input"]
 
 
 @dataclass(frozen=True)
 class Param:
-    """One method parameter. ``low``/``high`` bound valid values (``None`` = unbounded);
-    ``search`` is the default range the search space uses for it."""
+    """One method parameter. ``kind``: float, int (whole numbers; searched as integers), bool or
+    str. ``low``/``high`` bound valid values (``None`` = unbounded); ``search`` is the default
+    range the search space uses for it."""
 
     name: str
     scope: Scope
@@ -79,9 +93,11 @@ class Param:
         if self.kind is str:
             return None if value in self.choices else f"expected one of {', '.join(self.choices)}"
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return "expected a number"
+            return "expected an integer" if self.kind is int else "expected a number"
         if not math.isfinite(value):
             return "expected a finite number"
+        if self.kind is int and not float(value).is_integer():
+            return "expected an integer"
         if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
             return f"expected {self.interval()}"
         if self.high is not None and (value > self.high or (self.high_open and value == self.high)):
@@ -108,10 +124,15 @@ class Method:
     summary: str = ""
     extra_checks: tuple[Callable[[Mapping[str, Any]], str | None], ...] = field(default=())
     caches: Callable[[Inputs, Mapping[str, Any]], list[Cache]] = no_caches  # trial-invariant arrays
-    kernel: str | None = None  # a fused kernel that consumes the prepared value (evomerge.kernels)
+    # a fused kernel that consumes the prepared value (evomerge.kernels), or a function of the prepared value
+    kernel: str | Callable[[Any], str | None] | None = None
     # statistics of this kind the backends must hold (evomerge.statistics; read by inputs.stat);
     # a method with ``needs`` reads calibration data named by the recipe's ``calibration`` block
     needs: str | None = None
+
+    def kernel_for(self, prepared: Any) -> str | None:
+        """The fused kernel for this prepared value (None: none)."""
+        return self.kernel(prepared) if callable(self.kernel) else self.kernel
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
@@ -153,6 +174,13 @@ def _normalize(default: bool) -> Param:
 def _rescale(default: bool) -> Param:
     return Param("rescale", "global", kind=bool, default=default,
                  doc="rescale sparsified task vectors (see rescale_mode)")
+
+
+def _ram_epsilon() -> Param:
+    # linear: 1 bf16 ulp of weights of magnitude 1e-3..2e-2 is 8e-6..1.2e-4, so [1e-6, 1e-4] spans
+    # "any stored change counts" to "only changes of about an ulp and more count"
+    return Param("epsilon", "global", default=RAM_EPSILON, low=0.0, search=(1e-6, 1e-4),
+                 doc="a task-vector entry counts as an update when its magnitude is above this")
 
 
 def _della_bounds(params: Mapping[str, Any]) -> str | None:
@@ -277,6 +305,59 @@ METHODS: dict[str, Method] = {
             base="unused", min_models=1, max_models=None, extra_checks=(positive_weights,),
             reference="https://arxiv.org/abs/2212.09849",
             summary="least-squares merge of linear layers from input Grams; other tensors averaged",
+        ),
+        Method(
+            name="multislerp",
+            prepare=multislerp_prepare_step, combine=multislerp_combine_step, kernel=multislerp_kernel,
+            params=(_weight(),
+                    Param("normalize_weights", "global", kind=bool, default=True, doc="divide the weights by their sum"),
+                    # a numerical guard, not a quality knob (searched only if a config names it)
+                    Param("eps", "global", default=MULTISLERP_EPS, low=0.0, high=1e-2, search=(1e-9, 1e-6),
+                          doc="added to each norm; a mean direction shorter than it counts as none")),
+            base="optional", min_models=1, max_models=None,
+            reference="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
+            summary="weighted mean direction on the hypersphere, scaled by the weighted mean norm",
+        ),
+        Method(
+            name="karcher",
+            prepare=karcher_prepare_step, combine=weighted_sum_combine, kernel="weighted_sum",
+            # convergence controls: from "one step" (an approximate mean) to converged
+            params=(Param("max_iter", "global", kind=int, default=KARCHER_MAX_ITER, low=0, high=10_000,
+                          search=(0, 20), doc="most Riemannian gradient steps"),
+                    Param("tol", "global", default=KARCHER_TOL, low=0.0, high=1.0, low_open=True,
+                          search=(1e-7, 1e-3), doc="stop when the step is shorter; shorter tensors are left out")),
+            base="input", min_models=1, max_models=None,
+            reference="https://arxiv.org/abs/2603.04972",
+            summary="Riemannian (Karcher) mean of the directions, scaled by the mean norm",
+        ),
+        Method(
+            name="arcee_fusion",
+            prepare=fusion_prepare, combine=fusion_combine, caches=fusion_caches,
+            params=(),
+            base="required", min_models=1, max_models=1,
+            reference="https://arcee.ai",
+            summary="take the model's value where |delta| x row KL is above median + 1.5 IQR",
+        ),
+        Method(
+            name="ram",
+            prepare=ram_prepare, combine=ram_combine_step,
+            params=(_ram_epsilon(),),
+            base="required", min_models=1, max_models=None,
+            reference="https://arxiv.org/abs/2601.13572",
+            summary="average each update over only the models that made it",
+        ),
+        Method(
+            name="ramplus_tl",
+            prepare=ramplus_prepare, combine=ram_combine_step,
+            # lambda <= 1 + r * alpha: r, alpha in [0, 1] boost unique updates up to doubled
+            params=(Param("r", "global", default=RAMPLUS_R, low=0.0, search=(0.0, 1.0),
+                          doc="strength of the boost of unique updates"),
+                    Param("alpha", "global", default=RAMPLUS_ALPHA, low=0.0, search=(0.0, 1.0),
+                          doc="cap on the shared/unique ratio"),
+                    _ram_epsilon()),
+            base="required", min_models=1, max_models=None,
+            reference="https://arxiv.org/abs/2601.13572",
+            summary="RAM, each model's unique updates boosted by its shared/unique ratio (per tensor)",
         ),
         Method(
             name="passthrough",

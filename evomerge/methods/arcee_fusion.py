@@ -14,36 +14,27 @@ mergekit estimates the quartiles from 1,000,000 entries drawn with replacement w
 is larger than that (from the global RNG). ``sample_size`` does the same here, from the
 ``generator`` passed (seeded like the global RNG, it draws the same entries); ``sample_size=None``
 uses exact quantiles of every entry (deterministic). Up to that size both are exact. The
-function's default is mergekit's (sampling); the registry entry (``SPEC``) asks for exact
-quantiles, see there.
+function's default is mergekit's (sampling); the registry's steps use exact quantiles: no seed
+dimension in the search and one cached mask per tensor; identical to mergekit up to 1,000,000
+entries, and above that the value mergekit's random sample estimates.
 
-The method has no parameters: the whole result is trial-invariant (prepare it once and keep it).
+The method has no parameters: the mask is trial-invariant (a cache, :func:`fusion_caches`), the
+combine step is elementwise.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, Mapping
+
 import torch
 from torch import Tensor
+
+from evomerge.methods.steps import Cache, Inputs, Prepared
 
 FUSION_PROB_EPS = 1e-8  # added to both softmax outputs before the KL
 FUSION_SAMPLE_SIZE = 1_000_000  # mergekit's quantile sample size
 FUSION_FENCE = 1.5  # Tukey's fence: median + 1.5 * IQR
-
-# The registry entry this module asks for (field names of evomerge.methods.Param).
-SPEC = {
-    "name": "arcee_fusion",
-    "base": "required",
-    "min_models": 1,
-    "max_models": 1,
-    # The registry should run it with sample_size=None (exact quantiles): deterministic, so no
-    # seed dimension in the search and one cached mask per tensor; identical to mergekit up to
-    # 1,000,000 entries, and above that the value mergekit's random sample estimates.
-    "stochastic": False,
-    "reference": "https://arcee.ai",
-    "summary": "take the model's value where |delta| x row KL is above median + 1.5 IQR",
-    "params": (),  # nothing to search: the search can only choose where (which layers) to use it
-}
-
 
 def fusion_importance(base: Tensor, other: Tensor) -> Tensor:
     """``|x - b| * KL(softmax(x) || softmax(b))`` along the last dimension; shaped like ``base``."""
@@ -81,3 +72,38 @@ def arcee_fusion(
     """``b + (x - b) * mask``."""
     mask = fusion_mask(base, other, sample_size=sample_size, generator=generator)
     return base + (other - base) * mask.to(base.dtype)
+
+
+# --------------------------------------------------------------------------- steps (evomerge.methods.steps)
+def fusion_mask_cache(inputs: Inputs) -> Cache:
+    """The mask of exact quantiles (one byte per entry), computed from the base and the model."""
+    return Cache("fusion_mask", "fusion mask", inputs.numel,
+                 lambda: fusion_mask(inputs.base(), inputs.x(0), sample_size=None), reads=(0,))
+
+
+def fusion_caches(inputs: Inputs, p: Mapping[str, Any]) -> list[Cache]:
+    return [fusion_mask_cache(inputs)]
+
+
+@dataclass
+class MaskedTake(Prepared):
+    """Where the model's value is taken (bool, flat)."""
+
+    mask: Tensor
+
+
+def fusion_prepare(inputs: Inputs, p: Mapping[str, Any]) -> MaskedTake:
+    if inputs.n != 1:
+        raise ValueError("arcee_fusion merges a base and exactly one model")
+    mask = inputs.cached(fusion_mask_cache(inputs))
+    if mask is None:
+        mask = fusion_mask(inputs.base(), inputs.x(0), sample_size=None)
+    return MaskedTake(mask.reshape(-1))
+
+
+def fusion_combine(prep: MaskedTake, inputs: Inputs, sl: slice | None) -> Tensor:
+    """``b + (x - b) * mask`` on the elements ``sl`` (the order :func:`arcee_fusion` uses)."""
+    whole = slice(0, inputs.numel) if sl is None else sl
+    b, x = inputs.cv(inputs.base_flat()[whole]), inputs.cv(inputs.x_flat(0)[whole])
+    out = b + (x - b) * prep.mask[whole].to(b.dtype)
+    return out.view(inputs.shape) if sl is None else out

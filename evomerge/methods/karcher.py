@@ -26,45 +26,26 @@ square root of float64 rounding): a ``tol`` below that stops only at ``max_iter`
 themselves stay accurate, and mergekit's float32 iteration has a higher floor).
 
 mergekit's ``karcher`` has no weights: its recipe averages every input tensor with equal weight
-(a ``base_model``, if the recipe names one, is one more input). ``weights`` here is for callers
-that want the weighted mean (mergekit's own ``karcher_merge_tensors`` takes them too); the
-registry entry exposes none, so a recipe means the same thing in both tools.
+(a ``base_model``, if the recipe names one, is one more input: the registry's base use
+``"input"``). ``weights`` here is for callers that want the weighted mean (mergekit's own
+``karcher_merge_tensors`` takes them too); the registry entry exposes none, so a recipe means the
+same thing in both tools.
 """
 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
 
+from evomerge.methods.interpolate import WeightedSum
 from evomerge.methods.sphere import gram64, norms_from_gram, weighted_sum
+from evomerge.methods.steps import Inputs
 
 KARCHER_MAX_ITER = 10
 KARCHER_TOL = 1e-5
-
-# The registry entry this module asks for (field names of evomerge.methods.Param).
-SPEC = {
-    "name": "karcher",
-    "base": "unused",  # mergekit ignores the base role: a base_model is just one more input
-    "min_models": 1,
-    "max_models": None,
-    "stochastic": False,
-    "reference": "https://arxiv.org/abs/2603.04972",
-    "summary": "Riemannian (Karcher) mean of the directions, scaled by the mean norm",
-    # Both are convergence controls, not quality knobs; nothing is searched unless a config names
-    # them. Their ranges then span "the first step only" (an approximate mean, which the search
-    # may prefer) to "converged": on fine-tunes of one base the angles are small and a handful
-    # of steps converge. max_iter is an integer: the registry adapter truncates (int(...)).
-    "params": (
-        {"name": "max_iter", "scope": "global", "kind": int, "default": KARCHER_MAX_ITER, "low": 0, "high": 10_000,
-         "search": (0, 20), "doc": "most Riemannian gradient steps"},
-        {"name": "tol", "scope": "global", "default": KARCHER_TOL, "low": 0.0, "high": 1.0, "low_open": True,
-         "search": (1e-7, 1e-3), "doc": "stop when the step is shorter; tensors shorter than it are left out"},
-    ),
-}
-
 
 class KarcherParts(NamedTuple):
     """The trial-invariant part: the tensors, their norms and their Gram matrix."""
@@ -138,12 +119,22 @@ def karcher_combine(
     tol: float = KARCHER_TOL,
 ) -> Tensor:
     """``(sum_i a_i n_i) * sum_i beta_i x_i / n_i``: one weighted sum of the tensors."""
-    n = len(parts.tensors)
+    return weighted_sum(parts.tensors, karcher_coefficients(parts, weights, max_iter=max_iter, tol=tol))
+
+
+def karcher_coefficients(
+    parts: KarcherParts,
+    weights: Sequence[float] | None = None,
+    *,
+    max_iter: int = KARCHER_MAX_ITER,
+    tol: float = KARCHER_TOL,
+) -> list[float]:
+    """The ``c_i`` with ``karcher = sum_i c_i x_i`` (equal weights unless ``weights``)."""
+    n = len(parts.norms)
     w = [1.0 / n] * n if weights is None else [float(x) for x in weights]
     beta, _ = karcher_mean_coordinates(parts, w, max_iter=max_iter, tol=tol)
     scale = math.fsum(wi * ni for wi, ni in zip(w, parts.norms))
-    coefficients = [scale * b / ni if ni > 0 else 0.0 for b, ni in zip(beta, parts.norms)]
-    return weighted_sum(parts.tensors, coefficients)
+    return [scale * b / ni if ni > 0 else 0.0 for b, ni in zip(beta, parts.norms)]
 
 
 def karcher(
@@ -157,3 +148,15 @@ def karcher(
     if len(tensors) == 1:
         return tensors[0]
     return karcher_combine(karcher_prepare(tensors), weights, max_iter=max_iter, tol=tol)
+
+
+# --------------------------------------------------------------------------- steps (evomerge.methods.steps)
+def karcher_prepare_step(inputs: Inputs, p: Mapping[str, Any]) -> WeightedSum:
+    """The whole iteration on the memoized Gram matrix (trial-invariant; every input, a recipe's
+    base included, is a model here), then one weighted sum of the models."""
+    n = inputs.n
+    if n == 1:  # that tensor, unchanged
+        return WeightedSum((0,), (1.0,))
+    gram = inputs.memo(("gram64", "models"), tuple(range(n)), lambda: gram64([inputs.x(i) for i in range(n)]))
+    parts = KarcherParts([], norms_from_gram(gram), gram)
+    return WeightedSum(tuple(range(n)), tuple(karcher_coefficients(parts, max_iter=int(p["max_iter"]), tol=float(p["tol"]))))

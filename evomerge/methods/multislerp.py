@@ -43,40 +43,17 @@ divided by (mergekit divides and returns NaN), as :func:`evomerge.methods.interp
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 from torch import Tensor
 
+from evomerge.methods.interpolate import WeightedSum, weighted_sum_combine
 from evomerge.methods.sphere import gram64, norms_from_gram, weighted_sum
+from evomerge.methods.steps import Inputs, Prepared
+from evomerge.methods.task_arithmetic import MM_NONE, SM_NONE, ModelSpec, TaskVectorMix, gta_combine
 
 MULTISLERP_EPS = 1e-8
 WEIGHT_SUM_EPS = 1e-8  # below this |sum of weights| normalize_weights does not divide
-
-# The registry entry this module asks for (field names of evomerge.methods.Param).
-SPEC = {
-    "name": "multislerp",
-    "base": "optional",  # with a base, the task vectors are interpolated and the base added back
-    "min_models": 1,
-    "max_models": None,
-    "stochastic": False,
-    "reference": "https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
-    "summary": "weighted mean direction on the hypersphere, scaled by the weighted mean norm",
-    "params": (
-        # Only the ratios matter for the direction; [0, 1] per model spans every mix of
-        # non-negative weights (as for linear), and with normalize_weights the scale is free.
-        {"name": "weight", "scope": "model", "required": True, "search": (0.0, 1.0),
-         "doc": "relative (normalize_weights) or absolute weight of the model"},
-        {"name": "normalize_weights", "scope": "global", "kind": bool, "default": True,
-         "doc": "divide the weights by their sum"},
-        # A numerical guard, not a quality knob: it only matters for norms near eps. A search
-        # range is given only because every numeric knob needs one when a config names it; it
-        # keeps eps far below the norms of real task vectors.
-        {"name": "eps", "scope": "global", "default": MULTISLERP_EPS, "low": 0.0, "high": 1e-2,
-         "search": (1e-9, 1e-6),
-         "doc": "added to each norm before dividing; |mean| below it counts as no direction"},
-    ),
-}
-
 
 class MultislerpParts(NamedTuple):
     """The trial-invariant part: the points (models or task vectors), their norms and Gram matrix."""
@@ -146,3 +123,38 @@ def multislerp(
         return tensors[0]
     parts = multislerp_prepare(tensors, base=base)
     return multislerp_combine(parts, weights, base=base, normalize_weights=normalize_weights, eps=eps)
+
+
+# --------------------------------------------------------------------------- steps (evomerge.methods.steps)
+def multislerp_gram(inputs: Inputs) -> Tensor:
+    """The float64 Gram matrix of the points (task vectors with a base, else the models),
+    memoized: the trial-invariant part (karcher's Gram of the same models is the same value)."""
+    n = inputs.n
+    key = ("gram64", "deltas" if inputs.has_base else "models")
+    return inputs.memo(key, tuple(range(n)), lambda: gram64([inputs.delta(i) for i in range(n)]))
+
+
+def multislerp_prepare_step(inputs: Inputs, p: Mapping[str, Any]) -> WeightedSum | TaskVectorMix:
+    """Per trial: the coefficients ``k_i`` from the cached Gram matrix, as the linear mix the
+    fused kernels know: a weighted sum of the models, or (with a base) task arithmetic with
+    weights ``k_i`` (``base + sum_i (x_i - base) k_i``, the order :func:`multislerp_combine` uses)."""
+    n = inputs.n
+    if n == 1:  # that model, unchanged
+        return WeightedSum((0,), (1.0,))
+    gram = multislerp_gram(inputs)
+    parts = MultislerpParts([], norms_from_gram(gram), gram)
+    k = multislerp_coefficients(parts, p["weight"], normalize_weights=bool(p["normalize_weights"]), eps=float(p["eps"]))
+    if not inputs.has_base:
+        return WeightedSum(tuple(range(n)), tuple(k))
+    return TaskVectorMix([ModelSpec(MM_NONE, SM_NONE, ki, inputs.shape) for ki in k], k, None, False, 1.0)
+
+
+def multislerp_combine_step(prep: Prepared, inputs: Inputs, sl: slice | None) -> Tensor:
+    if isinstance(prep, WeightedSum):
+        return weighted_sum_combine(prep, inputs, sl)
+    return gta_combine(prep, inputs, sl)  # type: ignore[arg-type]
+
+
+def multislerp_kernel(prep: Prepared) -> str:
+    """The fused kernel of the prepared value (see :mod:`evomerge.kernels`)."""
+    return "weighted_sum" if isinstance(prep, WeightedSum) else "task_vector_mix"

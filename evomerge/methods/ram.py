@@ -23,58 +23,26 @@ tensor; the paper's RAM+ counts over the whole model. Both are supported: by def
 e.g. from :func:`ram_overlap_counts` summed over every tensor of the model) for the paper's.
 As in mergekit, ``rho`` and ``lambda`` are computed in float32 whatever the tensors' dtype.
 
-Trial-invariant: the task vectors (:func:`ram_task_vectors`). The masks and counts depend on
-``epsilon`` (:func:`ram_masks`; also trial-invariant when ``epsilon`` is not searched), the
-combine step (:func:`ram_combine`) on ``lambda``.
+The masks are elementwise (one comparison per entry and model), so the combine step computes
+them chunk by chunk (:func:`ram_combine_step`); keeping them between candidates would cost as
+much memory traffic as recomputing them from the sources it reads anyway. RAM+'s overlap counts
+are a reduction over the whole tensor: memoized per ``epsilon`` (trial-invariant when ``epsilon``
+is not searched; a few integers per tensor and value when it is), then ``lambda`` per trial.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from dataclasses import dataclass
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
 
+from evomerge.methods.steps import Inputs, Prepared
+
 RAM_EPSILON = 1e-5
 RAMPLUS_R = 0.1
 RAMPLUS_ALPHA = 0.2
-
-# Searching epsilon: a bf16 weight of magnitude ~0.02 moves in steps of ~1e-4, so thresholds from
-# 1e-6 (any stored change counts) to 1e-3 (only large updates count) span "touched = changed at
-# all" to "touched = changed a lot". (Param has no log scale yet; a log scale suits this range.)
-_EPSILON = {"name": "epsilon", "scope": "global", "default": RAM_EPSILON, "low": 0.0, "search": (1e-6, 1e-3),
-            "doc": "a task-vector entry counts as an update when its magnitude is above this"}
-
-# The registry entries this module asks for (field names of evomerge.methods.Param).
-SPEC = {
-    "name": "ram",
-    "base": "required",
-    "min_models": 1,
-    "max_models": None,
-    "stochastic": False,
-    "reference": "https://arxiv.org/abs/2601.13572",
-    "summary": "average each update over only the models that made it",
-    "params": (_EPSILON,),
-}
-SPEC_PLUS = {
-    "name": "ramplus_tl",
-    "base": "required",
-    "min_models": 1,
-    "max_models": None,
-    "stochastic": False,
-    "reference": "https://arxiv.org/abs/2601.13572",
-    "summary": "RAM, with each model's unique updates boosted by its shared/unique ratio (per tensor)",
-    "params": (
-        # lambda <= 1 + r * alpha: r and alpha in [0, 1] allow unique updates up to doubled; more
-        # would push them past any single model's update.
-        {"name": "r", "scope": "global", "default": RAMPLUS_R, "low": 0.0, "search": (0.0, 1.0),
-         "doc": "strength of the boost of unique updates"},
-        {"name": "alpha", "scope": "global", "default": RAMPLUS_ALPHA, "low": 0.0, "search": (0.0, 1.0),
-         "doc": "cap on the shared/unique ratio"},
-        _EPSILON,
-    ),
-}
-
 
 class RamMasks(NamedTuple):
     touched: list[Tensor]  # n x (*shape) bool: |d_i| > epsilon
@@ -153,3 +121,43 @@ def ramplus_tl(
         rho = ramplus_rho(*ram_overlap_counts(masks), epsilon)
     lambdas = ramplus_lambdas(torch.as_tensor(rho, dtype=torch.float32), r=r, alpha=alpha)
     return ram_combine(base, deltas, masks, lambdas.to(base.device))
+
+
+# --------------------------------------------------------------------------- steps (evomerge.methods.steps)
+@dataclass
+class SharedUpdateMix(Prepared):
+    """RAM's elementwise step: the threshold and (RAM+) each model's boost of unique updates."""
+
+    epsilon: float
+    lambdas: Tensor | None = None  # (n,) float32
+
+
+def _chunk_deltas(inputs: Inputs, sl: slice) -> tuple[Tensor, list[Tensor]]:
+    b = inputs.cv(inputs.base_flat()[sl])
+    return b, [inputs.cv(inputs.x_flat(i)[sl]) - b for i in range(inputs.n)]
+
+
+def ram_prepare(inputs: Inputs, p: Mapping[str, Any]) -> SharedUpdateMix:
+    return SharedUpdateMix(float(p["epsilon"]))
+
+
+def ram_overlap_counts_chunked(inputs: Inputs, epsilon: float) -> tuple[list[int], list[int]]:
+    """:func:`ram_overlap_counts` of the whole tensor, summed over chunks (exact integers)."""
+    parts = inputs.map_chunks(lambda sl: ram_overlap_counts(ram_masks(_chunk_deltas(inputs, sl)[1], epsilon)))
+    n = inputs.n
+    return [sum(s[i] for s, _ in parts) for i in range(n)], [sum(u[i] for _, u in parts) for i in range(n)]
+
+
+def ramplus_prepare(inputs: Inputs, p: Mapping[str, Any]) -> SharedUpdateMix:
+    eps = float(p["epsilon"])
+    shared, unique = inputs.memo(("ram_overlap_counts", eps), tuple(range(inputs.n)),
+                                 lambda: ram_overlap_counts_chunked(inputs, eps))
+    lambdas = ramplus_lambdas(ramplus_rho(shared, unique, eps), r=float(p["r"]), alpha=float(p["alpha"]))
+    return SharedUpdateMix(eps, lambdas.to(inputs.device))
+
+
+def ram_combine_step(prep: SharedUpdateMix, inputs: Inputs, sl: slice | None) -> Tensor:
+    """:func:`ram_combine` on the elements ``sl`` (masks computed there: elementwise)."""
+    b, ds = _chunk_deltas(inputs, slice(0, inputs.numel) if sl is None else sl)
+    out = ram_combine(b, ds, ram_masks(ds, prep.epsilon), prep.lambdas)
+    return out.view(inputs.shape) if sl is None else out
