@@ -83,6 +83,21 @@ def merge(recipe: Path, out_dir: Path, device: str, seed: int | None, overwrite:
     click.echo(f"wrote {path}")
 
 
+@main.command("convert-gguf")
+@click.argument("gguf_file", type=click.Path(path_type=Path))
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True,
+              help="The dequantised weights' dtype.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists.")
+@friendly_errors
+def convert_gguf(gguf_file: Path, out_dir: Path, dtype: str, overwrite: bool) -> None:
+    """Write a GGUF model as a safetensors folder (dequantised; tokenizer, chat template and
+    generation config included) that merge, search and mergekit read."""
+    from evomerge.gguf import convert_gguf as convert
+
+    click.echo(f"wrote {convert(gguf_file, out_dir, dtype=dtype, overwrite=overwrite)}")
+
+
 def _trial_line(r) -> str:
     if r.state == "FAIL":
         return f"trial {r.number:>4}  FAILED  {r.seconds:6.1f}s  {r.error}"
