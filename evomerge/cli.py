@@ -325,7 +325,7 @@ def sweep(config: Path, metric: str | None, aggregate: str | None, smoothing: in
 @main.command()
 @click.option("--out", type=click.Path(path_type=Path), default=Path("demo_out"), show_default=True,
               help="Folder for the world, the study and the results.")
-@click.option("--trials", type=int, default=None, help="Search budget (default: configs/demo.yml's).")
+@click.option("--trials", type=int, default=None, help="Search budget (default: the demo config's, evomerge/demo/demo.yml).")
 @click.option("--sampler", type=click.Choice(["cmaes", "tpe", "random", "qmc"]), default=None)
 @click.option("--seed", type=int, default=0, show_default=True, help="World and search seed.")
 @click.option("--fresh", is_flag=True, help="Restart the demo study from scratch.")
