@@ -25,10 +25,11 @@ DEMO_CONFIG = Path(__file__).resolve().parent / "demo.yml"
 """The demo's search config (package data); its paths are relative to the demo's output folder."""
 
 
-def demo_settings(config_path: Path = DEMO_CONFIG) -> dict[str, Any]:
-    """The demo config as a mapping; checked before anything is built."""
+def demo_settings(config_path: Path | None = None) -> dict[str, Any]:
+    """The demo config (default: :data:`DEMO_CONFIG`) as a mapping."""
     from evomerge.files import read_yaml
 
+    config_path = DEMO_CONFIG if config_path is None else config_path
     if not config_path.is_file():
         raise ConfigError(f"{config_path}: the demo's search config is missing from the installed package "
                           "(reinstall evomerge)")
@@ -38,8 +39,9 @@ def demo_settings(config_path: Path = DEMO_CONFIG) -> dict[str, Any]:
     return data
 
 
-def demo_config(out: Path, models: dict[str, Path], *, config_path: Path = DEMO_CONFIG, **overrides: Any) -> SearchConfig:
+def demo_config(out: Path, models: dict[str, Path], *, config_path: Path | None = None, **overrides: Any) -> SearchConfig:
     """The demo config pointed at the world built in ``out``."""
+    config_path = DEMO_CONFIG if config_path is None else config_path
     data = demo_settings(config_path)
     data["base_model"] = str(Path(models["base"]).resolve())
     data["models"] = {name: str(Path(models[name]).resolve()) for name in data["models"]}
