@@ -122,7 +122,16 @@ cfg["fitness"]["include_path"] = str(Path("tasks/smol_chat").resolve())
 (work / "smollm2_gpu.yml").write_text(yaml.safe_dump(cfg))
 EOF
     $PY -m evomerge search "$WORK/smollm2_gpu.yml" || return 1
-    $PY -m evomerge status --study smollm2_gpu --storage "sqlite:///$WORK/runs/smollm2_gpu.db" --top 3
+    $PY -m evomerge status --study smollm2_gpu --storage "sqlite:///$WORK/runs/smollm2_gpu.db" --top 3 || return 1
+    $PY - "sqlite:///$WORK/runs/smollm2_gpu.db" "$DEVICE" <<'EOF'
+import sys, optuna
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+study = optuna.load_study(study_name="smollm2_gpu", storage=sys.argv[1])
+done = [t for t in study.trials if t.state.name == "COMPLETE"]
+secs = sorted(t.user_attrs.get("evomerge:seconds", float("nan")) for t in done)
+print(f"smollm2 on {sys.argv[2]}: {len(done)} trials, best fitness {study.best_value:.4f}, "
+      f"seconds per trial median {secs[len(secs) // 2]:.1f} (min {secs[0]:.1f}, max {secs[-1]:.1f})")
+EOF
 }
 
 T0=$SECONDS
