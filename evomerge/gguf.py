@@ -9,6 +9,7 @@ plain safetensors folder with the tokenizer (chat template included) and the gen
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 from evomerge.errors import CheckpointError
@@ -66,6 +67,8 @@ def convert_gguf(gguf_file: Path, out_dir: Path, *, dtype: str = "float32", over
     model.tie_weights()
     del loaded
     model.generation_config = GenerationConfig.from_model_config(config)
+    if out_dir.exists() and overwrite:
+        shutil.rmtree(out_dir)  # no stale files from an earlier model
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     logger.info("wrote %s", out_dir)
