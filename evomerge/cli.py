@@ -145,6 +145,21 @@ def merge(recipe: Path, out_dir: Path, device: str | None, seed: int | None, ove
     click.echo(f"wrote {path}")
 
 
+@main.command("convert-gguf", epilog=_example("evomerge convert-gguf model.Q8_0.gguf model-hf/"))
+@click.argument("gguf_file", type=click.Path(path_type=Path))
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True,
+              help="The dequantised weights' dtype.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists.")
+@friendly_errors
+def convert_gguf(gguf_file: Path, out_dir: Path, dtype: str, overwrite: bool) -> None:
+    """Write a GGUF model as a safetensors folder (dequantised; tokenizer, chat template and
+    generation config included) that merge, search and mergekit read."""
+    from evomerge.gguf import convert_gguf as convert
+
+    click.echo(f"wrote {convert(gguf_file, out_dir, dtype=dtype, overwrite=overwrite)}")
+
+
 @contextlib.contextmanager
 def _logs_through(console: Any) -> Iterator[None]:
     """Log records go through the rich console while it holds a live progress bar (printed above
@@ -171,7 +186,7 @@ def _trial_line(r) -> str:
     return f"trial {r.number:>4}  {r.fitness:.4f}  {r.seconds:6.1f}s  {best}{tag}  {r.summary}".rstrip()
 
 
-@main.command(epilog=_example("evomerge search configs/demo.yml --trials 50", "evomerge search configs/ja_math.yml --dry-run", "evomerge search evolve.yml   # a mergekit-evolve config"))
+@main.command(epilog=_example("evomerge search configs/example.yml --trials 50", "evomerge search configs/ja_math.yml --dry-run", "evomerge search evolve.yml   # a mergekit-evolve config"))
 @click.argument("config", type=click.Path(path_type=Path))
 @click.option("--trials", type=int, default=None, help="Run until this many trials count (default: budget.trials).")
 @click.option("--fresh", is_flag=True, help="Delete the existing study of this name and start over.")
@@ -433,7 +448,7 @@ def sweep(config: Path, metric: str | None, aggregate: str | None, smoothing: in
 @main.command(epilog=_example("evomerge demo -o demo_out --trials 20"))
 @click.option("-o", "--output", "--out", "out", type=click.Path(path_type=Path), default=Path("demo_out"), show_default=True,
               help="Folder for the world, the study and the results.")
-@click.option("--trials", type=int, default=None, help="Search budget (default: configs/demo.yml's).")
+@click.option("--trials", type=int, default=None, help="Search budget (default: the demo config's, evomerge/demo/demo.yml).")
 @click.option("--sampler", type=click.Choice(["cmaes", "tpe", "random", "qmc"]), default=None)
 @click.option("--seed", type=int, default=0, show_default=True, help="World and search seed.")
 @click.option("--fresh", is_flag=True, help="Restart the demo study from scratch.")

@@ -615,10 +615,6 @@ class SweepConfig(_Strict, YamlConfig):
                 raise ValueError(f"coefficients.{i}: sweeps the same knob as an earlier coefficient")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype: expected one of {', '.join(DTYPES)}")
-        tok = self.merge.tokenizer_source
-        if tok is not None and tok not in ("base", "union") and tok not in self.models:
-            raise ValueError(f"merge.tokenizer_source: {tok!r} is not base, union or one of models "
-                             f"({', '.join(self.models)})")
         return self
 
     # ----------------------------------------------------------------- derived

@@ -7,7 +7,7 @@ config, same run; prints the ratios.
     python scripts/bench_workers.py --trials 40 --workers 4 --sampler tpe --out /tmp/bench
 
 The demo world (``evomerge demo``'s models and tasks) is built once under ``--out`` and reused.
-Each run searches a fresh study of its own (``configs/demo.yml``, baselines included). Two times
+Each run searches a fresh study of its own (``evomerge/demo/demo.yml``, baselines included). Two times
 per run: ``total`` is the whole ``run_search`` call (for Ray: starting the runtime and loading
 every worker's sources and tasks); ``trials`` runs from the moment the workers are ready (the
 study's start) to the end, i.e. the part that grows with the budget. The 1-Ray-worker run

@@ -1,4 +1,4 @@
-"""Compare samplers at equal budget on the demo world: each runs its own study of configs/demo.yml,
+"""Compare samplers at equal budget on the demo world: each runs its own study of evomerge/demo/demo.yml,
 then the best trial of each is built and scored on the held-out test splits.
 
     python scripts/compare_samplers.py --out demo_out --trials 60 --samplers cmaes random

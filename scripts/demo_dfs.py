@@ -1,4 +1,4 @@
-"""Two-stage search on the demo world: the PS study of configs/demo.yml (resumed if it exists), then a
+"""Two-stage search on the demo world: the PS study of evomerge/demo/demo.yml (resumed if it exists), then a
 DFS stage over the PS winner and both specialists; the parents, the PS winner and the DFS winner are
 scored on the held-out test splits.
 

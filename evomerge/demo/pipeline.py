@@ -2,7 +2,7 @@
 the held-out test splits.
 
 Writes into ``out``: ``models/<name>/`` (the parents), ``tasks/`` (the lm-eval task suite),
-``runs/demo.db`` (the study, resumable), ``best.yml`` (the winning recipe), ``merged/`` (the
+``demo.yml`` (the search config), ``runs/demo.db`` (the study, resumable), ``best.yml`` (the winning recipe), ``merged/`` (the
 winner as a Hugging Face folder) and ``summary.json`` (every model's test scores).
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -20,16 +21,28 @@ from evomerge.errors import ConfigError
 log = logging.getLogger(__name__)
 
 DEMO_TASKS = ("demo_target", "demo_compose", "demo_math", "demo_lang")
-REPO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yml"
+DEMO_CONFIG = Path(__file__).resolve().parent / "demo.yml"
+"""The demo's search config (package data); its paths are relative to the demo's output folder."""
 
 
-def demo_config(out: Path, models: dict[str, Path], *, config_path: Path = REPO_CONFIG, **overrides: Any) -> SearchConfig:
-    """``configs/demo.yml`` pointed at the world built in ``out``."""
-    import yaml
+def demo_settings(config_path: Path | None = None) -> dict[str, Any]:
+    """The demo config (default: :data:`DEMO_CONFIG`) as a mapping."""
+    from evomerge.files import read_yaml
 
+    config_path = DEMO_CONFIG if config_path is None else config_path
     if not config_path.is_file():
-        raise ConfigError(f"{config_path}: the demo's search config is missing (run from a clone of evomerge)")
-    data = yaml.safe_load(config_path.read_text())
+        raise ConfigError(f"{config_path}: the demo's search config is missing from the installed package "
+                          "(reinstall evomerge)")
+    data = read_yaml(config_path, "demo config")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{config_path}: expected a mapping of config keys")
+    return data
+
+
+def demo_config(out: Path, models: dict[str, Path], *, config_path: Path | None = None, **overrides: Any) -> SearchConfig:
+    """The demo config pointed at the world built in ``out``."""
+    config_path = DEMO_CONFIG if config_path is None else config_path
+    data = demo_settings(config_path)
     data["base_model"] = str(Path(models["base"]).resolve())
     data["models"] = {name: str(Path(models[name]).resolve()) for name in data["models"]}
     data["storage"] = f"sqlite:///{(out / 'runs' / 'demo.db').resolve()}"
@@ -59,16 +72,19 @@ def run_demo(out: Path, *, trials: int | None = None, sampler: str | None = None
              say: Callable[[str], None] = log.info, on_trial: Callable[..., None] | None = None,
              on_start: Callable[..., None] | None = None, world: dict[str, Any] | None = None) -> dict[str, Any]:
     """``world`` overrides the world's build settings (tests use a tiny, quick world)."""
-    from evomerge.demo.world import build_world
+    from evomerge.demo.world import MODEL_NAMES, build_world
     from evomerge.export import build_trial_model, export_recipe
     from evomerge.search import run_search
     from evomerge.study import load_existing_study
 
     out = Path(out)
+    overrides: dict[str, Any] = {"seed": seed}
+    # the whole config is read and validated first: a broken install stops here, not after the world is built
+    demo_config(out, {name: out / "models" / name for name in MODEL_NAMES}, **overrides)
     t0 = time.perf_counter()
     models = build_world(out, seed=seed, log=say, config=world)
+    shutil.copyfile(DEMO_CONFIG, out / DEMO_CONFIG.name)  # for `evomerge search OUT/demo.yml` by hand
     t_world = time.perf_counter() - t0
-    overrides: dict[str, Any] = {"seed": seed}
     cfg = demo_config(out, models, **overrides)
     if sampler is not None:
         cfg = cfg.model_copy(update={"sampler": cfg.sampler.model_copy(update={"name": sampler})})
