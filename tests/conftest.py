@@ -28,6 +28,18 @@ CHARS = " abcdefghijklmnopqrstuvwxyz0123456789.,!?'-:;()\"ABCDEFGHIJKLMNOPQRSTUV
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
 
 
+@pytest.fixture(autouse=True)
+def _lm_eval_quiet_again():
+    """`evomerge -v` turns lm-eval's logs and bars on for the process (LMEVAL_LOG_LEVEL): a test that
+    runs the CLI with -v in-process must not leave them on for the tests after it."""
+    before = os.environ.get("LMEVAL_LOG_LEVEL")
+    yield
+    if before is None:
+        os.environ.pop("LMEVAL_LOG_LEVEL", None)
+    else:
+        os.environ["LMEVAL_LOG_LEVEL"] = before
+
+
 def _tiny_tokenizer(vocab: int):
     """A character-level tokenizer of exactly ``vocab`` tokens (built offline)."""
     from tokenizers import Tokenizer, decoders, models, processors
