@@ -95,6 +95,8 @@ from optuna.distributions import BaseDistribution, FloatDistribution
 from optuna.study import Study, StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
+from evomerge.study import TrialReader
+
 __all__ = [
     "ATTR_EXTRA",
     "ATTR_GENERATION",
@@ -294,6 +296,41 @@ def cma_state(study: Study) -> dict[str, Any] | None:
     }
 
 
+class _StudyView:
+    """What the sampler reads of a study, kept up to date incrementally (:class:`TrialReader`), so
+    a sampling call costs the same at trial 10 and at trial 10,000: the trials that hold a stored
+    state and the CMA trials, each by generation. A read cache only: the study stays the one
+    source of truth (another process's trials are read at the next refresh)."""
+
+    def __init__(self, study: Study) -> None:
+        self.reader = TrialReader(study)
+        self._finished: dict[int, list[FrozenTrial]] = {}  # generation -> finished CMA trials
+        self._holders: dict[int, list[FrozenTrial]] = {}  # generation -> finished state holders
+
+    def refresh(self) -> None:
+        for t in self.reader.refresh():
+            g = t.system_attrs.get(ATTR_GENERATION)
+            if isinstance(g, int):
+                self._finished.setdefault(g, []).append(t)
+            meta = t.system_attrs.get(ATTR_STATE_META)
+            if isinstance(meta, dict):
+                self._holders.setdefault(int(meta["generation"]), []).append(t)
+
+    def holders(self, generation: int | None = None) -> list[FrozenTrial]:
+        """Trials holding a state of ``generation`` (default: of the newest finished one), plus every
+        running holder: enough for :func:`_load_state` to find the newest state."""
+        if generation is None:
+            generation = max(self._holders, default=-1)
+        running = [t for t in self.reader.unfinished.values() if ATTR_STATE_META in t.system_attrs]
+        return self._holders.get(generation, []) + running
+
+    def of_generation(self, generation: int) -> list[FrozenTrial]:
+        """The CMA trials of ``generation``, finished and unfinished."""
+        unfinished = [t for t in self.reader.unfinished.values()
+                      if t.system_attrs.get(ATTR_GENERATION) == generation]
+        return self._finished.get(generation, []) + unfinished
+
+
 # --------------------------------------------------------------------------------------------
 # the sampler
 # --------------------------------------------------------------------------------------------
@@ -354,6 +391,12 @@ class PyCmaSampler(optuna.samplers.BaseSampler):
             dtype=float,
         )
         self._independent_sampler = independent_sampler or optuna.samplers.RandomSampler(seed=seed)
+        self._views: dict[tuple[int, int], _StudyView] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_views"] = {}  # a read cache, rebuilt from the study
+        return state
 
     # -- Optuna interface ---------------------------------------------------------------------
     def reseed_rng(self) -> None:
@@ -405,16 +448,24 @@ class PyCmaSampler(optuna.samplers.BaseSampler):
                 f"(this study has {len(study.directions)} objectives)"
             )
 
+    def _view(self, study: Study) -> _StudyView:
+        key = (id(study._storage), study._study_id)
+        if key not in self._views:
+            self._views[key] = _StudyView(study)
+        view = self._views[key]
+        view.refresh()
+        return view
+
     def _sample(self, study: Study, trial: FrozenTrial) -> dict[str, Any]:
         storage, trial_id = study._storage, trial._trial_id
-        trials = storage.get_all_trials(study._study_id, deepcopy=False)
-        me = next((t for t in trials if t._trial_id == trial_id), trial)
+        view = self._view(study)
+        me = view.reader.unfinished.get(trial_id, trial)
 
         # Already assigned (sample_relative called again for the same trial): same answer.
         if ATTR_GENERATION in me.system_attrs:
-            return self._reassigned(trials, me)
+            return self._reassigned(view, me)
 
-        loaded = _load_state(trials)
+        loaded = _load_state(view.holders())
         if loaded is None:
             payload = self._open_generation(storage, trial_id, None, [], study.direction)
         else:
@@ -423,7 +474,7 @@ class PyCmaSampler(optuna.samplers.BaseSampler):
 
         g = payload["generation"]
         popsize = len(payload["solutions"])
-        done, running, n_extra = self._generation_status(trials, g, trial_id, popsize)
+        done, running, n_extra = self._generation_status(view.of_generation(g), g, trial_id, popsize)
         if len(done) == popsize:
             results = [done[i] for i in range(popsize)]
             payload = self._open_generation(storage, trial_id, payload, results, study.direction)
@@ -435,7 +486,8 @@ class PyCmaSampler(optuna.samplers.BaseSampler):
         taken = set(done) | running
         claimed = False
         # another process may be claiming right now only if another trial is running
-        settle = any(t.state == TrialState.RUNNING and t._trial_id != trial_id for t in trials)
+        settle = any(t.state == TrialState.RUNNING and t._trial_id != trial_id
+                     for t in view.reader.unfinished.values())
         while True:
             free = [i for i in range(popsize) if i not in taken]
             if not free:
@@ -447,7 +499,7 @@ class PyCmaSampler(optuna.samplers.BaseSampler):
             if settle:  # let a concurrent claim land before checking (once)
                 time.sleep(CLAIM_SETTLE_S)
                 settle = False
-            if not self._lost_claim(storage, study._study_id, me, g, index):
+            if not self._lost_claim(view, me, g, index):
                 return _from_unit(self._spec, payload["solutions"][index])
             taken.add(index)
 
@@ -459,13 +511,13 @@ class PyCmaSampler(optuna.samplers.BaseSampler):
         return _from_unit(self._spec, self._extra_candidate(payload, n_extra))
 
     @staticmethod
-    def _lost_claim(
-        storage: optuna.storages.BaseStorage, study_id: int, me: FrozenTrial, g: int, index: int
-    ) -> bool:
+    def _lost_claim(view: _StudyView, me: FrozenTrial, g: int, index: int) -> bool:
         """Whether a lower-numbered running trial also holds index ``index`` of generation ``g``."""
-        for t in storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
+        view.refresh()
+        for t in view.reader.unfinished.values():
             if (
-                t.number < me.number
+                t.state == TrialState.RUNNING
+                and t.number < me.number
                 and t.system_attrs.get(ATTR_GENERATION) == g
                 and t.system_attrs.get(ATTR_INDEX) == index
                 and ATTR_EXTRA not in t.system_attrs
@@ -566,14 +618,9 @@ class PyCmaSampler(optuna.samplers.BaseSampler):
         with _seeded_global_numpy(self._seed, payload["generation"], _PURPOSE_EXTRA, extra):
             return np.asarray(es.ask(1)[0], dtype=float)
 
-    def _reassigned(self, trials: Sequence[FrozenTrial], me: FrozenTrial) -> dict[str, Any]:
+    def _reassigned(self, view: _StudyView, me: FrozenTrial) -> dict[str, Any]:
         g = me.system_attrs[ATTR_GENERATION]
-        holders = [
-            t for t in trials
-            if isinstance(t.system_attrs.get(ATTR_STATE_META), dict)
-            and t.system_attrs[ATTR_STATE_META]["generation"] == g
-        ]
-        loaded = _load_state(holders)
+        loaded = _load_state(view.holders(g))
         if loaded is None:
             raise RuntimeError(f"trial {me.number}: no stored CMA-ES state for generation {g}")
         payload = loaded[0]
