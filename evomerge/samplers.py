@@ -67,7 +67,13 @@ lowest trial number wins (they are computed from the same data, so they normally
 
 Notes
 -----
-* pycma's own termination criteria (``es.stop()``) are ignored: the search loop owns the budget.
+* Restarts (IPOP): when one of pycma's termination criteria (``es.stop()``) holds after a
+  generation is told -- the fitness went flat (``tolflatfitness``, ``tolfun``: accuracies on a
+  fixed item set are steps, so this happens), the step size collapsed (``tolx``), no progress
+  (``tolstagnation``) -- the next generation comes from a new ES started at ``x0`` with ``sigma0``
+  and the population times pycma's ``incpopsize`` (2), as ``cma.fmin(restarts=...)`` does. The
+  search loop owns the budget, so restarts go on until it is spent; the payload counts them
+  (``restarts``).
 * The state is a pickle read back from the study's storage: only load studies you trust, and
   resume with a compatible ``cma`` version.
 * Trial system attrs used (all prefixed ``evomerge:cma:``): ``generation``, ``index``, ``extra``
@@ -78,6 +84,7 @@ Notes
 from __future__ import annotations
 
 import base64
+import logging
 import math
 import pickle
 import threading
@@ -129,6 +136,9 @@ CHUNK_CHARS = 2000
 FAILED_PENALTY = 1e10
 
 _STATE_FORMAT = 1
+#: IPOP: population factor at each restart (the default of ``cma.fmin``'s ``incpopsize``).
+INCPOPSIZE = 2
+_log = logging.getLogger(__name__)
 # Seed-stream purposes, so that the draws for a generation and for its extras never coincide.
 _PURPOSE_ASK = 0
 _PURPOSE_EXTRA = 1
@@ -273,7 +283,7 @@ def _mean_in_bounds(es: cma.CMAEvolutionStrategy) -> np.ndarray:
 def cma_state(study: Study) -> dict[str, Any] | None:
     """The restored CMA-ES state of ``study`` (for tests and reports), or ``None`` before any.
 
-    Keys: ``generation``, ``popsize``, ``sigma`` (unit space), ``mean`` (parameter space, mapped
+    Keys: ``generation``, ``restarts``, ``popsize``, ``sigma`` (unit space), ``mean`` (parameter space, mapped
     into the box), ``solutions`` (this generation's candidates, parameter space), ``es`` (the restored
     :class:`cma.CMAEvolutionStrategy`, after this generation's ``ask``; the previous generations'
     results are in it, e.g. ``es.countevals``, ``es.fit.fit``) and ``trial_number`` (the trial
@@ -287,6 +297,7 @@ def cma_state(study: Study) -> dict[str, Any] | None:
     spec = payload["space"]
     return {
         "generation": payload["generation"],
+        "restarts": int(payload.get("restarts", 0)),
         "popsize": len(payload["solutions"]),
         "sigma": float(es.sigma),
         "mean": _from_unit(spec, _mean_in_bounds(es)),
@@ -562,22 +573,14 @@ class PyCmaSampler(optuna.samplers.BaseSampler):
         results: Sequence[FrozenTrial],
         direction: StudyDirection,
     ) -> dict[str, Any]:
-        """Tell ``results`` to the restored ES (or create it), ask the next generation, store it."""
+        """Tell ``results`` to the restored ES (or create it), ask the next generation, store it.
+        When one of pycma's termination criteria holds after the tell, the search restarts IPOP-style
+        (what ``cma.fmin(restarts=...)`` does): a new ES from ``x0`` with ``sigma0`` and the
+        population multiplied by pycma's ``incpopsize``."""
+        restarts = 0 if payload is None else int(payload.get("restarts", 0))
         if payload is None:
             generation = 0
-            opts: dict[str, Any] = {
-                "bounds": [0.0, 1.0],
-                "seed": np.nan,  # pycma must not seed the global RNG: we do, per generation
-                "verbose": -9,
-                "verb_disp": 0,
-                "verb_log": 0,
-                "signals_filename": "",  # never read a cma_signals.in file from the cwd
-                "randn": _global_randn,
-            }
-            if self._popsize is not None:
-                opts["popsize"] = self._popsize
-            with _seeded_global_numpy(self._seed, 0, _PURPOSE_ASK):
-                es = cma.CMAEvolutionStrategy(self._x0_unit.tolist(), self._sigma0, opts)
+            es = self._new_es(self._popsize, generation)
         else:
             es = payload["es"]
             sign = 1.0 if direction == StudyDirection.MINIMIZE else -1.0
@@ -590,11 +593,19 @@ class PyCmaSampler(optuna.samplers.BaseSampler):
             generation = payload["generation"] + 1
             with _seeded_global_numpy(self._seed, generation, _PURPOSE_ASK):
                 es.tell(list(payload["solutions"]), penalized_fitness(values))
+                stop = es.stop()
+            if stop:
+                restarts += 1
+                popsize = int(es.popsize * INCPOPSIZE)
+                _log.info("CMA-ES: %s after generation %d; restart %d with population %d",
+                          ", ".join(sorted(stop)), generation - 1, restarts, popsize)
+                es = self._new_es(popsize, generation)
         with _seeded_global_numpy(self._seed, generation, _PURPOSE_ASK):
             solutions = np.asarray(es.ask(), dtype=float)
         new_payload = {
             "format": _STATE_FORMAT,
             "generation": generation,
+            "restarts": restarts,
             "es": es,
             "solutions": solutions,
             "space": self._spec,
@@ -610,6 +621,21 @@ class PyCmaSampler(optuna.samplers.BaseSampler):
             {"generation": generation, "chunks": len(chunks), "format": _STATE_FORMAT},
         )
         return new_payload
+
+    def _new_es(self, popsize: int | None, generation: int) -> cma.CMAEvolutionStrategy:
+        opts: dict[str, Any] = {
+            "bounds": [0.0, 1.0],
+            "seed": np.nan,  # pycma must not seed the global RNG: we do, per generation
+            "verbose": -9,
+            "verb_disp": 0,
+            "verb_log": 0,
+            "signals_filename": "",  # never read a cma_signals.in file from the cwd
+            "randn": _global_randn,
+        }
+        if popsize is not None:
+            opts["popsize"] = popsize
+        with _seeded_global_numpy(self._seed, generation, _PURPOSE_ASK):
+            return cma.CMAEvolutionStrategy(self._x0_unit.tolist(), self._sigma0, opts)
 
     def _extra_candidate(self, payload: dict[str, Any], extra: int) -> np.ndarray:
         """An extra draw from the generation's distribution, deterministic in (seed, gen, extra)."""
