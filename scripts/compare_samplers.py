@@ -109,7 +109,8 @@ def main() -> None:
                   + " ".join(f"{t} {r['test'][t]:.3f}" for t in tasks)
                   + (f" (mean {r['mean_test'][tasks[0]]:.3f})" if "mean_test" in r else ""), flush=True)
     key = tasks[0]
-    scores = {v: [r["test"][key] for r in rows if r["variant"] == v and r["trials"] == a.trials and r["seed"] in a.seeds]
+    scores = {v: [r["test"][key] for r in rows
+                  if r["variant"] == v and r["trials"] == a.trials and r["seed"] in a.seeds]
               for v in a.variants}
     ref = a.variants[0]
     print(f"\n{key} test after {a.trials} trials, seeds {a.seeds}")
