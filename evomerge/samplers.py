@@ -283,8 +283,8 @@ def _mean_in_bounds(es: cma.CMAEvolutionStrategy) -> np.ndarray:
 def cma_state(study: Study) -> dict[str, Any] | None:
     """The restored CMA-ES state of ``study`` (for tests and reports), or ``None`` before any.
 
-    Keys: ``generation``, ``restarts``, ``popsize``, ``sigma`` (unit space), ``mean`` (parameter space, mapped
-    into the box), ``solutions`` (this generation's candidates, parameter space), ``es`` (the restored
+    Keys: ``generation``, ``restarts``, ``popsize``, ``sigma`` (unit space), ``mean`` (parameter
+    space, mapped into the box), ``solutions`` (this generation's candidates, parameter space), ``es`` (the restored
     :class:`cma.CMAEvolutionStrategy`, after this generation's ``ask``; the previous generations'
     results are in it, e.g. ``es.countevals``, ``es.fit.fit``) and ``trial_number`` (the trial
     holding the state).
