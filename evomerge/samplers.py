@@ -67,7 +67,13 @@ lowest trial number wins (they are computed from the same data, so they normally
 
 Notes
 -----
-* pycma's own termination criteria (``es.stop()``) are ignored: the search loop owns the budget.
+* Restarts (IPOP): when one of pycma's termination criteria (``es.stop()``) holds after a
+  generation is told -- the fitness went flat (``tolflatfitness``, ``tolfun``: accuracies on a
+  fixed item set are steps, so this happens), the step size collapsed (``tolx``), no progress
+  (``tolstagnation``) -- the next generation comes from a new ES started at ``x0`` with ``sigma0``
+  and the population times pycma's ``incpopsize`` (2), as ``cma.fmin(restarts=...)`` does. The
+  search loop owns the budget, so restarts go on until it is spent; the payload counts them
+  (``restarts``).
 * The state is a pickle read back from the study's storage: only load studies you trust, and
   resume with a compatible ``cma`` version.
 * Trial system attrs used (all prefixed ``evomerge:cma:``): ``generation``, ``index``, ``extra``
@@ -78,6 +84,7 @@ Notes
 from __future__ import annotations
 
 import base64
+import logging
 import math
 import pickle
 import threading
@@ -94,6 +101,8 @@ from cma.utilities.utils import SolutionDict
 from optuna.distributions import BaseDistribution, FloatDistribution
 from optuna.study import Study, StudyDirection
 from optuna.trial import FrozenTrial, TrialState
+
+from evomerge.study import TrialReader
 
 __all__ = [
     "ATTR_EXTRA",
@@ -127,6 +136,9 @@ CHUNK_CHARS = 2000
 FAILED_PENALTY = 1e10
 
 _STATE_FORMAT = 1
+#: IPOP: population factor at each restart (the default of ``cma.fmin``'s ``incpopsize``).
+INCPOPSIZE = 2
+_log = logging.getLogger(__name__)
 # Seed-stream purposes, so that the draws for a generation and for its extras never coincide.
 _PURPOSE_ASK = 0
 _PURPOSE_EXTRA = 1
@@ -271,8 +283,8 @@ def _mean_in_bounds(es: cma.CMAEvolutionStrategy) -> np.ndarray:
 def cma_state(study: Study) -> dict[str, Any] | None:
     """The restored CMA-ES state of ``study`` (for tests and reports), or ``None`` before any.
 
-    Keys: ``generation``, ``popsize``, ``sigma`` (unit space), ``mean`` (parameter space, mapped
-    into the box), ``solutions`` (this generation's candidates, parameter space), ``es`` (the restored
+    Keys: ``generation``, ``restarts``, ``popsize``, ``sigma`` (unit space), ``mean`` (parameter
+    space, mapped into the box), ``solutions`` (this generation's candidates, parameter space), ``es`` (the restored
     :class:`cma.CMAEvolutionStrategy`, after this generation's ``ask``; the previous generations'
     results are in it, e.g. ``es.countevals``, ``es.fit.fit``) and ``trial_number`` (the trial
     holding the state).
@@ -285,6 +297,7 @@ def cma_state(study: Study) -> dict[str, Any] | None:
     spec = payload["space"]
     return {
         "generation": payload["generation"],
+        "restarts": int(payload.get("restarts", 0)),
         "popsize": len(payload["solutions"]),
         "sigma": float(es.sigma),
         "mean": _from_unit(spec, _mean_in_bounds(es)),
@@ -292,6 +305,41 @@ def cma_state(study: Study) -> dict[str, Any] | None:
         "es": es,
         "trial_number": holder.number,
     }
+
+
+class _StudyView:
+    """What the sampler reads of a study, kept up to date incrementally (:class:`TrialReader`), so
+    a sampling call costs the same at trial 10 and at trial 10,000: the trials that hold a stored
+    state and the CMA trials, each by generation. A read cache only: the study stays the one
+    source of truth (another process's trials are read at the next refresh)."""
+
+    def __init__(self, study: Study) -> None:
+        self.reader = TrialReader(study)
+        self._finished: dict[int, list[FrozenTrial]] = {}  # generation -> finished CMA trials
+        self._holders: dict[int, list[FrozenTrial]] = {}  # generation -> finished state holders
+
+    def refresh(self) -> None:
+        for t in self.reader.refresh():
+            g = t.system_attrs.get(ATTR_GENERATION)
+            if isinstance(g, int):
+                self._finished.setdefault(g, []).append(t)
+            meta = t.system_attrs.get(ATTR_STATE_META)
+            if isinstance(meta, dict):
+                self._holders.setdefault(int(meta["generation"]), []).append(t)
+
+    def holders(self, generation: int | None = None) -> list[FrozenTrial]:
+        """Trials holding a state of ``generation`` (default: of the newest finished one), plus every
+        running holder: enough for :func:`_load_state` to find the newest state."""
+        if generation is None:
+            generation = max(self._holders, default=-1)
+        running = [t for t in self.reader.unfinished.values() if ATTR_STATE_META in t.system_attrs]
+        return self._holders.get(generation, []) + running
+
+    def of_generation(self, generation: int) -> list[FrozenTrial]:
+        """The CMA trials of ``generation``, finished and unfinished."""
+        unfinished = [t for t in self.reader.unfinished.values()
+                      if t.system_attrs.get(ATTR_GENERATION) == generation]
+        return self._finished.get(generation, []) + unfinished
 
 
 # --------------------------------------------------------------------------------------------
@@ -354,6 +402,12 @@ class PyCmaSampler(optuna.samplers.BaseSampler):
             dtype=float,
         )
         self._independent_sampler = independent_sampler or optuna.samplers.RandomSampler(seed=seed)
+        self._views: dict[tuple[int, int], _StudyView] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_views"] = {}  # a read cache, rebuilt from the study
+        return state
 
     # -- Optuna interface ---------------------------------------------------------------------
     def reseed_rng(self) -> None:
@@ -405,16 +459,24 @@ class PyCmaSampler(optuna.samplers.BaseSampler):
                 f"(this study has {len(study.directions)} objectives)"
             )
 
+    def _view(self, study: Study) -> _StudyView:
+        key = (id(study._storage), study._study_id)
+        if key not in self._views:
+            self._views[key] = _StudyView(study)
+        view = self._views[key]
+        view.refresh()
+        return view
+
     def _sample(self, study: Study, trial: FrozenTrial) -> dict[str, Any]:
         storage, trial_id = study._storage, trial._trial_id
-        trials = storage.get_all_trials(study._study_id, deepcopy=False)
-        me = next((t for t in trials if t._trial_id == trial_id), trial)
+        view = self._view(study)
+        me = view.reader.unfinished.get(trial_id, trial)
 
         # Already assigned (sample_relative called again for the same trial): same answer.
         if ATTR_GENERATION in me.system_attrs:
-            return self._reassigned(trials, me)
+            return self._reassigned(view, me)
 
-        loaded = _load_state(trials)
+        loaded = _load_state(view.holders())
         if loaded is None:
             payload = self._open_generation(storage, trial_id, None, [], study.direction)
         else:
@@ -423,7 +485,7 @@ class PyCmaSampler(optuna.samplers.BaseSampler):
 
         g = payload["generation"]
         popsize = len(payload["solutions"])
-        done, running, n_extra = self._generation_status(trials, g, trial_id, popsize)
+        done, running, n_extra = self._generation_status(view.of_generation(g), g, trial_id, popsize)
         if len(done) == popsize:
             results = [done[i] for i in range(popsize)]
             payload = self._open_generation(storage, trial_id, payload, results, study.direction)
@@ -435,7 +497,8 @@ class PyCmaSampler(optuna.samplers.BaseSampler):
         taken = set(done) | running
         claimed = False
         # another process may be claiming right now only if another trial is running
-        settle = any(t.state == TrialState.RUNNING and t._trial_id != trial_id for t in trials)
+        settle = any(t.state == TrialState.RUNNING and t._trial_id != trial_id
+                     for t in view.reader.unfinished.values())
         while True:
             free = [i for i in range(popsize) if i not in taken]
             if not free:
@@ -447,7 +510,7 @@ class PyCmaSampler(optuna.samplers.BaseSampler):
             if settle:  # let a concurrent claim land before checking (once)
                 time.sleep(CLAIM_SETTLE_S)
                 settle = False
-            if not self._lost_claim(storage, study._study_id, me, g, index):
+            if not self._lost_claim(view, me, g, index):
                 return _from_unit(self._spec, payload["solutions"][index])
             taken.add(index)
 
@@ -459,13 +522,13 @@ class PyCmaSampler(optuna.samplers.BaseSampler):
         return _from_unit(self._spec, self._extra_candidate(payload, n_extra))
 
     @staticmethod
-    def _lost_claim(
-        storage: optuna.storages.BaseStorage, study_id: int, me: FrozenTrial, g: int, index: int
-    ) -> bool:
+    def _lost_claim(view: _StudyView, me: FrozenTrial, g: int, index: int) -> bool:
         """Whether a lower-numbered running trial also holds index ``index`` of generation ``g``."""
-        for t in storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
+        view.refresh()
+        for t in view.reader.unfinished.values():
             if (
-                t.number < me.number
+                t.state == TrialState.RUNNING
+                and t.number < me.number
                 and t.system_attrs.get(ATTR_GENERATION) == g
                 and t.system_attrs.get(ATTR_INDEX) == index
                 and ATTR_EXTRA not in t.system_attrs
@@ -510,22 +573,14 @@ class PyCmaSampler(optuna.samplers.BaseSampler):
         results: Sequence[FrozenTrial],
         direction: StudyDirection,
     ) -> dict[str, Any]:
-        """Tell ``results`` to the restored ES (or create it), ask the next generation, store it."""
+        """Tell ``results`` to the restored ES (or create it), ask the next generation, store it.
+        When one of pycma's termination criteria holds after the tell, the search restarts IPOP-style
+        (what ``cma.fmin(restarts=...)`` does): a new ES from ``x0`` with ``sigma0`` and the
+        population multiplied by pycma's ``incpopsize``."""
+        restarts = 0 if payload is None else int(payload.get("restarts", 0))
         if payload is None:
             generation = 0
-            opts: dict[str, Any] = {
-                "bounds": [0.0, 1.0],
-                "seed": np.nan,  # pycma must not seed the global RNG: we do, per generation
-                "verbose": -9,
-                "verb_disp": 0,
-                "verb_log": 0,
-                "signals_filename": "",  # never read a cma_signals.in file from the cwd
-                "randn": _global_randn,
-            }
-            if self._popsize is not None:
-                opts["popsize"] = self._popsize
-            with _seeded_global_numpy(self._seed, 0, _PURPOSE_ASK):
-                es = cma.CMAEvolutionStrategy(self._x0_unit.tolist(), self._sigma0, opts)
+            es = self._new_es(self._popsize, generation)
         else:
             es = payload["es"]
             sign = 1.0 if direction == StudyDirection.MINIMIZE else -1.0
@@ -538,11 +593,19 @@ class PyCmaSampler(optuna.samplers.BaseSampler):
             generation = payload["generation"] + 1
             with _seeded_global_numpy(self._seed, generation, _PURPOSE_ASK):
                 es.tell(list(payload["solutions"]), penalized_fitness(values))
+                stop = es.stop()
+            if stop:
+                restarts += 1
+                popsize = int(es.popsize * INCPOPSIZE)
+                _log.info("CMA-ES: %s after generation %d; restart %d with population %d",
+                          ", ".join(sorted(stop)), generation - 1, restarts, popsize)
+                es = self._new_es(popsize, generation)
         with _seeded_global_numpy(self._seed, generation, _PURPOSE_ASK):
             solutions = np.asarray(es.ask(), dtype=float)
         new_payload = {
             "format": _STATE_FORMAT,
             "generation": generation,
+            "restarts": restarts,
             "es": es,
             "solutions": solutions,
             "space": self._spec,
@@ -559,6 +622,21 @@ class PyCmaSampler(optuna.samplers.BaseSampler):
         )
         return new_payload
 
+    def _new_es(self, popsize: int | None, generation: int) -> cma.CMAEvolutionStrategy:
+        opts: dict[str, Any] = {
+            "bounds": [0.0, 1.0],
+            "seed": np.nan,  # pycma must not seed the global RNG: we do, per generation
+            "verbose": -9,
+            "verb_disp": 0,
+            "verb_log": 0,
+            "signals_filename": "",  # never read a cma_signals.in file from the cwd
+            "randn": _global_randn,
+        }
+        if popsize is not None:
+            opts["popsize"] = popsize
+        with _seeded_global_numpy(self._seed, generation, _PURPOSE_ASK):
+            return cma.CMAEvolutionStrategy(self._x0_unit.tolist(), self._sigma0, opts)
+
     def _extra_candidate(self, payload: dict[str, Any], extra: int) -> np.ndarray:
         """An extra draw from the generation's distribution, deterministic in (seed, gen, extra)."""
         es = pickle.loads(pickle.dumps(payload["es"]))  # throw-away copy; never told
@@ -566,14 +644,9 @@ class PyCmaSampler(optuna.samplers.BaseSampler):
         with _seeded_global_numpy(self._seed, payload["generation"], _PURPOSE_EXTRA, extra):
             return np.asarray(es.ask(1)[0], dtype=float)
 
-    def _reassigned(self, trials: Sequence[FrozenTrial], me: FrozenTrial) -> dict[str, Any]:
+    def _reassigned(self, view: _StudyView, me: FrozenTrial) -> dict[str, Any]:
         g = me.system_attrs[ATTR_GENERATION]
-        holders = [
-            t for t in trials
-            if isinstance(t.system_attrs.get(ATTR_STATE_META), dict)
-            and t.system_attrs[ATTR_STATE_META]["generation"] == g
-        ]
-        loaded = _load_state(holders)
+        loaded = _load_state(view.holders(g))
         if loaded is None:
             raise RuntimeError(f"trial {me.number}: no stored CMA-ES state for generation {g}")
         payload = loaded[0]

@@ -24,7 +24,7 @@ from evomerge.config import Sampler, SearchConfig
 from evomerge.errors import CandidateError, ConfigError, EvomergeError, MergeError
 from evomerge.fitness import Fitness, HostedFitness, Score
 from evomerge.study import (ATTR_BASELINE, ATTR_ERROR, ATTR_INTERRUPTED, ATTR_OWNER, ATTR_SCORES, ATTR_SECONDS,
-                            best_of, counted_of, fail_stale_trials, owner, trial_fitness)
+                            fail_stale_trials, owner, tally, trial_fitness)
 
 log = logging.getLogger(__name__)
 
@@ -141,12 +141,10 @@ class StageJob:
     def budget_left(self) -> int:
         """Trials still to start: the budget less the counted trials and those running anywhere
         (this driver's and other drivers' on a shared storage), read in one storage call."""
-        trials = self.study.get_trials(deepcopy=False)
-        running = [t for t in trials if t.state == TrialState.RUNNING]
-        if running and fail_stale_trials(self.study, running):  # a peer driver killed with kill -9
-            trials = self.study.get_trials(deepcopy=False)
-            running = [t for t in trials if t.state == TrialState.RUNNING]
-        return self.total - counted_of(trials) - len(running)
+        now = tally(self.study)  # reads only the trials that changed since the last check
+        if now.running and fail_stale_trials(self.study, now.running_trials()):  # a peer killed with kill -9
+            now = tally(self.study)
+        return self.total - now.counted - now.running
 
     def report(self, report: TrialReport) -> TrialReport:
         if self.on_trial:
@@ -311,12 +309,13 @@ def run_one(job: StageJob, fitness: Fitness) -> TrialReport:
 
 def make_report(study: optuna.Study, number: int, state: str, fitness: float | None, values: dict[str, float],
                 seconds: float, summary: str, baseline: str | None, error: str | None, total: int) -> TrialReport:
-    """The trial's report, with the study's best and progress read from storage once."""
-    trials = study.get_trials(deepcopy=False)
-    best = best_of(trials)
+    """The trial's report, with the study's best and progress (read incrementally, see
+    :func:`evomerge.study.tally`)."""
+    now = tally(study)
+    best = now.best
     return TrialReport(number, state, fitness, values, seconds, summary, baseline, error,
                        trial_fitness(best) if best else None, best.number if best else None,
-                       counted_of(trials), total)
+                       now.counted, total)
 
 
 def _free_cuda() -> None:

@@ -448,3 +448,28 @@ def test_invalid_arguments():
         PyCmaSampler(SPACE, x0={"nope": 1.0})
     with pytest.raises(ValueError):
         PyCmaSampler(SPACE, sigma0=0.0)
+
+
+def test_flat_fitness_restarts_ipop_style_from_x0():
+    """Accuracy-like fitness can be flat over a whole generation: pycma's termination criteria
+    (tolfun, tolflatfitness) then hold, and the next generation comes from a new ES at x0 with
+    twice the population (IPOP), the same way on every run."""
+    runs = []
+    for _ in range(2):
+        study = make_study(direction="maximize")
+        study.optimize(lambda t: objective(t) * 0 + 1.0, n_trials=POPSIZE + 2 * POPSIZE + 1)
+        runs.append(params_of(study.trials))
+        state = cma_state(study)
+        assert (state["generation"], state["restarts"], state["popsize"]) == (2, 2, 4 * POPSIZE)
+        assert state["sigma"] == pytest.approx(0.25)
+        centre = {k: (d.low + d.high) / 2 for k, d in SPACE.items()}
+        assert state["mean"] == pytest.approx(centre)
+        gens = [t.system_attrs[ATTR_GENERATION] for t in study.trials]
+        assert gens == [0] * POPSIZE + [1] * 2 * POPSIZE + [2]
+    assert runs[0] == runs[1]
+
+
+def test_a_progressing_search_does_not_restart():
+    study = make_study()
+    study.optimize(objective, n_trials=6 * POPSIZE)
+    assert cma_state(study)["restarts"] == 0
