@@ -188,6 +188,23 @@ class FitnessTask(_Strict):
     split: str | None = "validation"  # which split the search scores on (None: the task's own choice)
 
 
+class Racing(_Strict):
+    """Racing (see :mod:`evomerge.racing`): a candidate is scored on growing prefixes of the
+    study's item order (the rungs) and stops once a paired bound says it cannot beat the
+    incumbent. Scores of completed trials are unchanged (they saw every item)."""
+
+    enabled: bool = True
+    rungs: list[float] = Field(default_factory=lambda: [0.125, 0.25, 0.5])  # fractions of the items before all of them
+    confidence: float = Field(0.95, gt=0.5, lt=1)  # 1 - the chance of stopping a candidate that would have won
+
+    @field_validator("rungs")
+    @classmethod
+    def _check_rungs(cls, v: list[float]) -> list[float]:
+        if any(not 0 < f < 1 for f in v) or v != sorted(set(v)):
+            raise ValueError("expected increasing fractions between 0 and 1 (all items is the last rung, implied)")
+        return v
+
+
 class Fitness(_Strict):
     # lm_eval: scored on lm-eval tasks; consistency: label-free, agreement of the candidate's
     # generations with those of small perturbations of its recipe (see evomerge.consistency)
@@ -200,6 +217,9 @@ class Fitness(_Strict):
     apply_chat_template: bool = False
     batch_size: int = 32
     consistency: ConsistencySpec | None = None  # kind consistency: prompts, generation, delta, ...
+    racing: Racing = Field(default_factory=Racing)  # kind lm_eval, objective sum
+    elites: int = Field(3, ge=0)  # after the search, the top trials re-scored on every item (0: none)
+    heldout: list[FitnessTask] = Field(default_factory=list)  # scored on the elites only, never to choose
 
     @field_validator("include_path", mode="before")
     @classmethod
@@ -213,6 +233,8 @@ class Fitness(_Strict):
                 raise ValueError("tasks: give at least one lm-eval task (or kind: consistency for a label-free search)")
             if self.consistency is not None:
                 raise ValueError("consistency: only for kind: consistency")
+            if self.racing.enabled and self.objective == "multi":
+                raise ValueError("racing: races one objective; set racing: {enabled: false} with objective: multi")
         else:
             if self.consistency is None:
                 raise ValueError("consistency: kind consistency needs this block (prompts, ...)")
@@ -229,6 +251,11 @@ class Fitness(_Strict):
             del data["consistency"]  # lm_eval configs dump (and fingerprint) as before
         return data
 
+    def comparable(self) -> dict[str, Any]:
+        """What makes trials comparable: not the batch size, and not racing, the elites or the
+        held-out tasks (a completed trial's score is the same with or without them)."""
+        return self.model_dump(mode="json", exclude={"batch_size", "racing", "elites", "heldout"})
+
 
 class Sampler(_Strict):
     name: Literal["cmaes", "tpe", "random", "qmc", "nsga2"] = "cmaes"
@@ -243,6 +270,9 @@ class Budget(_Strict):
     # restarted and the search goes on. Needs a worker process that can be killed, so a search
     # with a timeout runs its trials in Ray actors even with one worker (see evomerge.parallel).
     timeout_s: float | None = Field(None, gt=0)
+    # item evaluations (one item of one task scored once): no trial starts once the study's
+    # trials have used this many (racing stops candidates early, so more trials fit)
+    items: int | None = Field(None, ge=1)
 
 
 class DfsSpace(_Strict):
@@ -412,7 +442,7 @@ class SearchConfig(_Strict, YamlConfig):
             "base_model": self.base_ref,
             "models": self.source_refs,
             "merge": self.merge.model_dump(mode="json"),
-            "fitness": {**self.fitness.model_dump(mode="json", exclude={"batch_size"}), "include_path": self.include_paths},
+            "fitness": {**self.fitness.comparable(), "include_path": self.include_paths},
             "sampler": self.sampler.model_dump(mode="json"),
             "seed": self.seed,
             "dtype": self.dtype,
@@ -425,7 +455,7 @@ class SearchConfig(_Strict, YamlConfig):
             "dfs": self.dfs.model_dump(mode="json", exclude={"budget"}),
             "dfs_models": self.dfs_models,
             "host": self.dfs_host,
-            "fitness": {**self.fitness.model_dump(mode="json", exclude={"batch_size"}), "include_path": self.include_paths},
+            "fitness": {**self.fitness.comparable(), "include_path": self.include_paths},
             "seed": self.seed,
             "dtype": self.dtype,
         }

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import math
 import os
 import random
 import warnings
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 from evomerge.config import Fitness as FitnessSpec
 from evomerge.errors import ConfigError
 from evomerge.fitness import Score
+from evomerge.racing import RaceResult, RaceSpec, item_order, race
 
 if TYPE_CHECKING:
     from lm_eval.api.task import Task
@@ -173,6 +175,67 @@ class LmEvalFitness:
         return self._lm
 
     def score(self, model: PreTrainedModel, tokenizer: Any) -> Score:
+        results = self._run(model, tokenizer)
+        objectives = [metric_value(results["results"], spec.task, spec.metric) for spec in self.fitness.tasks]
+        values = dict(zip(self.labels, objectives))
+        fitness = sum(spec.weight * v for spec, v in zip(self.fitness.tasks, objectives))
+        return Score(values, float(fitness), objectives)
+
+    # ------------------------------------------------------------ item level (racing)
+    def pool_size(self, name: str) -> int:
+        """The task's items a trial is scored on: its evaluated split, cut to ``fitness.limit``
+        (a count, or a fraction rounded up, as lm-eval does)."""
+        size = len(self.tasks[name].eval_docs)
+        limit = self.fitness.limit
+        if limit is None:
+            return size
+        return min(size, int(limit) if limit >= 1 else math.ceil(size * limit))
+
+    def item_orders(self, seed: int) -> dict[str, Any]:
+        """Task -> the study's order of its items (see :func:`evomerge.racing.item_order`)."""
+        return {name: item_order(seed, name, self.pool_size(name)) for name in self.tasks}
+
+    def check_items(self) -> None:
+        """Racing needs each fitness entry to be a mean over items (acc, exact_match, ...)."""
+        from lm_eval.api.metrics import mean
+
+        for spec in self.fitness.tasks:
+            aggregation = self.tasks[spec.task].aggregation().get(spec.metric.split(",")[0])
+            if aggregation is not mean:
+                raise ConfigError(f"fitness.racing: {spec.task}'s metric {spec.metric} is not a mean over items; "
+                                  "set racing: {enabled: false}")
+
+    def score_items(self, model: PreTrainedModel, tokenizer: Any, wanted: dict[str, Sequence[int]]) -> dict[str, Any]:
+        """Each fitness entry's per-item values on ``wanted`` (task -> item indices of its split),
+        in that order, from lm-eval's per-sample output."""
+        import numpy as np
+
+        results = self._run(model, tokenizer, samples={k: list(v) for k, v in wanted.items()}, log_samples=True)
+        out = {}
+        for spec, label in zip(self.fitness.tasks, self.labels):
+            if spec.task not in wanted:
+                continue
+            by_doc = sample_values(results.get("samples", {}).get(spec.task, []), spec.task, spec.metric)
+            missing = [i for i in wanted[spec.task] if i not in by_doc]
+            if missing:
+                raise ConfigError(f"fitness.tasks.{spec.task}: lm-eval logged no {spec.metric} for item {missing[0]}")
+            out[label] = np.array([by_doc[i] for i in wanted[spec.task]], dtype=np.float64)
+        return out
+
+    def race(self, model: PreTrainedModel, tokenizer: Any, spec: RaceSpec) -> RaceResult:
+        """Score the model rung by rung on the study's item order (all items when ``spec`` has
+        no reference); see :func:`evomerge.racing.race`."""
+        labels = dict(zip(self.labels, (t.task for t in self.fitness.tasks)))
+        return race(lambda wanted: self.score_items(model, tokenizer, wanted), self.item_orders(spec.seed),
+                    labels, self.weights, spec)
+
+    @property
+    def weights(self) -> dict[str, float]:
+        return dict(zip(self.labels, (t.weight for t in self.fitness.tasks)))
+
+    def _run(self, model: PreTrainedModel, tokenizer: Any, *, samples: dict[str, list[int]] | None = None,
+             log_samples: bool = False) -> dict[str, Any]:
+        """lm-eval's ``evaluate`` on the tasks, reseeded as ``simple_evaluate`` does."""
         import numpy as np
         import torch
         from lm_eval.evaluator import evaluate
@@ -182,28 +245,45 @@ class LmEvalFitness:
         torch.manual_seed(LM_EVAL_OTHER_SEED)
         for task in self.tasks.values():
             task.set_fewshot_seed(seed=LM_EVAL_OTHER_SEED)
-        limit = self.fitness.limit
+        limit = self.fitness.limit if samples is None else None
+        task_dict = self.task_dict
+        if samples is not None:
+            task_dict = {**self.task_dict, "tasks": {k: v for k, v in self.tasks.items() if k in samples}}
         with _quiet():
-            results = evaluate(
+            return evaluate(
                 lm=self.lm(model, tokenizer),
-                task_dict=self.task_dict,
+                task_dict=task_dict,
                 limit=int(limit) if limit is not None and limit >= 1 else limit,
+                samples=samples,
                 bootstrap_iters=0,
-                log_samples=False,
+                log_samples=log_samples,
                 apply_chat_template=self.fitness.apply_chat_template,
                 fewshot_as_multiturn=self.fitness.apply_chat_template,
                 verbosity="ERROR",
             )
-        objectives = [metric_value(results["results"], spec.task, spec.metric) for spec in self.fitness.tasks]
-        values = dict(zip(self.labels, objectives))
-        fitness = sum(spec.weight * v for spec, v in zip(self.fitness.tasks, objectives))
-        return Score(values, float(fitness), objectives)
 
     @property
     def labels(self) -> list[str]:
         """One name per fitness entry: the task, or ``task.metric`` when a task is listed twice."""
         names = [t.task for t in self.fitness.tasks]
         return [t.task if names.count(t.task) == 1 else f"{t.task}.{t.metric}" for t in self.fitness.tasks]
+
+
+def sample_values(samples: list[dict[str, Any]], task: str, metric: str) -> dict[int, float]:
+    """doc_id -> the metric's value, from lm-eval's logged samples of one task. ``metric`` is
+    ``acc`` (filter ``none``, else the only filter the task has) or ``acc,flexible-extract``."""
+    name, _, wanted = metric.partition(",")
+    filters = sorted({s.get("filter", "none") for s in samples})
+    if not wanted:
+        wanted = "none" if "none" in filters or len(filters) != 1 else filters[0]
+    out = {}
+    for s in samples:
+        if s.get("filter", "none") == wanted and isinstance(s.get(name), (int, float, bool)):
+            out[int(s["doc_id"])] = float(s[name])
+    if samples and not out:
+        raise ConfigError(f"fitness.tasks.{task}.metric: lm-eval logged no per-item {metric!r} "
+                          f"(filters: {', '.join(filters)})")
+    return out
 
 
 def check_metric(task: str, metric: str, available: list[str]) -> None:
