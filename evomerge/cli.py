@@ -232,7 +232,7 @@ def status(study_name: str, storage: str | None, top: int) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from evomerge.study import baseline_note, leaderboard
+    from evomerge.study import baseline_note, best_trial, elite_line, elites_of, leaderboard
 
     study = _load_study(study_name, storage)
     rows = leaderboard(study, top)
@@ -248,6 +248,10 @@ def status(study_name: str, storage: str | None, top: int) -> None:
                       r["method"] or "", f"{r['seconds']:.1f}" if r["seconds"] else "",
                       baseline_note(study, r["baseline"], r["method"]))
     Console().print(table)
+    elites, best = elites_of(study), best_trial(study)
+    for number, elite in sorted(elites.items(), key=lambda kv: -kv[1]["fitness"]):
+        mark = "best" if best is not None and best.number == number else "elite"
+        click.echo(f"{mark} trial {number}, re-evaluated: {elite_line(elite)}")
 
 
 @main.command()

@@ -26,12 +26,12 @@ from optuna.trial import TrialState
 from evomerge.config import Fitness as FitnessSpec
 from evomerge.config import SearchConfig
 from evomerge.racing import RaceSpec, interval
-from evomerge.study import ATTR_ELITES, ATTR_ITEM_SEED, ATTR_PATH, ATTR_RECIPE, elites_of, trial_fitness
+from evomerge.study import ATTR_ELITES, ATTR_ITEM_SEED, ATTR_PATH, ATTR_RECIPE, elite_line, elites_of, trial_fitness
 from evomerge.trials import Stage, is_trial_error, error_line
 
 log = logging.getLogger(__name__)
 
-CONFIDENCE = 0.95
+CONFIDENCE = 0.95  # of the elites' intervals
 RECORD_KEYS = (ATTR_RECIPE, ATTR_PATH)  # what a worker needs to rebuild a trial's model (Stage.load)
 
 
@@ -105,16 +105,6 @@ def record_elites(study: optuna.Study, trials: list[optuna.trial.FrozenTrial], r
 def item_seed(study: optuna.Study, default: int) -> int:
     seed = study.user_attrs.get(ATTR_ITEM_SEED)
     return int(seed) if seed is not None else default
-
-
-def elite_line(elite: dict[str, Any]) -> str:
-    """``0.812 [0.741, 0.883] on 112 items; held-out 0.790 (dev - held-out +0.022)``"""
-    pct = round(100 * float(elite.get("confidence", CONFIDENCE)))
-    line = f"{elite['fitness']:.4f} ({pct}% interval {elite['low']:.4f}-{elite['high']:.4f}, {elite['items']} items)"
-    if "heldout_fitness" in elite:
-        gap = elite["fitness"] - elite["heldout_fitness"]
-        line += f"; held-out {elite['heldout_fitness']:.4f} (dev - held-out {gap:+.4f})"
-    return line
 
 
 def run_elites(study: optuna.Study, score: Any, count: int, default_seed: int) -> int:

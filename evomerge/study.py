@@ -329,6 +329,16 @@ def elites_of(study: optuna.Study) -> dict[int, dict[str, Any]]:
     return {int(k): v for k, v in (study.user_attrs.get(ATTR_ELITES) or {}).items() if isinstance(v, dict)}
 
 
+def elite_line(elite: dict[str, Any]) -> str:
+    """``0.812 [0.741, 0.883] on 112 items; held-out 0.790 (dev - held-out +0.022)``"""
+    pct = round(100 * float(elite.get("confidence", 0.95)))
+    line = f"{elite['fitness']:.4f} ({pct}% interval {elite['low']:.4f}-{elite['high']:.4f}, {elite['items']} items)"
+    if "heldout_fitness" in elite:
+        gap = elite["fitness"] - elite["heldout_fitness"]
+        line += f"; held-out {elite['heldout_fitness']:.4f} (dev - held-out {gap:+.4f})"
+    return line
+
+
 def searched_methods(study: optuna.Study) -> list[str]:
     """The merge method(s) the study searches (``merge.method`` of its recorded config)."""
     method = ((study.user_attrs.get(ATTR_CONFIG) or {}).get("merge") or {}).get("method")

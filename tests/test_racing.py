@@ -1,0 +1,253 @@
+"""Racing: the paired bound (known cases stop or continue, exact numbers), packing of item results,
+the rung loop, PRUNED trials with intermediate values, item results equal to lm-eval's aggregate,
+resume after a trial interrupted between rungs, and elite re-evaluation with a held-out task."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+from click.testing import CliRunner
+from conftest import write_mc_task
+from scipy.stats import t as student_t
+
+from evomerge.cli import main
+from evomerge.config import SearchConfig
+from evomerge.racing import Items, RaceSpec, decide, interval, item_order, pack, race, rung_sizes, unpack
+from evomerge.search import run_search
+from evomerge.study import (ATTR_INTERRUPTED, ATTR_ITEM_COUNT, ATTR_ITEM_SEED, ATTR_ITEMS, best_trial, counted,
+                            elites_of, load_existing_study)
+from evomerge.trials import Candidate, Outcome, tell_outcome
+
+N = 112  # the demo's dev split
+
+
+def _items(values, size=N, label="t"):
+    return Items({label: np.asarray(values, dtype=np.float64)}, {label: size})
+
+
+def _upper(d: np.ndarray, size: int, confidence: float, looks: int) -> float:
+    """The bound written out in float64: mean + t_{1-α, n-1} * sqrt(s²/n * (1 - n/N))."""
+    n = d.size
+    s2 = ((d - d.mean()) ** 2).sum() / (n - 1)
+    se = math.sqrt(s2 / n * (1 - n / size))
+    return d.mean() + student_t.ppf(1 - (1 - confidence) / looks, n - 1) * se
+
+
+# --------------------------------------------------------------------------- the bound
+@pytest.mark.parametrize("losses, wins, stop, upper", [
+    (4, 0, True, -0.00682182),  # 4 of 14 items lost, none won: cannot beat the incumbent
+    (3, 0, False, 0.03903095),  # 3 lost: still could
+    (5, 2, False, 0.20172239),  # mixed
+    (0, 0, False, 0.0),  # all ties: the bound is the estimate, 0, not below it
+])
+def test_known_cases_stop_or_continue(losses, wins, stop, upper):
+    reference = _items(np.ones(N))
+    reference.values["t"][:wins] = 0.0  # the candidate wins where the reference failed
+    cand = np.ones(14)
+    cand[wins:wins + losses] = 0.0
+    cand[:wins] = 1.0
+    d = decide(_items(cand), reference, 0.75, {"t": 1.0}, confidence=0.95, looks=3)
+    diff = (wins - losses) / 14
+    assert d.difference == pytest.approx(diff, abs=1e-15)
+    assert d.estimate == pytest.approx(0.75 + diff, abs=1e-15)
+    assert d.upper == pytest.approx(upper, abs=1e-8)
+    if losses or wins:
+        assert d.upper == pytest.approx(_upper(cand - reference.values["t"][:14], N, 0.95, 3), abs=1e-12)
+    assert d.stop is stop
+
+
+def test_more_looks_or_confidence_widen_the_bound_and_all_items_decide_exactly():
+    reference = _items(np.ones(N))
+    cand = np.ones(14)
+    cand[:4] = 0
+    assert decide(_items(cand), reference, 0.8, {"t": 1}, confidence=0.95, looks=3).stop
+    assert not decide(_items(cand), reference, 0.8, {"t": 1}, confidence=0.99, looks=3).stop
+    assert not decide(_items(cand), reference, 0.8, {"t": 1}, confidence=0.95, looks=12).stop
+    # every item seen: no sampling error left (finite-population correction 0), one lost item decides
+    full = np.ones(N)
+    full[0] = 0
+    d = decide(_items(full), reference, 0.8, {"t": 1}, confidence=0.999, looks=3)
+    assert d.upper == pytest.approx(-1 / N, abs=1e-15) and d.stop
+
+
+def test_two_tasks_use_the_stratified_variance():
+    ref = Items({"a": np.ones(40), "b": np.zeros(20)}, {"a": 40, "b": 20})
+    cand = Items({"a": np.array([1, 0, 1, 0, 1.0]), "b": np.array([1, 0, 0.0])}, {"a": 40, "b": 20})
+    d = decide(cand, ref, 0.5, {"a": 2.0, "b": 0.5}, confidence=0.9, looks=2)
+    da, db = cand.values["a"] - 1, cand.values["b"]
+    var = 4 * da.var(ddof=1) / 5 * (1 - 5 / 40) + 0.25 * db.var(ddof=1) / 3 * (1 - 3 / 20)
+    want = 2 * da.mean() + 0.5 * db.mean() + student_t.ppf(1 - 0.1 / 2, 4 + 2) * math.sqrt(var)
+    assert d.upper == pytest.approx(want, abs=1e-12)
+    assert d.difference == pytest.approx(2 * (-0.4) + 0.5 / 3, abs=1e-15)
+
+
+def test_interval_is_the_item_level_normal_interval():
+    items = _items(np.r_[np.ones(90), np.zeros(22)])
+    est, low, high = interval(items, {"t": 1.0})
+    p = 90 / N
+    half = 1.959963984540054 * math.sqrt(p * (1 - p) * N / (N - 1) / N)
+    assert (est, low, high) == pytest.approx((p, p - half, p + half), abs=1e-12)
+
+
+# --------------------------------------------------------------------------- packing and the order
+def test_pack_round_trips_bits_and_floats():
+    rng = np.random.default_rng(0)
+    bits = rng.integers(0, 2, 1001).astype(float)
+    packed = pack(bits)
+    assert "bits" in packed and len(packed["bits"]) <= 4 * math.ceil(1001 / 8 / 3) + 4
+    assert np.array_equal(unpack(packed), bits)
+    floats = rng.random(7).astype(np.float32).astype(float)
+    assert "f32" in pack(floats) and np.array_equal(unpack(pack(floats)), floats)
+    items = Items({"a": bits[:10], "b": floats}, {"a": 20, "b": 7})
+    again = Items.from_attr(json.loads(json.dumps(items.to_attr())))
+    assert again.sizes == {"a": 20, "b": 7} and again.count == 17 and not again.complete
+
+
+def test_item_order_is_a_seeded_permutation_and_rungs_cover_all_items():
+    o = item_order(3, "demo_target", N)
+    assert sorted(o.tolist()) == list(range(N))
+    assert np.array_equal(o, item_order(3, "demo_target", N))
+    assert not np.array_equal(o, item_order(4, "demo_target", N))
+    assert not np.array_equal(o, item_order(3, "other", N))
+    assert rung_sizes([0.125, 0.25, 0.5], N) == [14, 28, 56, 112]
+    assert rung_sizes([0.125, 0.25, 0.5], 5) == [1, 2, 3, 5]
+    assert rung_sizes([], 5) == [5]
+
+
+def test_race_scores_each_item_once_and_stops_at_the_rung_the_bound_says():
+    order = {"t": item_order(0, "t", N)}
+    truth = np.ones(N)
+    truth[order["t"][:20]] = 0  # the candidate fails the first 20 items of the order
+    calls = []
+
+    def score_items(wanted):
+        calls.append(list(wanted["t"]))
+        return {"t": truth[wanted["t"]]}
+
+    spec = RaceSpec(0, (0.125, 0.25, 0.5), 0.95, _items(np.ones(N)).to_attr(), 0.9, 5)
+    result = race(score_items, order, {"t": "t"}, {"t": 1.0}, spec)
+    assert result.stopped and [n for n, _ in result.rungs] == [14]  # 14 losses of 14
+    assert calls == [order["t"][:14].tolist()]
+    assert result.rungs[0][1] == pytest.approx(0.9 - 1.0)
+
+    truth[:] = 1  # as good as the reference: every rung, each item scored once, in the study's order
+    calls.clear()
+    result = race(score_items, order, {"t": "t"}, {"t": 1.0}, spec)
+    assert not result.stopped and [n for n, _ in result.rungs] == [14, 28, 56, 112]
+    assert sum(calls, []) == order["t"].tolist()
+    assert result.items.complete and result.rungs[-1][1] == 1.0
+
+
+# --------------------------------------------------------------------------- the study
+def test_a_stopped_candidate_is_pruned_with_its_rungs_and_estimate(tmp_path):
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.db'}", direction="maximize")
+    trial = study.ask()
+    items = _items(np.zeros(28)).to_attr()
+
+    class Stage:
+        def summarize(self, params):
+            return ""
+
+    outcome = Outcome(None, 1.5, items=items, rungs=((14, 0.61), (28, 0.52)), pruned=True)
+    report = tell_outcome(study, Stage(), Candidate(trial, {}, None, {}), outcome, False, 10)
+    t = study.trials[0]
+    assert report.state == "PRUNED" and report.fitness == 0.52
+    assert t.state == optuna.trial.TrialState.PRUNED and t.intermediate_values == {14: 0.61, 28: 0.52}
+    assert t.value == 0.52  # Optuna keeps the last intermediate value: what TPE and pycma read
+    assert t.user_attrs[ATTR_ITEM_COUNT] == 28 and t.system_attrs[ATTR_ITEMS] == items
+    assert counted(study) == 1 and best_trial(study) is None
+
+
+@pytest.fixture(scope="module")
+def race_task(tmp_path_factory) -> Path:
+    """A multiple-choice task with 48 dev and 24 test items (enough rungs to race)."""
+    root = tmp_path_factory.mktemp("race_tasks")
+    for split, n, offset in (("dev", 48, 0), ("test", 24, 3)):
+        with open(root / f"{split}.jsonl", "w") as f:
+            for i in range(n):
+                a, b = (i + offset) % 10, (3 * i + offset) % 7
+                f.write(json.dumps({"q": f"{a} plus {b}", "choices": [str(x) for x in range(6)], "label": (a + b) % 6}) + "\n")
+    write_mc_task(root, "race_mc", root / "dev.jsonl", root / "test.jsonl")
+    return root
+
+
+def _config(tiny_models, race_task, tmp_path, **fitness) -> SearchConfig:
+    return SearchConfig.from_dict({
+        "study": "r", "storage": f"sqlite:///{tmp_path / 'r.db'}", "seed": 3,
+        "base_model": str(tiny_models["base"]), "models": {"a": str(tiny_models["a"]), "b": str(tiny_models["b"])},
+        "merge": {"method": "task_arithmetic", "search": {"weight": [0, 1.5]}, "layer_groups": 1},
+        "fitness": {"include_path": str(race_task), "tasks": [{"task": "race_mc", "metric": "acc"}], "batch_size": 64,
+                    **fitness},
+        "sampler": {"name": "cmaes", "popsize": 4}, "budget": {"trials": 7},
+    })
+
+
+def test_item_results_equal_lm_evals_aggregate(tiny_models, race_task, tmp_path):
+    from evomerge.evaluate import LmEvalFitness
+    from evomerge.stages import PsStage
+
+    cfg = _config(tiny_models, race_task, tmp_path)
+    stage = PsStage(cfg)
+    stage.open()
+    fitness = LmEvalFitness(cfg.fitness, cfg.include_paths)
+    recipe = stage.candidate({}, "uniform")
+    model, tok = stage.load(recipe)
+    whole = fitness.score(model, tok).fitness  # lm-eval's own aggregate over the split
+    items = fitness.race(model, tok, RaceSpec(3, (), 0.95)).items
+    assert items.complete and items.count == 48 and items.fitness(fitness.weights) == whole
+    order = item_order(3, "race_mc", 48)
+    some = fitness.score_items(model, tok, {"race_mc": order[:5].tolist()})["race_mc"]
+    assert np.array_equal(some, items.values["race_mc"][:5])  # the same items, paired, in the order
+    stage.close()
+
+
+def test_racing_search_resumes_after_a_trial_interrupted_between_rungs(tiny_models, race_task, tmp_path, monkeypatch):
+    from evomerge.evaluate import LmEvalFitness
+
+    cfg = _config(tiny_models, race_task, tmp_path, heldout=[{"task": "race_mc", "split": "test"}], elites=2)
+    real = LmEvalFitness.score_items
+    calls = {"n": 0}
+
+    def flaky(self, model, tok, wanted):
+        calls["n"] += 1
+        if calls["n"] == 6:  # trial 1's second rung (trial 0 saw every item in one call)
+            raise KeyboardInterrupt
+        return real(self, model, tok, wanted)
+
+    monkeypatch.setattr(LmEvalFitness, "score_items", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        run_search(cfg)
+    study = load_existing_study("r", cfg.storage_url)
+    cut = [t for t in study.trials if t.user_attrs.get(ATTR_INTERRUPTED)]
+    assert len(cut) == 1 and study.user_attrs[ATTR_ITEM_SEED] == 3 and not elites_of(study)
+    monkeypatch.setattr(LmEvalFitness, "score_items", real)
+
+    result = run_search(cfg)  # the same command continues: the order persists, the trial re-runs
+    study = load_existing_study("r", cfg.storage_url)
+    assert result.completed == 7 == counted(study) and study.user_attrs[ATTR_ITEM_SEED] == 3
+    done = [t for t in study.trials if not t.user_attrs.get(ATTR_INTERRUPTED)]
+    assert len(done) == 7 and cut[0].user_attrs["evomerge:recipe"] in [t.user_attrs["evomerge:recipe"] for t in done]
+    for t in done:
+        items = Items.from_attr(t.system_attrs[ATTR_ITEMS])
+        steps = sorted(t.intermediate_values)
+        assert steps and t.user_attrs[ATTR_ITEM_COUNT] == items.count == steps[-1]
+        if t.state == optuna.trial.TrialState.PRUNED:
+            assert not items.complete and t.value == t.intermediate_values[steps[-1]]
+        else:
+            assert items.complete and t.value == pytest.approx(items.fitness({"race_mc": 1.0}), abs=1e-15)
+            assert t.intermediate_values[48] == t.value
+
+    # elite re-evaluation: the top 2 on every item and the held-out task; the best is one of them
+    elites = elites_of(study)
+    assert len(elites) == 2 and best_trial(study).number in elites
+    for n, e in elites.items():
+        assert e["items"] == 48 and e["low"] <= e["fitness"] <= e["high"]
+        assert e["fitness"] == pytest.approx(study.trials[n].value, abs=1e-15) and 0 <= e["heldout_fitness"] <= 1
+    out = CliRunner().invoke(main, ["status", "--study", "r", "--storage", cfg.storage_url])
+    assert out.exit_code == 0 and f"best trial {best_trial(study).number}, re-evaluated:" in out.output
+    assert "held-out" in out.output and "95% interval" in out.output
