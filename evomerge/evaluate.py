@@ -210,16 +210,19 @@ class LmEvalFitness:
         in that order, from lm-eval's per-sample output."""
         import numpy as np
 
-        results = self._run(model, tokenizer, samples={k: list(v) for k, v in wanted.items()}, log_samples=True)
+        # lm-eval walks the selected items in index order but labels them by position in the list
+        # it was given: give it sorted indices, so each logged doc_id is the item's own
+        results = self._run(model, tokenizer, samples={k: sorted(int(i) for i in v) for k, v in wanted.items()},
+                            log_samples=True)
         out = {}
         for spec, label in zip(self.fitness.tasks, self.labels):
             if spec.task not in wanted:
                 continue
             by_doc = sample_values(results.get("samples", {}).get(spec.task, []), spec.task, spec.metric)
-            missing = [i for i in wanted[spec.task] if i not in by_doc]
+            missing = [int(i) for i in wanted[spec.task] if int(i) not in by_doc]
             if missing:
                 raise ConfigError(f"fitness.tasks.{spec.task}: lm-eval logged no {spec.metric} for item {missing[0]}")
-            out[label] = np.array([by_doc[i] for i in wanted[spec.task]], dtype=np.float64)
+            out[label] = np.array([by_doc[int(i)] for i in wanted[spec.task]], dtype=np.float64)
         return out
 
     def race(self, model: PreTrainedModel, tokenizer: Any, spec: RaceSpec) -> RaceResult:
