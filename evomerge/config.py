@@ -193,7 +193,7 @@ class Racing(_Strict):
     study's item order (the rungs) and stops once a paired bound says it cannot beat the
     incumbent. Scores of completed trials are unchanged (they saw every item)."""
 
-    enabled: bool = True
+    enabled: bool | None = None  # None: on for a single-objective lm_eval fitness (see Fitness.races)
     rungs: list[float] = Field(default_factory=lambda: [0.125, 0.25, 0.5])  # fractions of the items before all of them
     confidence: float = Field(0.95, gt=0.5, lt=1)  # 1 - the chance of stopping a candidate that would have won
 
@@ -234,7 +234,7 @@ class Fitness(_Strict):
             if self.consistency is not None:
                 raise ValueError("consistency: only for kind: consistency")
             if self.racing.enabled and self.objective == "multi":
-                raise ValueError("racing: races one objective; set racing: {enabled: false} with objective: multi")
+                raise ValueError("racing: races one objective; leave racing.enabled unset or false with objective: multi")
         else:
             if self.consistency is None:
                 raise ValueError("consistency: kind consistency needs this block (prompts, ...)")
@@ -250,6 +250,12 @@ class Fitness(_Strict):
         if isinstance(data, dict) and data.get("consistency", 0) is None:
             del data["consistency"]  # lm_eval configs dump (and fingerprint) as before
         return data
+
+    @property
+    def races(self) -> bool:
+        """Whether candidates are raced: ``racing.enabled``, by default for one lm_eval objective."""
+        default = self.kind == "lm_eval" and self.objective == "sum"
+        return default if self.racing.enabled is None else self.racing.enabled
 
     def comparable(self) -> dict[str, Any]:
         """What makes trials comparable: not the batch size, and not racing, the elites or the

@@ -14,8 +14,11 @@ candidate's and the reference's (the incumbent's) fitness on *all* items:
   items seen so far are a simple random sample without replacement from the task's ``N_k`` items
   (the order is a random permutation);
 * ``Δ̂ = Σ_k w_k mean(d)`` estimates ``Δ`` without bias, with the stratified variance
-  ``Σ_k w_k² s_k²/n_k (1 - n_k/N_k)`` (``s_k²``: sample variance of ``d``; the factor is the
-  finite-population correction, zero once every item is seen);
+  ``Σ_k w_k² s_k²/n_k (1 - n_k/N_k)``. ``s_k²`` is the sample variance of ``d`` together with two
+  pseudo-differences, -1 and +1 (the ends of the range), so a rung whose differences happen to be
+  all equal does not claim zero spread (else one lost item would stop a candidate); the factor is
+  the finite-population correction, zero once every item is seen. With one item per task there is
+  nothing to bound with and the candidate goes on;
 * the one-sided upper bound ``Δ̂ + t_{1-α, ν} · se`` uses Student's t with ``ν = Σ(n_k - 1)``
   degrees of freedom, and ``α = (1 - confidence) / looks`` (Bonferroni over the rungs, the looks);
 * the candidate stops when the bound is below zero: it cannot beat the reference.
@@ -117,11 +120,12 @@ def decide(candidate: Items, reference: Items, reference_fitness: float, weights
         d = x - reference.values[label][:n]  # paired: the same items, in the same order
         diff += w * float(d.mean())
         if n > 1:
-            var += w * w * float(d.var(ddof=1)) / n * (1 - n / size)
+            var += w * w * float(np.r_[d, -1.0, 1.0].var(ddof=1)) / n * (1 - n / size)
             dof += n - 1
-    se = math.sqrt(max(var, 0.0))
+    if dof < 1:  # a single item per task: no spread to bound with
+        return Decision(reference_fitness + diff, diff, math.inf, False)
     alpha = (1 - confidence) / max(looks, 1)
-    upper = diff + (float(student_t.ppf(1 - alpha, dof)) * se if se > 0 else 0.0)
+    upper = diff + float(student_t.ppf(1 - alpha, dof)) * math.sqrt(max(var, 0.0))
     return Decision(reference_fitness + diff, diff, upper, upper < 0)
 
 

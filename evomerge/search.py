@@ -116,7 +116,8 @@ def _run_stage(config: SearchConfig, stage: Stage, *, fresh: bool, fork: bool, t
         multi = config.fitness.objective == "multi" and stage.name == "ps"
         itemized = config.fitness.kind == "lm_eval" and not multi
         job = StageJob(study, stage, {k: FloatDistribution(lo, hi) for k, (lo, hi) in bounds.items()}, multi, total,
-                       on_trial, racing=config.fitness.racing if itemized else None, item_seed=config.seed,
+                       on_trial, racing=config.fitness.racing if itemized else None, races=itemized and config.fitness.races,
+                       item_seed=config.seed,
                        items=(config.budget if stage.name == "ps" else config.dfs.budget).items)
         if on_start:
             on_start({"study": study.study_name, "stage": stage.name, "storage": config.storage_url,

@@ -75,7 +75,7 @@ def make_fitness(config: SearchConfig, stage: Stage) -> Fitness:
     from evomerge.evaluate import LmEvalFitness
 
     fitness = LmEvalFitness(config.fitness, config.include_paths)
-    if config.fitness.racing.enabled:
+    if config.fitness.races:
         fitness.check_items()
     return fitness
 
@@ -147,6 +147,7 @@ class StageJob:
     total: int
     on_trial: Callable[[TrialReport], None] | None = None
     racing: Racing | None = None  # None: no item-level scores (a fitness without items, multi-objective)
+    races: bool = False  # race candidates (else every candidate sees every item, still kept per item)
     item_seed: int = 0  # the item order's seed for a study that has none recorded yet
     items: int | None = None  # budget in item evaluations (budget.items)
 
@@ -171,7 +172,7 @@ class StageJob:
             seed = self.item_seed
             self.study.set_user_attr(ATTR_ITEM_SEED, seed)
         spec = RaceSpec(int(seed), tuple(self.racing.rungs), self.racing.confidence)
-        if not self.racing.enabled:
+        if not self.races:
             return spec
         raced = [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
                  if isinstance(t.system_attrs.get(ATTR_ITEMS), dict) and Items.from_attr(t.system_attrs[ATTR_ITEMS]).complete]

@@ -17,10 +17,11 @@ from scipy.stats import t as student_t
 
 from evomerge.cli import main
 from evomerge.config import SearchConfig
+from evomerge.errors import ConfigError
 from evomerge.racing import Items, RaceSpec, decide, interval, item_order, pack, race, rung_sizes, unpack
 from evomerge.search import run_search
 from evomerge.study import (ATTR_INTERRUPTED, ATTR_ITEM_COUNT, ATTR_ITEM_SEED, ATTR_ITEMS, best_trial, counted,
-                            elites_of, load_existing_study)
+                            elites_of, load_existing_study, study_fingerprint)
 from evomerge.trials import Candidate, Outcome, tell_outcome
 
 N = 112  # the demo's dev split
@@ -31,19 +32,22 @@ def _items(values, size=N, label="t"):
 
 
 def _upper(d: np.ndarray, size: int, confidence: float, looks: int) -> float:
-    """The bound written out in float64: mean + t_{1-α, n-1} * sqrt(s²/n * (1 - n/N))."""
+    """The bound written out in float64: mean + t_{1-α, n-1} * sqrt(s²/n * (1 - n/N)), s² over
+    the differences and the two pseudo-differences -1 and +1."""
     n = d.size
-    s2 = ((d - d.mean()) ** 2).sum() / (n - 1)
+    padded = np.concatenate([d, [-1.0, 1.0]])
+    s2 = ((padded - padded.mean()) ** 2).sum() / (n + 1)
     se = math.sqrt(s2 / n * (1 - n / size))
     return d.mean() + student_t.ppf(1 - (1 - confidence) / looks, n - 1) * se
 
 
 # --------------------------------------------------------------------------- the bound
 @pytest.mark.parametrize("losses, wins, stop, upper", [
-    (4, 0, True, -0.00682182),  # 4 of 14 items lost, none won: cannot beat the incumbent
-    (3, 0, False, 0.03903095),  # 3 lost: still could
-    (5, 2, False, 0.20172239),  # mixed
-    (0, 0, False, 0.0),  # all ties: the bound is the estimate, 0, not below it
+    (6, 0, True, -0.06024679),  # 6 of 14 items lost, none won: cannot beat the incumbent
+    (5, 0, False, 0.00103315),  # 5 lost: still could
+    (5, 2, False, 0.23188776),  # mixed
+    (0, 0, False, 0.21722602),  # all ties: no evidence either way
+    (14, 0, True, -0.70255102),  # all lost: the pseudo-differences keep the spread above zero
 ])
 def test_known_cases_stop_or_continue(losses, wins, stop, upper):
     reference = _items(np.ones(N))
@@ -56,15 +60,14 @@ def test_known_cases_stop_or_continue(losses, wins, stop, upper):
     assert d.difference == pytest.approx(diff, abs=1e-15)
     assert d.estimate == pytest.approx(0.75 + diff, abs=1e-15)
     assert d.upper == pytest.approx(upper, abs=1e-8)
-    if losses or wins:
-        assert d.upper == pytest.approx(_upper(cand - reference.values["t"][:14], N, 0.95, 3), abs=1e-12)
+    assert d.upper == pytest.approx(_upper(cand - reference.values["t"][:14], N, 0.95, 3), abs=1e-12)
     assert d.stop is stop
 
 
 def test_more_looks_or_confidence_widen_the_bound_and_all_items_decide_exactly():
     reference = _items(np.ones(N))
     cand = np.ones(14)
-    cand[:4] = 0
+    cand[:6] = 0
     assert decide(_items(cand), reference, 0.8, {"t": 1}, confidence=0.95, looks=3).stop
     assert not decide(_items(cand), reference, 0.8, {"t": 1}, confidence=0.99, looks=3).stop
     assert not decide(_items(cand), reference, 0.8, {"t": 1}, confidence=0.95, looks=12).stop
@@ -73,6 +76,8 @@ def test_more_looks_or_confidence_widen_the_bound_and_all_items_decide_exactly()
     full[0] = 0
     d = decide(_items(full), reference, 0.8, {"t": 1}, confidence=0.999, looks=3)
     assert d.upper == pytest.approx(-1 / N, abs=1e-15) and d.stop
+    # one item: no spread to bound with, however it went
+    assert not decide(_items([0.0]), reference, 0.8, {"t": 1}, confidence=0.5 + 1e-9, looks=1).stop
 
 
 def test_two_tasks_use_the_stratified_variance():
@@ -80,7 +85,8 @@ def test_two_tasks_use_the_stratified_variance():
     cand = Items({"a": np.array([1, 0, 1, 0, 1.0]), "b": np.array([1, 0, 0.0])}, {"a": 40, "b": 20})
     d = decide(cand, ref, 0.5, {"a": 2.0, "b": 0.5}, confidence=0.9, looks=2)
     da, db = cand.values["a"] - 1, cand.values["b"]
-    var = 4 * da.var(ddof=1) / 5 * (1 - 5 / 40) + 0.25 * db.var(ddof=1) / 3 * (1 - 3 / 20)
+    pa, pb = np.r_[da, -1, 1], np.r_[db, -1, 1]
+    var = 4 * pa.var(ddof=1) / 5 * (1 - 5 / 40) + 0.25 * pb.var(ddof=1) / 3 * (1 - 3 / 20)
     want = 2 * da.mean() + 0.5 * db.mean() + student_t.ppf(1 - 0.1 / 2, 4 + 2) * math.sqrt(var)
     assert d.upper == pytest.approx(want, abs=1e-12)
     assert d.difference == pytest.approx(2 * (-0.4) + 0.5 / 3, abs=1e-15)
@@ -183,7 +189,7 @@ def _config(tiny_models, race_task, tmp_path, **fitness) -> SearchConfig:
         "merge": {"method": "task_arithmetic", "search": {"weight": [0, 1.5]}, "layer_groups": 1},
         "fitness": {"include_path": str(race_task), "tasks": [{"task": "race_mc", "metric": "acc"}], "batch_size": 64,
                     **fitness},
-        "sampler": {"name": "cmaes", "popsize": 4}, "budget": {"trials": 7},
+        "sampler": {"name": "cmaes", "popsize": 4, "baselines": False}, "budget": {"trials": 7},
     })
 
 
@@ -206,6 +212,7 @@ def test_item_results_equal_lm_evals_aggregate(tiny_models, race_task, tmp_path)
     stage.close()
 
 
+@pytest.mark.slow
 def test_racing_search_resumes_after_a_trial_interrupted_between_rungs(tiny_models, race_task, tmp_path, monkeypatch):
     from evomerge.evaluate import LmEvalFitness
 
@@ -215,7 +222,7 @@ def test_racing_search_resumes_after_a_trial_interrupted_between_rungs(tiny_mode
 
     def flaky(self, model, tok, wanted):
         calls["n"] += 1
-        if calls["n"] == 6:  # trial 1's second rung (trial 0 saw every item in one call)
+        if calls["n"] == 3:  # trial 1's second rung (trial 0 saw every item in one call)
             raise KeyboardInterrupt
         return real(self, model, tok, wanted)
 
@@ -224,14 +231,15 @@ def test_racing_search_resumes_after_a_trial_interrupted_between_rungs(tiny_mode
         run_search(cfg)
     study = load_existing_study("r", cfg.storage_url)
     cut = [t for t in study.trials if t.user_attrs.get(ATTR_INTERRUPTED)]
-    assert len(cut) == 1 and study.user_attrs[ATTR_ITEM_SEED] == 3 and not elites_of(study)
+    assert [t.number for t in cut] == [1] and study.user_attrs[ATTR_ITEM_SEED] == 3 and not elites_of(study)
     monkeypatch.setattr(LmEvalFitness, "score_items", real)
 
     result = run_search(cfg)  # the same command continues: the order persists, the trial re-runs
     study = load_existing_study("r", cfg.storage_url)
     assert result.completed == 7 == counted(study) and study.user_attrs[ATTR_ITEM_SEED] == 3
     done = [t for t in study.trials if not t.user_attrs.get(ATTR_INTERRUPTED)]
-    assert len(done) == 7 and cut[0].user_attrs["evomerge:recipe"] in [t.user_attrs["evomerge:recipe"] for t in done]
+    assert len(done) == 7 and done[1].number == 2  # CMA-ES hands the interrupted candidate out again
+    assert done[1].user_attrs["evomerge:recipe"] == cut[0].user_attrs["evomerge:recipe"]
     for t in done:
         items = Items.from_attr(t.system_attrs[ATTR_ITEMS])
         steps = sorted(t.intermediate_values)
@@ -251,3 +259,21 @@ def test_racing_search_resumes_after_a_trial_interrupted_between_rungs(tiny_mode
     out = CliRunner().invoke(main, ["status", "--study", "r", "--storage", cfg.storage_url])
     assert out.exit_code == 0 and f"best trial {best_trial(study).number}, re-evaluated:" in out.output
     assert "held-out" in out.output and "95% interval" in out.output
+
+
+@pytest.mark.parametrize("fitness, message", [
+    ({"objective": "multi", "tasks": [{"task": "race_mc"}, {"task": "race_mc", "metric": "acc_norm"}],
+      "racing": {"enabled": True}}, "fitness.racing: races one objective"),
+    ({"racing": {"rungs": [0.5, 0.25]}}, "fitness.racing.rungs: .*increasing fractions"),
+    ({"racing": {"confidence": 1.0}}, "fitness.racing.confidence"),
+])
+def test_bad_racing_settings_get_one_line(tiny_models, race_task, tmp_path, fitness, message):
+    with pytest.raises(ConfigError, match=message):
+        _config(tiny_models, race_task, tmp_path, **fitness)
+
+
+def test_racing_elites_and_heldout_leave_the_fingerprint_alone(tiny_models, race_task, tmp_path):
+    plain = _config(tiny_models, race_task, tmp_path, racing={"enabled": False}, elites=0)
+    other = _config(tiny_models, race_task, tmp_path, racing={"rungs": [0.5], "confidence": 0.9}, elites=5,
+                    heldout=[{"task": "race_mc", "split": "test"}])
+    assert study_fingerprint(plain) == study_fingerprint(other)
