@@ -259,6 +259,11 @@ def test_racing_search_resumes_after_a_trial_interrupted_between_rungs(tiny_mode
     out = CliRunner().invoke(main, ["status", "--study", "r", "--storage", cfg.storage_url])
     assert out.exit_code == 0 and f"best trial {best_trial(study).number}, re-evaluated:" in out.output
     assert "held-out" in out.output and "95% interval" in out.output
+    out = CliRunner().invoke(main, ["export", "--study", "r", "--storage", cfg.storage_url, "-o", str(tmp_path / "b.yml")])
+    assert out.exit_code == 0, out.output
+    header = (tmp_path / "b.yml").read_text()
+    assert f"trial {best_trial(study).number}" in header and "# re-evaluated on every item: " in header
+    assert "(dev - held-out " in header
 
 
 @pytest.mark.parametrize("fitness, message", [
@@ -277,3 +282,18 @@ def test_racing_elites_and_heldout_leave_the_fingerprint_alone(tiny_models, race
     other = _config(tiny_models, race_task, tmp_path, racing={"rungs": [0.5], "confidence": 0.9}, elites=5,
                     heldout=[{"task": "race_mc", "split": "test"}])
     assert study_fingerprint(plain) == study_fingerprint(other)
+
+
+def test_pycma_is_told_a_pruned_trials_estimate_not_a_penalty():
+    from optuna.distributions import FloatDistribution
+
+    from evomerge.samplers import PyCmaSampler, cma_state
+
+    space = {"x": FloatDistribution(0, 1), "y": FloatDistribution(0, 1)}
+    study = optuna.create_study(sampler=PyCmaSampler(space, seed=0, popsize=2), direction="maximize")
+    study.tell(study.ask(space), 0.5)
+    pruned = study.ask(space)
+    pruned.report(0.7, 14)
+    study.tell(pruned, state=optuna.trial.TrialState.PRUNED)
+    study.ask(space)  # opens generation 1: generation 0 is told
+    assert sorted(float(v) for v in cma_state(study)["es"].fit.fit) == [-0.7, -0.5]  # pycma minimises
