@@ -240,6 +240,8 @@ class Fitness(_Strict):
                 raise ValueError("consistency: kind consistency needs this block (prompts, ...)")
             if self.tasks:
                 raise ValueError("tasks: not used by kind consistency (it needs no labels)")
+            if self.heldout:
+                raise ValueError("heldout: scored on the elites of an lm_eval fitness; not used by kind consistency")
             if self.objective != "sum":
                 raise ValueError("objective: kind consistency has one objective (sum)")
         return self

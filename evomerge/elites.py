@@ -52,21 +52,26 @@ class EliteScorer:
     has no limit) and the held-out tasks, built on first use."""
 
     def __init__(self, config: SearchConfig, fitness: Any = None):
+        """Builds the held-out tasks at once (a worker's start, before any study exists), so a
+        bad one is one line before the search rather than after it."""
+        from evomerge.evaluate import LmEvalFitness
+
         self.config = config
         self._dev = fitness if config.fitness.limit is None else None
         self._heldout: Any = None
+        spec = config.fitness
+        if spec.heldout and spec.kind == "lm_eval":
+            held = FitnessSpec(tasks=spec.heldout, include_path=spec.include_path, num_fewshot=spec.num_fewshot,
+                               apply_chat_template=spec.apply_chat_template, batch_size=spec.batch_size,
+                               racing={"enabled": False})
+            self._heldout = LmEvalFitness(held, config.include_paths, key="heldout")
 
     def _fitnesses(self) -> tuple[Any, Any]:
         from evomerge.evaluate import LmEvalFitness
 
-        spec = self.config.fitness
         if self._dev is None:
+            spec = self.config.fitness
             self._dev = LmEvalFitness(spec.model_copy(update={"limit": None}), self.config.include_paths)
-        if self._heldout is None and spec.heldout:
-            held = FitnessSpec(tasks=spec.heldout, include_path=spec.include_path, num_fewshot=spec.num_fewshot,
-                               apply_chat_template=spec.apply_chat_template, batch_size=spec.batch_size,
-                               racing={"enabled": False})
-            self._heldout = LmEvalFitness(held, self.config.include_paths)
         return self._dev, self._heldout
 
     def score(self, stage: Stage, record: dict[str, Any], seed: int) -> dict[str, Any]:

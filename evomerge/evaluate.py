@@ -148,16 +148,17 @@ def select_split(task: Task, split: str | None, where: str) -> None:
 class LmEvalFitness:
     """Scores a model on the configured tasks (built once, reused across trials)."""
 
-    def __init__(self, fitness: FitnessSpec, include_paths: list[str]):
+    def __init__(self, fitness: FitnessSpec, include_paths: list[str], *, key: str = "tasks"):
+        """``key``: the field named in errors (``fitness.tasks``, or ``fitness.heldout``)."""
         self.fitness = fitness
         names = list(dict.fromkeys(t.task for t in fitness.tasks))
-        loaded = load_tasks(names, include_paths)
+        loaded = load_tasks(names, include_paths, key=key)
         self.tasks: dict[str, Task] = loaded["tasks"]
         self.task_dict = loaded
         for spec in fitness.tasks:
-            select_split(self.tasks[spec.task], spec.split, f"fitness.tasks.{spec.task}.split")
+            select_split(self.tasks[spec.task], spec.split, f"fitness.{key}.{spec.task}.split")
             task = self.tasks[spec.task]
-            check_metric(spec.task, spec.metric, list(task.aggregation()))
+            check_metric(spec.task, spec.metric, list(task.aggregation()), key=key)
             if fitness.num_fewshot is not None and task.get_config("num_fewshot") != 0:
                 task.set_config(key="num_fewshot", value=fitness.num_fewshot)
             elif task.get_config("num_fewshot") is None:
@@ -289,10 +290,10 @@ def sample_values(samples: list[dict[str, Any]], task: str, metric: str) -> dict
     return out
 
 
-def check_metric(task: str, metric: str, available: list[str]) -> None:
+def check_metric(task: str, metric: str, available: list[str], *, key: str = "tasks") -> None:
     """``metric`` (``acc``, or ``acc,flexible-extract`` with a filter) is one of the task's metrics."""
     if available and metric.split(",")[0] not in available:
-        raise ConfigError(f"fitness.tasks.{task}.metric: {metric!r} is not a metric of the task; "
+        raise ConfigError(f"fitness.{key}.{task}.metric: {metric!r} is not a metric of the task; "
                           f"available: {', '.join(available)}")
 
 

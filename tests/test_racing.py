@@ -297,3 +297,10 @@ def test_pycma_is_told_a_pruned_trials_estimate_not_a_penalty():
     study.tell(pruned, state=optuna.trial.TrialState.PRUNED)
     study.ask(space)  # opens generation 1: generation 0 is told
     assert sorted(float(v) for v in cma_state(study)["es"].fit.fit) == [-0.7, -0.5]  # pycma minimises
+
+
+def test_a_bad_heldout_task_is_one_line_before_any_study(tiny_models, race_task, tmp_path):
+    cfg = _config(tiny_models, race_task, tmp_path, heldout=[{"task": "no_such_task", "split": "test"}])
+    with pytest.raises(ConfigError, match="fitness.heldout: unknown task 'no_such_task'"):
+        run_search(cfg, trials=1)
+    assert not (tmp_path / "r.db").exists() or not optuna.get_all_study_summaries(cfg.storage_url)
