@@ -97,7 +97,8 @@ def _trial_line(r) -> str:
         return f"trial {r.number:>4}  FAILED  {r.seconds:6.1f}s  {r.error}"
     tag = f" [{r.baseline}]" if r.baseline else ""
     best = f"best {r.best:.4f} (#{r.best_number})" if r.best is not None else ""
-    return f"trial {r.number:>4}  {r.fitness:.4f}  {r.seconds:6.1f}s  {best}{tag}  {r.summary}".rstrip()
+    value = f"~{r.fitness:.4f} pruned" if r.state == "PRUNED" else f"{r.fitness:.4f}"  # pruned: racing's estimate
+    return f"trial {r.number:>4}  {value}  {r.seconds:6.1f}s  {best}{tag}  {r.summary}".rstrip()
 
 
 @main.command()
