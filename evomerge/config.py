@@ -254,6 +254,17 @@ class Fitness(_Strict):
         return data
 
     @property
+    def labels(self) -> list[str]:
+        """One name per task entry: the task, or ``task.metric`` when a task is listed twice."""
+        names = [t.task for t in self.tasks]
+        return [t.task if names.count(t.task) == 1 else f"{t.task}.{t.metric}" for t in self.tasks]
+
+    @property
+    def weights(self) -> dict[str, float]:
+        """Label -> weight in the fitness (a weighted sum of the task entries)."""
+        return {label: t.weight for label, t in zip(self.labels, self.tasks)}
+
+    @property
     def races(self) -> bool:
         """Whether candidates are raced: ``racing.enabled``, by default for one lm_eval objective."""
         default = self.kind == "lm_eval" and self.objective == "sum"

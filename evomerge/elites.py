@@ -25,8 +25,9 @@ from optuna.trial import TrialState
 
 from evomerge.config import Fitness as FitnessSpec
 from evomerge.config import SearchConfig
-from evomerge.racing import RaceSpec, interval
-from evomerge.study import ATTR_ELITES, ATTR_ITEM_SEED, ATTR_PATH, ATTR_RECIPE, elite_line, elites_of, trial_fitness
+from evomerge.racing import Items, RaceSpec, interval
+from evomerge.study import (ATTR_ELITES, ATTR_ITEM_SEED, ATTR_ITEMS, ATTR_PATH, ATTR_RECIPE, elite_line, elites_of,
+                            trial_fitness)
 from evomerge.trials import Stage, is_trial_error, error_line
 
 log = logging.getLogger(__name__)
@@ -74,25 +75,29 @@ class EliteScorer:
             self._dev = LmEvalFitness(spec.model_copy(update={"limit": None}), self.config.include_paths)
         return self._dev, self._heldout
 
-    def score(self, stage: Stage, record: dict[str, Any], seed: int) -> dict[str, Any]:
-        """The record's model on every item (in the study's order ``seed``) and on the held-out
-        tasks; ``{"error": ...}`` when the candidate cannot be scored."""
-        dev, heldout = self._fitnesses()
+    def score(self, stage: Stage, record: dict[str, Any], seed: int, dev: bool = True) -> dict[str, Any]:
+        """The record's model on every item (in the study's order ``seed``; ``dev=False``: the
+        driver has them already) and on the held-out tasks; ``{"error": ...}`` when the
+        candidate cannot be scored."""
+        fitness, heldout = self._fitnesses() if dev else (None, self._heldout)
         try:
             model, tokenizer = stage.load(record)
-            items = dev.race(model, tokenizer, RaceSpec(seed, (), CONFIDENCE)).items
+            items = fitness.race(model, tokenizer, RaceSpec(seed, (), CONFIDENCE)).items if fitness else None
             held = heldout.score(model, tokenizer) if heldout is not None else None
         except Exception as e:
             if is_trial_error(e):
                 return {"error": error_line(e)}
             raise
-        est, low, high = interval(items, dev.weights, CONFIDENCE)
-        out: dict[str, Any] = {"fitness": est, "low": low, "high": high, "confidence": CONFIDENCE,
-                               "items": items.count}
+        out = dev_interval(items, self.config.fitness.weights) if items is not None else {}
         if held is not None:
             out["heldout"] = held.values
             out["heldout_fitness"] = held.fitness
         return out
+
+
+def dev_interval(items: Items, weights: dict[str, float]) -> dict[str, Any]:
+    est, low, high = interval(items, weights, CONFIDENCE)
+    return {"fitness": est, "low": low, "high": high, "confidence": CONFIDENCE, "items": items.count}
 
 
 def record_elites(study: optuna.Study, trials: list[optuna.trial.FrozenTrial], results: list[dict[str, Any]]) -> None:
@@ -112,12 +117,28 @@ def item_seed(study: optuna.Study, default: int) -> int:
     return int(seed) if seed is not None else default
 
 
-def run_elites(study: optuna.Study, score: Any, count: int, default_seed: int) -> int:
-    """Re-evaluate the top ``count`` trials not yet re-evaluated; ``score(records, seed)`` is the
-    runner's (in this process or on its workers). Returns how many were scored."""
-    trials = elite_trials(study, count)
+def run_elites(study: optuna.Study, score: Any, config: SearchConfig) -> int:
+    """Re-evaluate the top ``fitness.elites`` trials not yet re-evaluated. A trial that already
+    saw every item of the split (no ``limit``) gets its interval from its stored items; the model
+    is rebuilt only for the items it has not seen and the held-out tasks, by
+    ``score(records, seed, dev)``, the runner's (in this process or on its workers). Returns how
+    many were re-evaluated."""
+    spec = config.fitness
+    trials = elite_trials(study, spec.elites)
     if not trials:
         return 0
-    log.info("re-evaluating the top %d trial(s) on every item", len(trials))
-    record_elites(study, trials, score([trial_record(t) for t in trials], item_seed(study, default_seed)))
+    known: list[dict[str, Any] | None] = []
+    for t in trials:
+        items = Items.from_attr(t.system_attrs[ATTR_ITEMS]) if ATTR_ITEMS in t.system_attrs else None
+        whole = items is not None and items.complete and spec.limit is None
+        known.append(dev_interval(items, spec.weights) if whole else None)
+    todo = [i for i, k in enumerate(known) if k is None or spec.heldout]
+    log.info("re-evaluating the top %d trial(s) on every item%s", len(trials), " and the held-out tasks" * bool(spec.heldout))
+    results = [dict(k or {}) for k in known]
+    if todo:
+        scored = score([trial_record(trials[i]) for i in todo], item_seed(study, config.seed),
+                       [known[i] is None for i in todo])
+        for i, result in zip(todo, scored):
+            results[i] = {**results[i], **result}
+    record_elites(study, trials, results)
     return len(trials)

@@ -235,7 +235,7 @@ class LmEvalFitness:
 
     @property
     def weights(self) -> dict[str, float]:
-        return dict(zip(self.labels, (t.weight for t in self.fitness.tasks)))
+        return self.fitness.weights
 
     def _run(self, model: PreTrainedModel, tokenizer: Any, *, samples: dict[str, list[int]] | None = None,
              log_samples: bool = False) -> dict[str, Any]:
@@ -269,8 +269,7 @@ class LmEvalFitness:
     @property
     def labels(self) -> list[str]:
         """One name per fitness entry: the task, or ``task.metric`` when a task is listed twice."""
-        names = [t.task for t in self.fitness.tasks]
-        return [t.task if names.count(t.task) == 1 else f"{t.task}.{t.metric}" for t in self.fitness.tasks]
+        return self.fitness.labels
 
 
 def sample_values(samples: list[dict[str, Any]], task: str, metric: str) -> dict[int, float]:

@@ -82,8 +82,8 @@ class TrialWorker:
         assert self.fitness is not None  # ready() reported the error otherwise
         return evaluate(self.stage, self.fitness, record, race)
 
-    def elite(self, record: dict[str, Any], seed: int) -> dict[str, Any]:
-        return self.elites.score(self.stage, record, seed)
+    def elite(self, record: dict[str, Any], seed: int, dev: bool) -> dict[str, Any]:
+        return self.elites.score(self.stage, record, seed, dev)
 
 
 @dataclass(eq=False)  # a slot of the pool: its actor is replaced in place when it dies
@@ -210,9 +210,9 @@ class RayRunner:
                 interrupt_trial(job.study, flight.cand.trial, _interruption(e))
             raise
 
-    def score_elites(self, records: list[dict[str, Any]], seed: int) -> list[dict[str, Any]]:
-        """The records spread over the pool, one per worker at a time."""
-        refs = [self.pool[i % len(self.pool)].actor.elite.remote(r, seed) for i, r in enumerate(records)]
+    def score_elites(self, records: list[dict[str, Any]], seed: int, dev: list[bool]) -> list[dict[str, Any]]:
+        """The records spread over the pool (an actor runs its share one after another)."""
+        refs = [self.pool[i % len(self.pool)].actor.elite.remote(r, seed, d) for i, (r, d) in enumerate(zip(records, dev))]
         return ray.get(refs)
 
     def _dispatch(self, job: StageJob, idle: list[_Worker], flights: dict[Any, _Flight]) -> TrialReport | None:

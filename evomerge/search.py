@@ -128,7 +128,7 @@ def _run_stage(config: SearchConfig, stage: Stage, *, fresh: bool, fork: bool, t
             result.reports = runner.run(job, stop)
             result.interrupted = stop.requested and counted(study) < total
             if itemized and config.fitness.elites and not stop.requested:
-                run_elites(study, runner.score_elites, config.fitness.elites, config.seed)
+                run_elites(study, runner.score_elites, config)
     result.completed = counted(study)
     best = best_trial(study)
     if best is not None:

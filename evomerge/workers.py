@@ -20,8 +20,8 @@ class Runner(Protocol):
 
     def run(self, job: StageJob, stop: StopFlag) -> list[TrialReport]: ...
 
-    def score_elites(self, records: list[dict[str, Any]], seed: int) -> list[dict[str, Any]]:
-        """Each record's model on every item and the held-out tasks (:mod:`evomerge.elites`)."""
+    def score_elites(self, records: list[dict[str, Any]], seed: int, dev: list[bool]) -> list[dict[str, Any]]:
+        """Each record's model on every item (where ``dev``) and the held-out tasks (:mod:`evomerge.elites`)."""
         ...
 
 
@@ -72,5 +72,5 @@ class InProcessRunner:
             reports.append(job.report(run_one(job, self.fitness)))
         return reports
 
-    def score_elites(self, records: list[dict[str, Any]], seed: int) -> list[dict[str, Any]]:
-        return [self.elites.score(self.stage, record, seed) for record in records]
+    def score_elites(self, records: list[dict[str, Any]], seed: int, dev: list[bool]) -> list[dict[str, Any]]:
+        return [self.elites.score(self.stage, record, seed, d) for record, d in zip(records, dev)]

@@ -216,7 +216,8 @@ def test_item_results_equal_lm_evals_aggregate(tiny_models, race_task, tmp_path)
 def test_racing_search_resumes_after_a_trial_interrupted_between_rungs(tiny_models, race_task, tmp_path, monkeypatch):
     from evomerge.evaluate import LmEvalFitness
 
-    cfg = _config(tiny_models, race_task, tmp_path, heldout=[{"task": "race_mc", "split": "test"}], elites=2)
+    # limit 40: trials see 40 of the 48 dev items; the elites are re-scored on all 48
+    cfg = _config(tiny_models, race_task, tmp_path, heldout=[{"task": "race_mc", "split": "test"}], elites=2, limit=40)
     real = LmEvalFitness.score_items
     calls = {"n": 0}
 
@@ -248,14 +249,14 @@ def test_racing_search_resumes_after_a_trial_interrupted_between_rungs(tiny_mode
             assert not items.complete and t.value == t.intermediate_values[steps[-1]]
         else:
             assert items.complete and t.value == pytest.approx(items.fitness({"race_mc": 1.0}), abs=1e-15)
-            assert t.intermediate_values[48] == t.value
+            assert t.intermediate_values[40] == t.value and items.count == 40
 
     # elite re-evaluation: the top 2 on every item and the held-out task; the best is one of them
     elites = elites_of(study)
     assert len(elites) == 2 and best_trial(study).number in elites
     for n, e in elites.items():
-        assert e["items"] == 48 and e["low"] <= e["fitness"] <= e["high"]
-        assert e["fitness"] == pytest.approx(study.trials[n].value, abs=1e-15) and 0 <= e["heldout_fitness"] <= 1
+        assert e["items"] == 48 and e["low"] <= e["fitness"] <= e["high"] and 0 <= e["heldout_fitness"] <= 1
+        assert e["fitness"] * 48 == pytest.approx(round(e["fitness"] * 48), abs=1e-9)  # a mean over 48 items
     out = CliRunner().invoke(main, ["status", "--study", "r", "--storage", cfg.storage_url])
     assert out.exit_code == 0 and f"best trial {best_trial(study).number}, re-evaluated:" in out.output
     assert "held-out" in out.output and "95% interval" in out.output
@@ -304,3 +305,32 @@ def test_a_bad_heldout_task_is_one_line_before_any_study(tiny_models, race_task,
     with pytest.raises(ConfigError, match="fitness.heldout: unknown task 'no_such_task'"):
         run_search(cfg, trials=1)
     assert not (tmp_path / "r.db").exists() or not optuna.get_all_study_summaries(cfg.storage_url)
+
+
+def test_elites_that_saw_every_item_need_the_model_only_for_held_out_tasks(tiny_models, race_task, tmp_path):
+    from evomerge.elites import run_elites
+    from evomerge.study import ATTR_RECIPE
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'e.db'}", direction="maximize")
+    values = np.r_[np.ones(30), np.zeros(18)]
+    for fit in (0.5, 30 / 48):
+        t = study.ask()
+        t.set_user_attr(ATTR_RECIPE, {"fit": fit})
+        mine = np.r_[np.ones(round(48 * fit)), np.zeros(48 - round(48 * fit))]
+        study._storage.set_trial_system_attr(t._trial_id, ATTR_ITEMS, _items(mine, 48, "race_mc").to_attr())
+        study.tell(t, fit)
+    calls = []
+
+    def score(records, seed, dev):
+        calls.append((records, seed, dev))
+        return [{"heldout": {"race_mc": 0.5}, "heldout_fitness": 0.5} for _ in records]
+
+    assert run_elites(study, score, _config(tiny_models, race_task, tmp_path, elites=1)) == 1
+    assert calls == []  # no held-out task: the interval comes from the stored items
+    est, low, high = interval(_items(values, 48, "race_mc"), {"race_mc": 1.0})
+    assert elites_of(study) == {1: {"fitness": est, "low": low, "high": high, "confidence": 0.95, "items": 48}}
+    held = _config(tiny_models, race_task, tmp_path, elites=2, heldout=[{"task": "race_mc", "split": "test"}])
+    assert run_elites(study, score, held) == 1  # trial 1 is done; trial 0 is next
+    assert calls == [([{ATTR_RECIPE: {"fit": 0.5}}], 3, [False])]
+    assert elites_of(study)[0]["heldout_fitness"] == 0.5 and elites_of(study)[0]["items"] == 48
+    assert best_trial(study).number == 1
