@@ -7,7 +7,7 @@ chosen recipe, and the item evaluations the racing run needed before its incumbe
 score matched the full run's final one. The false-stop rate of the bound is measured by replaying
 racing's rule on the full runs' item-level results (every candidate there saw every item).
 
-    python scripts/bench_racing.py --out /tmp/racing_demo --seeds 0 1 2 --trials 15
+    python scripts/bench_racing.py --out /tmp/racing_demo --seeds 0 1 2 --trials 40
 
 The world is built once in ``--out`` (``evomerge demo --out DIR --trials 1`` builds the same one).
 """
@@ -99,7 +99,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("/tmp/racing_demo"))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--trials", type=int, default=15, help="trials of the full-evaluation run (baselines included)")
+    ap.add_argument("--trials", type=int, default=40, help="trials of the full-evaluation run (baselines included)")
     ap.add_argument("--world-seed", type=int, default=0)
     a = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
