@@ -183,7 +183,8 @@ def _trial_line(r) -> str:
         return f"trial {r.number:>4}  FAILED  {r.seconds:6.1f}s  {r.error}"
     tag = f" [{r.baseline}]" if r.baseline else ""
     best = f"best {r.best:.4f} (#{r.best_number})" if r.best is not None else ""
-    return f"trial {r.number:>4}  {r.fitness:.4f}  {r.seconds:6.1f}s  {best}{tag}  {r.summary}".rstrip()
+    value = f"~{r.fitness:.4f} pruned" if r.state == "PRUNED" else f"{r.fitness:.4f}"  # pruned: racing's estimate
+    return f"trial {r.number:>4}  {value}  {r.seconds:6.1f}s  {best}{tag}  {r.summary}".rstrip()
 
 
 @main.command(epilog=_example("evomerge search configs/example.yml --trials 50", "evomerge search configs/ja_math.yml --dry-run", "evomerge search evolve.yml   # a mergekit-evolve config"))
@@ -353,7 +354,7 @@ def status(study_name: str, storage: str | None, top: int) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from evomerge.study import baseline_note, leaderboard
+    from evomerge.study import baseline_note, best_trial, elite_line, elites_of, leaderboard
 
     study = _load_study(study_name, storage)
     rows = leaderboard(study, top)
@@ -369,6 +370,10 @@ def status(study_name: str, storage: str | None, top: int) -> None:
                       r["method"] or "", f"{r['seconds']:.1f}" if r["seconds"] else "",
                       baseline_note(study, r["baseline"], r["method"]))
     Console().print(table)
+    elites, best = elites_of(study), best_trial(study)
+    for number, elite in sorted(elites.items(), key=lambda kv: -kv[1]["fitness"]):
+        mark = "best" if best is not None and best.number == number else "elite"
+        click.echo(f"{mark} trial {number}, re-evaluated: {elite_line(elite)}")
 
 
 @main.command(epilog=_example("evomerge report --study my-study --storage sqlite:///runs/my-study.db -o reports/my-study"))

@@ -195,6 +195,23 @@ class FitnessTask(_Strict):
     split: str | None = "validation"  # which split the search scores on (None: the task's own choice)
 
 
+class Racing(_Strict):
+    """Racing (see :mod:`evomerge.racing`): a candidate is scored on growing prefixes of the
+    study's item order (the rungs) and stops once a paired bound says it cannot beat the
+    incumbent. Scores of completed trials are unchanged (they saw every item)."""
+
+    enabled: bool | None = None  # None: on for a single-objective lm_eval fitness (see Fitness.races)
+    rungs: list[float] = Field(default_factory=lambda: [0.125, 0.25, 0.5])  # fractions of the items before all of them
+    confidence: float = Field(0.95, gt=0.5, lt=1)  # 1 - the chance of stopping a candidate that would have won
+
+    @field_validator("rungs")
+    @classmethod
+    def _check_rungs(cls, v: list[float]) -> list[float]:
+        if any(not 0 < f < 1 for f in v) or v != sorted(set(v)):
+            raise ValueError("expected increasing fractions between 0 and 1 (all items is the last rung, implied)")
+        return v
+
+
 class Fitness(_Strict):
     # lm_eval: scored on lm-eval tasks; consistency: label-free, agreement of the candidate's
     # generations with those of small perturbations of its recipe (see evomerge.consistency)
@@ -207,6 +224,9 @@ class Fitness(_Strict):
     apply_chat_template: bool = False
     batch_size: int = 32
     consistency: ConsistencySpec | None = None  # kind consistency: prompts, generation, delta, ...
+    racing: Racing = Field(default_factory=Racing)  # kind lm_eval, objective sum
+    elites: int = Field(3, ge=0)  # after the search, the top trials re-scored on every item (0: none)
+    heldout: list[FitnessTask] = Field(default_factory=list)  # scored on the elites only, never to choose
 
     @field_validator("include_path", mode="before")
     @classmethod
@@ -220,11 +240,15 @@ class Fitness(_Strict):
                 raise ValueError("tasks: give at least one lm-eval task (or kind: consistency for a label-free search)")
             if self.consistency is not None:
                 raise ValueError("consistency: only for kind: consistency")
+            if self.racing.enabled and self.objective == "multi":
+                raise ValueError("racing: races one objective; leave racing.enabled unset or false with objective: multi")
         else:
             if self.consistency is None:
                 raise ValueError("consistency: kind consistency needs this block (prompts, ...)")
             if self.tasks:
                 raise ValueError("tasks: not used by kind consistency (it needs no labels)")
+            if self.heldout:
+                raise ValueError("heldout: scored on the elites of an lm_eval fitness; not used by kind consistency")
             if self.objective != "sum":
                 raise ValueError("objective: kind consistency has one objective (sum)")
         return self
@@ -235,6 +259,28 @@ class Fitness(_Strict):
         if isinstance(data, dict) and data.get("consistency", 0) is None:
             del data["consistency"]  # lm_eval configs dump (and fingerprint) as before
         return data
+
+    @property
+    def labels(self) -> list[str]:
+        """One name per task entry: the task, or ``task.metric`` when a task is listed twice."""
+        names = [t.task for t in self.tasks]
+        return [t.task if names.count(t.task) == 1 else f"{t.task}.{t.metric}" for t in self.tasks]
+
+    @property
+    def weights(self) -> dict[str, float]:
+        """Label -> weight in the fitness (a weighted sum of the task entries)."""
+        return {label: t.weight for label, t in zip(self.labels, self.tasks)}
+
+    @property
+    def races(self) -> bool:
+        """Whether candidates are raced: ``racing.enabled``, by default for one lm_eval objective."""
+        default = self.kind == "lm_eval" and self.objective == "sum"
+        return default if self.racing.enabled is None else self.racing.enabled
+
+    def comparable(self) -> dict[str, Any]:
+        """What makes trials comparable: not the batch size, and not racing, the elites or the
+        held-out tasks (a completed trial's score is the same with or without them)."""
+        return self.model_dump(mode="json", exclude={"batch_size", "racing", "elites", "heldout"})
 
 
 class Sampler(_Strict):
@@ -250,6 +296,9 @@ class Budget(_Strict):
     # restarted and the search goes on. Needs a worker process that can be killed, so a search
     # with a timeout runs its trials in Ray actors even with one worker (see evomerge.parallel).
     timeout_s: float | None = Field(None, gt=0)
+    # item evaluations (one item of one task scored once): no trial starts once the study's
+    # trials have used this many (racing stops candidates early, so more trials fit)
+    items: int | None = Field(None, ge=1)
 
 
 class DfsSpace(_Strict):
@@ -483,7 +532,7 @@ class SearchConfig(_Strict, YamlConfig):
             "models": self.source_refs,
             # a study made before tokenizer_source existed keeps its fingerprint
             "merge": self.merge.model_dump(mode="json", exclude={"tokenizer_source"} if self.tokenizer_ref is None else None),
-            "fitness": {**self.fitness.model_dump(mode="json", exclude={"batch_size"}), "include_path": self.include_paths},
+            "fitness": {**self.fitness.comparable(), "include_path": self.include_paths},
             "sampler": self.sampler.model_dump(mode="json"),
             "seed": self.seed,
             "dtype": self.dtype,
@@ -498,7 +547,7 @@ class SearchConfig(_Strict, YamlConfig):
             "dfs": self.dfs.model_dump(mode="json", exclude={"budget"}),
             "dfs_models": self.dfs_models,
             "host": self.dfs_host,
-            "fitness": {**self.fitness.model_dump(mode="json", exclude={"batch_size"}), "include_path": self.include_paths},
+            "fitness": {**self.fitness.comparable(), "include_path": self.include_paths},
             "seed": self.seed,
             "dtype": self.dtype,
         }

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import math
 import os
 import random
 import warnings
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 from evomerge.config import Fitness as FitnessSpec
 from evomerge.errors import ConfigError
 from evomerge.fitness import Score
+from evomerge.racing import RaceResult, RaceSpec, item_order, race
 
 if TYPE_CHECKING:
     from lm_eval.api.task import Task
@@ -154,16 +156,17 @@ def select_split(task: Task, split: str | None, where: str) -> None:
 class LmEvalFitness:
     """Scores a model on the configured tasks (built once, reused across trials)."""
 
-    def __init__(self, fitness: FitnessSpec, include_paths: list[str]):
+    def __init__(self, fitness: FitnessSpec, include_paths: list[str], *, key: str = "tasks"):
+        """``key``: the field named in errors (``fitness.tasks``, or ``fitness.heldout``)."""
         self.fitness = fitness
         names = list(dict.fromkeys(t.task for t in fitness.tasks))
-        loaded = load_tasks(names, include_paths)
+        loaded = load_tasks(names, include_paths, key=key)
         self.tasks: dict[str, Task] = loaded["tasks"]
         self.task_dict = loaded
         for spec in fitness.tasks:
-            select_split(self.tasks[spec.task], spec.split, f"fitness.tasks.{spec.task}.split")
+            select_split(self.tasks[spec.task], spec.split, f"fitness.{key}.{spec.task}.split")
             task = self.tasks[spec.task]
-            check_metric(spec.task, spec.metric, list(task.aggregation()))
+            check_metric(spec.task, spec.metric, list(task.aggregation()), key=key)
             if fitness.num_fewshot is not None and task.get_config("num_fewshot") != 0:
                 task.set_config(key="num_fewshot", value=fitness.num_fewshot)
             elif task.get_config("num_fewshot") is None:
@@ -181,6 +184,70 @@ class LmEvalFitness:
         return self._lm
 
     def score(self, model: PreTrainedModel, tokenizer: Any) -> Score:
+        results = self._run(model, tokenizer)
+        objectives = [metric_value(results["results"], spec.task, spec.metric) for spec in self.fitness.tasks]
+        values = dict(zip(self.labels, objectives))
+        fitness = sum(spec.weight * v for spec, v in zip(self.fitness.tasks, objectives))
+        return Score(values, float(fitness), objectives)
+
+    # ------------------------------------------------------------ item level (racing)
+    def pool_size(self, name: str) -> int:
+        """The task's items a trial is scored on: its evaluated split, cut to ``fitness.limit``
+        (a count, or a fraction rounded up, as lm-eval does)."""
+        size = len(self.tasks[name].eval_docs)
+        limit = self.fitness.limit
+        if limit is None:
+            return size
+        return min(size, int(limit) if limit >= 1 else math.ceil(size * limit))
+
+    def item_orders(self, seed: int) -> dict[str, Any]:
+        """Task -> the study's order of its items (see :func:`evomerge.racing.item_order`)."""
+        return {name: item_order(seed, name, self.pool_size(name)) for name in self.tasks}
+
+    def check_items(self) -> None:
+        """Racing needs each fitness entry to be a mean over items (acc, exact_match, ...)."""
+        from lm_eval.api.metrics import mean
+
+        for spec in self.fitness.tasks:
+            aggregation = self.tasks[spec.task].aggregation().get(spec.metric.split(",")[0])
+            if aggregation is not mean:
+                raise ConfigError(f"fitness.racing: {spec.task}'s metric {spec.metric} is not a mean over items; "
+                                  "set racing: {enabled: false}")
+
+    def score_items(self, model: PreTrainedModel, tokenizer: Any, wanted: dict[str, Sequence[int]]) -> dict[str, Any]:
+        """Each fitness entry's per-item values on ``wanted`` (task -> item indices of its split),
+        in that order, from lm-eval's per-sample output."""
+        import numpy as np
+
+        # lm-eval walks the selected items in index order but labels them by position in the list
+        # it was given: give it sorted indices, so each logged doc_id is the item's own
+        results = self._run(model, tokenizer, samples={k: sorted(int(i) for i in v) for k, v in wanted.items()},
+                            log_samples=True)
+        out = {}
+        for spec, label in zip(self.fitness.tasks, self.labels):
+            if spec.task not in wanted:
+                continue
+            by_doc = sample_values(results.get("samples", {}).get(spec.task, []), spec.task, spec.metric)
+            missing = [int(i) for i in wanted[spec.task] if int(i) not in by_doc]
+            if missing:
+                raise ConfigError(f"fitness.tasks.{spec.task}: lm-eval logged no {spec.metric} for item {missing[0]}")
+            out[label] = np.array([by_doc[int(i)] for i in wanted[spec.task]], dtype=np.float64)
+        return out
+
+    def race(self, model: PreTrainedModel, tokenizer: Any, spec: RaceSpec) -> RaceResult:
+        """Score the model rung by rung on the study's item order (all items when ``spec`` has
+        no reference); see :func:`evomerge.racing.race`."""
+        labels = dict(zip(self.labels, (t.task for t in self.fitness.tasks)))
+        return race(lambda wanted: self.score_items(model, tokenizer, wanted), self.item_orders(spec.seed),
+                    labels, self.weights, spec)
+
+    @property
+    def weights(self) -> dict[str, float]:
+        return self.fitness.weights
+
+    def _run(self, model: PreTrainedModel, tokenizer: Any, *, samples: dict[str, list[int]] | None = None,
+             log_samples: bool = False) -> dict[str, Any]:
+        """lm-eval's ``evaluate`` on the tasks, reseeded as ``simple_evaluate`` does."""
         import numpy as np
         import torch
         from lm_eval.evaluator import evaluate
@@ -190,34 +257,50 @@ class LmEvalFitness:
         torch.manual_seed(LM_EVAL_OTHER_SEED)
         for task in self.tasks.values():
             task.set_fewshot_seed(seed=LM_EVAL_OTHER_SEED)
-        limit = self.fitness.limit
+        limit = self.fitness.limit if samples is None else None
+        task_dict = self.task_dict
+        if samples is not None:
+            task_dict = {**self.task_dict, "tasks": {k: v for k, v in self.tasks.items() if k in samples}}
         with _quiet():
-            results = evaluate(
+            return evaluate(
                 lm=self.lm(model, tokenizer),
-                task_dict=self.task_dict,
+                task_dict=task_dict,
                 limit=int(limit) if limit is not None and limit >= 1 else limit,
+                samples=samples,
                 bootstrap_iters=0,
-                log_samples=False,
+                log_samples=log_samples,
                 apply_chat_template=self.fitness.apply_chat_template,
                 fewshot_as_multiturn=self.fitness.apply_chat_template,
                 verbosity="ERROR",
             )
-        objectives = [metric_value(results["results"], spec.task, spec.metric) for spec in self.fitness.tasks]
-        values = dict(zip(self.labels, objectives))
-        fitness = sum(spec.weight * v for spec, v in zip(self.fitness.tasks, objectives))
-        return Score(values, float(fitness), objectives)
 
     @property
     def labels(self) -> list[str]:
         """One name per fitness entry: the task, or ``task.metric`` when a task is listed twice."""
-        names = [t.task for t in self.fitness.tasks]
-        return [t.task if names.count(t.task) == 1 else f"{t.task}.{t.metric}" for t in self.fitness.tasks]
+        return self.fitness.labels
 
 
-def check_metric(task: str, metric: str, available: list[str]) -> None:
+def sample_values(samples: list[dict[str, Any]], task: str, metric: str) -> dict[int, float]:
+    """doc_id -> the metric's value, from lm-eval's logged samples of one task. ``metric`` is
+    ``acc`` (filter ``none``, else the only filter the task has) or ``acc,flexible-extract``."""
+    name, _, wanted = metric.partition(",")
+    filters = sorted({s.get("filter", "none") for s in samples})
+    if not wanted:
+        wanted = "none" if "none" in filters or len(filters) != 1 else filters[0]
+    out = {}
+    for s in samples:
+        if s.get("filter", "none") == wanted and isinstance(s.get(name), (int, float, bool)):
+            out[int(s["doc_id"])] = float(s[name])
+    if samples and not out:
+        raise ConfigError(f"fitness.tasks.{task}.metric: lm-eval logged no per-item {metric!r} "
+                          f"(filters: {', '.join(filters)})")
+    return out
+
+
+def check_metric(task: str, metric: str, available: list[str], *, key: str = "tasks") -> None:
     """``metric`` (``acc``, or ``acc,flexible-extract`` with a filter) is one of the task's metrics."""
     if available and metric.split(",")[0] not in available:
-        raise ConfigError(f"fitness.tasks.{task}.metric: {metric!r} is not a metric of the task; "
+        raise ConfigError(f"fitness.{key}.{task}.metric: {metric!r} is not a metric of the task; "
                           f"available: {', '.join(available)}")
 
 

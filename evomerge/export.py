@@ -17,7 +17,8 @@ from evomerge.files import write_atomic
 from evomerge.identity import local_ref
 from evomerge.recipe import Recipe
 from evomerge.study import (ATTR_BASELINE, ATTR_DFS_HOST, ATTR_DFS_REFS, ATTR_DFS_SOURCES, ATTR_PATH,
-                            ATTR_RECIPE, ATTR_ROOT, ATTR_SCORES, best_trial, searched_methods, trial_fitness)
+                            ATTR_RECIPE, ATTR_ROOT, ATTR_SCORES, best_trial, elite_line, elites_of, searched_methods,
+                            trial_fitness)
 
 
 def trial_recipe(study: optuna.Study, number: int | None = None) -> tuple[Recipe, optuna.trial.FrozenTrial]:
@@ -46,6 +47,9 @@ def recipe_header(study: optuna.Study, trial: optuna.trial.FrozenTrial, recipe: 
         lines.append(f"# fitness {fit:.6g}")
     for task, value in (trial.user_attrs.get(ATTR_SCORES) or {}).items():
         lines.append(f"#   {task}: {value:.6g}")
+    elite = elites_of(study).get(trial.number)
+    if elite is not None:
+        lines.append(f"# re-evaluated on every item: {elite_line(elite)}")
     note = baseline_note(study, trial)
     if note:
         lines.append(f"# {note}")

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
+    from evomerge.racing import RaceResult, RaceSpec
     from evomerge.recipe import Recipe
 
 
@@ -53,3 +54,18 @@ class HostedFitness(Fitness, Protocol):
         """Called once per stage, before any score, with the host that will hold every trial's
         model; ``score`` then scores the host's current recipe."""
         ...
+
+
+@runtime_checkable
+class ItemFitness(Fitness, Protocol):
+    """A fitness that is a weighted sum of means over items (lm-eval tasks), so it can keep each
+    item's result and race a candidate rung by rung (:mod:`evomerge.racing`)."""
+
+    @property
+    def weights(self) -> dict[str, float]: ...  # fitness label -> weight
+
+    def check_items(self) -> None:
+        """Raises ConfigError when a task's metric is not a mean over items."""
+        ...
+
+    def race(self, model: PreTrainedModel, tokenizer: Any, spec: RaceSpec) -> RaceResult: ...

@@ -40,6 +40,8 @@ from ray.exceptions import RayActorError
 import evomerge
 from evomerge.config import SearchConfig
 from evomerge.errors import ConfigError, EvomergeError
+from evomerge.elites import EliteScorer
+from evomerge.racing import RaceSpec
 from evomerge.study import ATTR_WORKER
 from evomerge.trials import (Candidate, Fitness, Outcome, Stage, StageJob, StopFlag, TrialReport, ask_candidate,
                              error_line, evaluate, interrupt_trial, make_report, open_evaluator, tell_outcome)
@@ -66,6 +68,7 @@ class TrialWorker:
         self.stage = stage
         try:
             self.fitness = open_evaluator(config, stage)
+            self.elites = EliteScorer(config, self.fitness)
         except EvomergeError as e:  # reported by ready(): one clear line in the driver
             self.error = str(e)
         except Exception as e:  # e.g. a model folder missing on this worker's machine
@@ -75,9 +78,12 @@ class TrialWorker:
         """(host:pid of this worker, the error that kept it from starting or None)."""
         return f"{socket.gethostname()}:{os.getpid()}", self.error
 
-    def score(self, record: dict[str, Any]) -> Outcome:
+    def score(self, record: dict[str, Any], race: RaceSpec | None = None) -> Outcome:
         assert self.fitness is not None  # ready() reported the error otherwise
-        return evaluate(self.stage, self.fitness, record)
+        return evaluate(self.stage, self.fitness, record, race)
+
+    def elite(self, record: dict[str, Any], seed: int, dev: bool) -> dict[str, Any]:
+        return self.elites.score(self.stage, record, seed, dev)
 
 
 @dataclass(eq=False)  # a slot of the pool: its actor is replaced in place when it dies
@@ -204,14 +210,19 @@ class RayRunner:
                 interrupt_trial(job.study, flight.cand.trial, _interruption(e))
             raise
 
+    def score_elites(self, records: list[dict[str, Any]], seed: int, dev: list[bool]) -> list[dict[str, Any]]:
+        """The records spread over the pool (an actor runs its share one after another)."""
+        refs = [self.pool[i % len(self.pool)].actor.elite.remote(r, seed, d) for i, (r, d) in enumerate(zip(records, dev))]
+        return ray.get(refs)
+
     def _dispatch(self, job: StageJob, idle: list[_Worker], flights: dict[Any, _Flight]) -> TrialReport | None:
-        cand = ask_candidate(job.study, job.stage, job.distributions)
+        cand = ask_candidate(job.study, job.stage, job.distributions, job.race_spec())
         if cand.record is None:
             return tell_outcome(job.study, job.stage, cand, Outcome(None, 0.0, cand.error), job.multi, job.total)
         try:
             worker = idle.pop()
             cand.trial.set_user_attr(ATTR_WORKER, worker.name)
-            flights[worker.actor.score.remote(cand.record)] = _Flight(worker, cand, time.monotonic())
+            flights[worker.actor.score.remote(cand.record, cand.race)] = _Flight(worker, cand, time.monotonic())
         except BaseException as e:  # a second Ctrl-C before the trial is in flight: it is not left RUNNING
             interrupt_trial(job.study, cand.trial, _interruption(e))
             raise

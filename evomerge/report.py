@@ -31,7 +31,8 @@ from optuna.trial import TrialState  # noqa: E402
 
 from evomerge.files import write_atomic  # noqa: E402
 from evomerge.study import (ATTR_BASELINE, ATTR_CONFIG, ATTR_DFS_HOST, ATTR_DFS_SOURCES, ATTR_PATH,  # noqa: E402
-                            ATTR_RECIPE, ATTR_SCORES, ATTR_STAGE, best_trial, trial_fitness)
+                            ATTR_RECIPE, ATTR_SCORES, ATTR_STAGE, best_trial, elite_line, elites_of,
+                            trial_fitness)
 
 MIN_IMPORTANCE_TRIALS = 10  # searched trials needed before parameter importances mean anything
 TOP_IMPORTANCES = 20
@@ -246,6 +247,11 @@ def write_report(study: optuna.Study, out_dir: str | Path, storage: str | None =
           f"Stage **{stage}**, {'multi-objective (' + str(len(study.directions)) + ' objectives)' if multi else 'single objective'}; "
           f"{len(searched)} searched trials completed, {len(baselines)} baselines, {len(failed)} failed.", ""]
     md += _best_table(best, baselines)
+    elites = elites_of(study)
+    if elites:
+        md += ["Re-evaluated on every item (the best is chosen among these):", ""]
+        md += [f"- trial {n}: {elite_line(e)}" for n, e in sorted(elites.items(), key=lambda kv: -kv[1]["fitness"])]
+        md += [""]
 
     if searched or baselines:
         out.files.append(plot_fitness([t.number for t in searched], [trial_fitness(t) for t in searched], base_fit,

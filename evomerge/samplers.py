@@ -36,7 +36,8 @@ Finished trials
 * ``FAIL`` marked interrupted -- user attr or system attr :data:`INTERRUPTED_ATTR` is ``True``
   (the search loop sets it for killed / stale / Ctrl-C'd trials): the trial does not count; its
   index is released and the *same candidate* is handed to the next trial (re-evaluated).
-* Any other ``FAIL`` (NaN weights, OOM, ...), a ``PRUNED`` trial or a ``COMPLETE`` one with a
+* ``PRUNED`` with a finite value (racing's estimate of its fitness): that value, like ``COMPLETE``.
+* Any other ``FAIL`` (NaN weights, OOM, ...), a ``PRUNED`` trial without a value or a ``COMPLETE`` one with a
   non-finite value is a *bad result* and gets a penalty, see :func:`penalized_fitness`:
   ``worst + max(1, worst - best)`` over the finite results of the same generation (in pycma's
   minimisation scale), or :data:`FAILED_PENALTY` if nothing in the generation has a finite result.
@@ -586,10 +587,11 @@ class PyCmaSampler(optuna.samplers.BaseSampler):
             sign = 1.0 if direction == StudyDirection.MINIMIZE else -1.0
             values: list[float | None] = []
             for t in results:
-                if t.state == TrialState.COMPLETE and t.value is not None and math.isfinite(t.value):
+                # a PRUNED trial's value is racing's estimate of its fitness (evomerge.racing)
+                if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and t.value is not None and math.isfinite(t.value):
                     values.append(sign * float(t.value))
                 else:
-                    values.append(None)  # FAIL (not interrupted), PRUNED, non-finite: penalty
+                    values.append(None)  # FAIL (not interrupted), PRUNED without a value, non-finite: penalty
             generation = payload["generation"] + 1
             with _seeded_global_numpy(self._seed, generation, _PURPOSE_ASK):
                 es.tell(list(payload["solutions"]), penalized_fitness(values))

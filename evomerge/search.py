@@ -15,6 +15,7 @@ import optuna
 from optuna.distributions import FloatDistribution
 
 from evomerge.config import Sampler, SearchConfig
+from evomerge.elites import run_elites
 from evomerge.errors import ConfigError
 from evomerge.stages import PsStage, dfs_stage, moe_candidates
 from evomerge.study import best_trial, counted, enqueue_baselines, fail_stale_trials, open_study, trial_fitness
@@ -117,8 +118,12 @@ def _run_stage(config: SearchConfig, stage: Stage, *, fresh: bool, fork: bool, t
         study, created = open_study(config, sampler, fresh=fresh, fork=fork, stage=stage.name, name=name,
                                     prepare=lambda new: _prepare(new, stage))
         fail_stale_trials(study)
-        job = StageJob(study, stage, {k: FloatDistribution(lo, hi) for k, (lo, hi) in bounds.items()},
-                       config.fitness.objective == "multi" and stage.name == "ps", total, on_trial)
+        multi = config.fitness.objective == "multi" and stage.name == "ps"
+        itemized = config.fitness.kind == "lm_eval" and not multi
+        job = StageJob(study, stage, {k: FloatDistribution(lo, hi) for k, (lo, hi) in bounds.items()}, multi, total,
+                       on_trial, racing=config.fitness.racing if itemized else None, races=itemized and config.fitness.races,
+                       item_seed=config.seed,
+                       items=(config.budget if stage.name == "ps" else config.dfs.budget).items)
         if on_start:
             on_start({"study": study.study_name, "stage": stage.name, "storage": config.storage_url,
                       "created": created, "dimensions": len(job.distributions), "done": counted(study),
@@ -127,6 +132,8 @@ def _run_stage(config: SearchConfig, stage: Stage, *, fresh: bool, fork: bool, t
         with StopFlag() as stop:
             result.reports = runner.run(job, stop)
             result.interrupted = stop.requested and counted(study) < total
+            if itemized and config.fitness.elites and not stop.requested:
+                run_elites(study, runner.score_elites, config)
     result.completed = counted(study)
     best = best_trial(study)
     if best is not None:

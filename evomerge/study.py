@@ -51,6 +51,10 @@ ATTR_INTERRUPTED = "evomerge:interrupted"
 ATTR_OWNER = "evomerge:owner"
 ATTR_WORKER = "evomerge:worker"  # host:pid of the Ray actor that evaluated the trial (parallel runs)
 ATTR_STAGE = "evomerge:stage"
+ATTR_ITEM_SEED = "evomerge:item_seed"  # study: seeds the order of every task's items (racing)
+ATTR_ITEMS = "evomerge:items"  # trial system attr: per-item results, packed (racing.Items.to_attr)
+ATTR_ITEM_COUNT = "evomerge:item_count"  # trial: item evaluations it took
+ATTR_ELITES = "evomerge:elites"  # study: {trial number: its re-evaluation on every item (+ held-out tasks)}
 ATTR_PATH = "evomerge:path"  # dfs trials: [[source layer, scale], ...]
 ATTR_DFS_SOURCES = "evomerge:dfs_sources"  # dfs studies: [[model, layer index], ...]
 ATTR_DFS_REFS = "evomerge:dfs_refs"  # dfs studies: {model name: folder (portable) or hub id}
@@ -360,12 +364,14 @@ class StudyTally:
         self._reader = TrialReader(study)
         self._lock = threading.Lock()
         self.counted = 0
+        self.items = 0  # item evaluations of the finished trials (racing's cost measure)
         self.best: optuna.trial.FrozenTrial | None = None
 
     def refresh(self) -> "StudyTally":
         with self._lock:
             finished = self._reader.refresh()
             self.counted += counted_of(finished)
+            self.items += items_used(finished)
             self.best = best_of(finished + ([self.best] if self.best is not None else []))
         return self
 
@@ -394,8 +400,13 @@ def counted(study: optuna.Study) -> int:
 
 
 def counted_of(trials: list[optuna.trial.FrozenTrial]) -> int:
-    return sum(1 for t in trials if t.state == TrialState.COMPLETE
+    return sum(1 for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
                or (t.state == TrialState.FAIL and not t.user_attrs.get(ATTR_INTERRUPTED)))
+
+
+def items_used(trials: list[optuna.trial.FrozenTrial]) -> int:
+    """Item evaluations the trials took (racing's cost measure)."""
+    return sum(int(t.user_attrs.get(ATTR_ITEM_COUNT) or 0) for t in trials)
 
 
 def trial_fitness(t: optuna.trial.FrozenTrial) -> float | None:
@@ -405,16 +416,39 @@ def trial_fitness(t: optuna.trial.FrozenTrial) -> float | None:
 
 
 def best_trial(study: optuna.Study, include_baselines: bool = True) -> optuna.trial.FrozenTrial | None:
-    """The completed trial with the highest fitness (sum of objectives for multi-objective studies)."""
-    return best_of(study.get_trials(deepcopy=False), include_baselines)
+    """The completed trial called best: the highest elite re-evaluation when the study has
+    elites (:mod:`evomerge.elites`), else the highest fitness (sum of objectives for
+    multi-objective studies)."""
+    return best_of(study.get_trials(deepcopy=False), include_baselines, elites_of(study))
 
 
-def best_of(trials: list[optuna.trial.FrozenTrial], include_baselines: bool = True) -> optuna.trial.FrozenTrial | None:
+def best_of(trials: list[optuna.trial.FrozenTrial], include_baselines: bool = True,
+            elites: dict[int, dict[str, Any]] | None = None) -> optuna.trial.FrozenTrial | None:
     done = [t for t in trials if t.state == TrialState.COMPLETE
             and (include_baselines or not t.user_attrs.get(ATTR_BASELINE))]
     if not done:
         return None
+    elites = elites or {}
+    if any(t.number in elites for t in done):  # before a trial is called best, it is re-evaluated
+        done = [t for t in done if t.number in elites]
+        return max(done, key=lambda t: (float(elites[t.number]["fitness"]), -t.number))
     return max(done, key=lambda t: (trial_fitness(t), -t.number))
+
+
+def elites_of(study: optuna.Study) -> dict[int, dict[str, Any]]:
+    """Trial number -> its elite re-evaluation (a finished trial's attrs cannot change, so they
+    are kept in the study's attrs)."""
+    return {int(k): v for k, v in (study.user_attrs.get(ATTR_ELITES) or {}).items() if isinstance(v, dict)}
+
+
+def elite_line(elite: dict[str, Any]) -> str:
+    """``0.812 [0.741, 0.883] on 112 items; held-out 0.790 (dev - held-out +0.022)``"""
+    pct = round(100 * float(elite.get("confidence", 0.95)))
+    line = f"{elite['fitness']:.4f} ({pct}% interval {elite['low']:.4f}-{elite['high']:.4f}, {elite['items']} items)"
+    if "heldout_fitness" in elite:
+        gap = elite["fitness"] - elite["heldout_fitness"]
+        line += f"; held-out {elite['heldout_fitness']:.4f} (dev - held-out {gap:+.4f})"
+    return line
 
 
 def searched_methods(study: optuna.Study) -> list[str]:

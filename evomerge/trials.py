@@ -20,11 +20,13 @@ import optuna
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
-from evomerge.config import Sampler, SearchConfig
+from evomerge.config import Racing, Sampler, SearchConfig
 from evomerge.errors import CandidateError, ConfigError, EvomergeError, MergeError
-from evomerge.fitness import Fitness, HostedFitness, Score
-from evomerge.study import (ATTR_BASELINE, ATTR_ERROR, ATTR_INTERRUPTED, ATTR_OWNER, ATTR_SCORES, ATTR_SECONDS,
-                            fail_stale_trials, owner, tally, trial_fitness)
+from evomerge.fitness import Fitness, HostedFitness, ItemFitness, Score
+from evomerge.racing import Items, RaceSpec
+from evomerge.study import (ATTR_BASELINE, ATTR_ERROR, ATTR_INTERRUPTED, ATTR_ITEM_COUNT, ATTR_ITEM_SEED, ATTR_ITEMS,
+                            ATTR_OWNER, ATTR_SCORES, ATTR_SECONDS, best_of, fail_stale_trials, owner, tally,
+                            trial_fitness)
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +74,10 @@ def make_fitness(config: SearchConfig, stage: Stage) -> Fitness:
         return ConsistencyFitness(config)  # label-free; builds neighbours in the stage's workspace
     from evomerge.evaluate import LmEvalFitness
 
-    return LmEvalFitness(config.fitness, config.include_paths)
+    fitness = LmEvalFitness(config.fitness, config.include_paths)
+    if config.fitness.races:
+        fitness.check_items()
+    return fitness
 
 
 def open_evaluator(config: SearchConfig, stage: Stage) -> Fitness:
@@ -91,7 +96,7 @@ def open_evaluator(config: SearchConfig, stage: Stage) -> Fitness:
 @dataclass
 class TrialReport:
     number: int
-    state: str  # "COMPLETE" / "FAIL"
+    state: str  # "COMPLETE" / "PRUNED" / "FAIL"
     fitness: float | None
     values: dict[str, float]
     seconds: float
@@ -114,6 +119,7 @@ class Candidate:
     baseline: str | None
     record: dict[str, Any] | None
     error: str | None = None
+    race: RaceSpec | None = None  # how the worker scores it item by item (None: the fitness's own score)
 
 
 @dataclass(frozen=True)
@@ -124,6 +130,9 @@ class Outcome:
     seconds: float
     error: str | None = None
     fatal: bool = False  # a problem of the config or the sources (not this candidate's): the search stops
+    items: dict[str, Any] | None = None  # per-item results (racing.Items.to_attr), when kept
+    rungs: tuple[tuple[int, float], ...] = ()  # (items seen, estimate of its fitness) after each rung
+    pruned: bool = False  # stopped by racing: ``score`` is None, the last rung holds its estimate
 
 
 @dataclass
@@ -137,14 +146,45 @@ class StageJob:
     multi: bool
     total: int
     on_trial: Callable[[TrialReport], None] | None = None
+    racing: Racing | None = None  # None: no item-level scores (a fitness without items, multi-objective)
+    races: bool = False  # race candidates (else every candidate sees every item, still kept per item)
+    item_seed: int = 0  # the item order's seed for a study that has none recorded yet
+    items: int | None = None  # budget in item evaluations (budget.items)
 
     def budget_left(self) -> int:
         """Trials still to start: the budget less the counted trials and those running anywhere
-        (this driver's and other drivers' on a shared storage), read in one storage call."""
+        (this driver's and other drivers' on a shared storage), read in one storage call; none
+        once the trials have used the item budget."""
         now = tally(self.study)  # reads only the trials that changed since the last check
         if now.running and fail_stale_trials(self.study, now.running_trials()):  # a peer killed with kill -9
             now = tally(self.study)
+        if self.items is not None and now.items >= self.items:
+            return 0
         return self.total - now.counted - now.running
+
+    def race_spec(self) -> RaceSpec | None:
+        """How the next candidate is scored item by item: the study's item seed (recorded on the
+        first call), the rungs and, when racing is on, the reference: the best completed trial
+        with every item's result."""
+        if self.racing is None:
+            return None
+        seed = self.study.user_attrs.get(ATTR_ITEM_SEED)
+        if seed is None:
+            seed = self.item_seed
+            self.study.set_user_attr(ATTR_ITEM_SEED, seed)
+        spec = RaceSpec(int(seed), tuple(self.racing.rungs), self.racing.confidence)
+        if not self.races:
+            return spec
+        def raced(t: optuna.trial.FrozenTrial) -> bool:
+            return isinstance(t.system_attrs.get(ATTR_ITEMS), dict) and Items.from_attr(t.system_attrs[ATTR_ITEMS]).complete
+
+        ref = tally(self.study).best  # folded from new trials only: no cost that grows with the study
+        if ref is not None and not raced(ref):  # a best trial without every item's result (older study)
+            ref = best_of([t for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if raced(t)])
+        if ref is None:
+            return spec
+        return RaceSpec(spec.seed, spec.rungs, spec.confidence, ref.system_attrs[ATTR_ITEMS], trial_fitness(ref),
+                        ref.number)
 
     def report(self, report: TrialReport) -> TrialReport:
         if self.on_trial:
@@ -224,8 +264,10 @@ def ask_owned(study: optuna.Study) -> optuna.Trial:
     return optuna.Trial(study, trial_id)  # runs the sampler's before_trial / sample_relative
 
 
-def ask_candidate(study: optuna.Study, stage: Stage, distributions: dict[str, FloatDistribution]) -> Candidate:
-    """Ask a trial (owned by this process), suggest its params and store its recipe record."""
+def ask_candidate(study: optuna.Study, stage: Stage, distributions: dict[str, FloatDistribution],
+                  race: RaceSpec | None = None) -> Candidate:
+    """Ask a trial (owned by this process), suggest its params and store its recipe record;
+    ``race``: how it is to be scored item by item."""
     trial = ask_owned(study)
     baseline = trial.user_attrs.get(ATTR_BASELINE)
     params: dict[str, float] = {}
@@ -237,20 +279,29 @@ def ask_candidate(study: optuna.Study, stage: Stage, distributions: dict[str, Fl
             trial.set_user_attr(key, value)
     except BaseException as e:
         if isinstance(e, Exception) and is_trial_error(e):
-            return Candidate(trial, params, baseline, None, error_line(e))
+            return Candidate(trial, params, baseline, None, error_line(e), race)
         # Ctrl-C, a problem of the config, a bug: not this candidate's fault, so it is not counted
         reason = "interrupted (Ctrl-C)" if isinstance(e, KeyboardInterrupt) else f"interrupted ({error_line(e)})"
         interrupt_trial(study, trial, reason)
         raise
-    return Candidate(trial, params, baseline, record)
+    return Candidate(trial, params, baseline, record, race=race)
 
 
-def evaluate(stage: Stage, fitness: Fitness, record: dict[str, Any]) -> Outcome:
-    """Build the record's model in the stage's workspace and score it (the worker's side).
-    Anything but a trial error or a config error (a bug) propagates."""
+def evaluate(stage: Stage, fitness: Fitness, record: dict[str, Any], race: RaceSpec | None = None) -> Outcome:
+    """Build the record's model in the stage's workspace and score it (the worker's side): item
+    by item, raced, when ``race`` is given and the fitness keeps items. Anything but a trial
+    error or a config error (a bug) propagates."""
     start = time.perf_counter()
     try:
         model, tokenizer = stage.load(record)
+        if race is not None and isinstance(fitness, ItemFitness):
+            result = fitness.race(model, tokenizer, race)
+            items = result.items.to_attr()
+            if result.stopped:
+                return Outcome(None, time.perf_counter() - start, items=items, rungs=tuple(result.rungs), pruned=True)
+            values = {k: float(v.mean()) for k, v in result.items.values.items()}
+            score = Score(values, result.items.fitness(fitness.weights), list(values.values()))
+            return Outcome(score, time.perf_counter() - start, items=items, rungs=tuple(result.rungs))
         score = fitness.score(model, tokenizer)
     except Exception as e:
         if is_trial_error(e):
@@ -276,13 +327,29 @@ def tell_outcome(study: optuna.Study, stage: Stage, cand: Candidate, outcome: Ou
         study.tell(trial, state=TrialState.FAIL)
         return make_report(study, trial.number, "FAIL", None, {}, outcome.seconds, summary, cand.baseline,
                            outcome.error, total)
+    trial.set_user_attr(ATTR_SECONDS, outcome.seconds)
+    if outcome.items is not None:
+        record_items(study, trial, outcome)
+    if outcome.pruned:  # its value: the last rung's estimate (Optuna stores it for a PRUNED trial)
+        study.tell(trial, state=TrialState.PRUNED)
+        return make_report(study, trial.number, "PRUNED", outcome.rungs[-1][1], {}, outcome.seconds, summary,
+                           cand.baseline, None, total)
     score = outcome.score
     assert score is not None
     trial.set_user_attr(ATTR_SCORES, score.values)
-    trial.set_user_attr(ATTR_SECONDS, outcome.seconds)
     study.tell(trial, score.objectives if multi else score.fitness)
     return make_report(study, trial.number, "COMPLETE", score.fitness, score.values, outcome.seconds, summary,
                        cand.baseline, None, total)
+
+
+def record_items(study: optuna.Study, trial: optuna.Trial, outcome: Outcome) -> None:
+    """The trial's per-item results (a system attr: packed, not for display), its item count
+    and, as intermediate values at steps = items seen, the estimate after each rung."""
+    assert outcome.items is not None
+    study._storage.set_trial_system_attr(trial._trial_id, ATTR_ITEMS, outcome.items)
+    trial.set_user_attr(ATTR_ITEM_COUNT, Items.from_attr(outcome.items).count)
+    for step, estimate in outcome.rungs:
+        trial.report(estimate, step)
 
 
 def interrupt_trial(study: optuna.Study, trial: optuna.Trial, reason: str) -> None:
@@ -294,12 +361,12 @@ def interrupt_trial(study: optuna.Study, trial: optuna.Trial, reason: str) -> No
 
 def run_one(job: StageJob, fitness: Fitness) -> TrialReport:
     """One trial in this process: ask, evaluate, tell."""
-    cand = ask_candidate(job.study, job.stage, job.distributions)
+    cand = ask_candidate(job.study, job.stage, job.distributions, job.race_spec())
     if cand.record is None:
         outcome = Outcome(None, 0.0, cand.error)
     else:
         try:
-            outcome = evaluate(job.stage, fitness, cand.record)
+            outcome = evaluate(job.stage, fitness, cand.record, cand.race)
         except BaseException as e:
             reason = "interrupted (Ctrl-C)" if isinstance(e, KeyboardInterrupt) else f"interrupted ({error_line(e)})"
             interrupt_trial(job.study, cand.trial, reason)

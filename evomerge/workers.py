@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from evomerge.config import SearchConfig
+from evomerge.elites import EliteScorer
 from evomerge.trials import Fitness, Stage, StageJob, StopFlag, TrialReport, open_evaluator, run_one
 
 
@@ -18,6 +19,10 @@ class Runner(Protocol):
     def __exit__(self, *exc: Any) -> None: ...
 
     def run(self, job: StageJob, stop: StopFlag) -> list[TrialReport]: ...
+
+    def score_elites(self, records: list[dict[str, Any]], seed: int, dev: list[bool]) -> list[dict[str, Any]]:
+        """Each record's model on every item (where ``dev``) and the held-out tasks (:mod:`evomerge.elites`)."""
+        ...
 
 
 def open_runner(config: SearchConfig, stage: Stage) -> Runner:
@@ -53,6 +58,7 @@ class InProcessRunner:
     def __init__(self, config: SearchConfig, stage: Stage):
         self.stage = stage
         self.fitness: Fitness = open_evaluator(config, stage)
+        self.elites = EliteScorer(config, self.fitness)
 
     def __enter__(self) -> "InProcessRunner":
         return self
@@ -65,3 +71,6 @@ class InProcessRunner:
         while job.budget_left() > 0 and not stop.requested:
             reports.append(job.report(run_one(job, self.fitness)))
         return reports
+
+    def score_elites(self, records: list[dict[str, Any]], seed: int, dev: list[bool]) -> list[dict[str, Any]]:
+        return [self.elites.score(self.stage, record, seed, d) for record, d in zip(records, dev)]

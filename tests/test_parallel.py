@@ -65,6 +65,8 @@ def slow_task(tiny_task, tmp_path_factory) -> Path:
 
 def parallel_config(tiny_models, tiny_task, tmp_path, **changes) -> dict:
     data = config_dict(tiny_models, tiny_task, tmp_path, layer_groups=1)
+    # these tests time whole trials (a killed, a hung, an interrupted one): no racing
+    data["fitness"]["racing"] = {"enabled": False}
     data.update({"workers": 2, **changes})
     return data
 
@@ -404,3 +406,21 @@ def test_ctrl_c_twice_interrupts_trials_in_flight_and_resume_finishes(tiny_model
     assert run.returncode == 0, run.stderr[-2000:]
     study = optuna.load_study(study_name="t", storage=data["storage"])
     assert counted(study) == 8 and len(study.trials) == 8 + len(interrupted)
+
+
+def test_racing_on_two_actors_records_rungs_items_and_elites(ray_runtime, tiny_models, slow_task, tmp_path):
+    from evomerge.racing import Items
+    from evomerge.study import ATTR_ITEM_COUNT, ATTR_ITEMS, best_trial, elites_of
+
+    data = parallel_config(tiny_models, slow_task, tmp_path, sampler={"name": "random"}, budget={"trials": 9})
+    data["fitness"]["racing"] = {"enabled": True}
+    data["fitness"]["elites"] = 2
+    run_search(SearchConfig.from_dict(data))
+    study = optuna.load_study(study_name="t", storage=data["storage"])
+    assert counted(study) == 9 and len({t.user_attrs[ATTR_WORKER] for t in study.trials}) == 2
+    for t in study.trials:
+        items = Items.from_attr(t.system_attrs[ATTR_ITEMS])
+        assert t.state in (TrialState.COMPLETE, TrialState.PRUNED) and items.complete == (t.state == TrialState.COMPLETE)
+        assert t.user_attrs[ATTR_ITEM_COUNT] == items.count == max(t.intermediate_values) and t.value is not None
+        assert t.intermediate_values[max(t.intermediate_values)] == t.value
+    assert len(elites_of(study)) == 2 and best_trial(study).number in elites_of(study)

@@ -627,8 +627,8 @@ def test_ctrl_c_exits_130_after_recording_the_trials_in_flight(tiny_models, tiny
     path = write_config(tmp_path / "c.yml", data)
     real = evomerge.trials.evaluate
 
-    def evaluate_then_ctrl_c(stage, fitness, record):  # Ctrl-C arrives while trial 1 is evaluated
-        outcome = real(stage, fitness, record)
+    def evaluate_then_ctrl_c(stage, fitness, record, race=None):  # Ctrl-C arrives while trial 1 is evaluated
+        outcome = real(stage, fitness, record, race)
         if record[ATTR_RECIPE]["models"][0]["model"].endswith("/b"):
             os.kill(os.getpid(), signal.SIGINT)
         return outcome
