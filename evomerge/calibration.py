@@ -20,7 +20,6 @@ tokenized.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import random
 import re
@@ -30,6 +29,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from evomerge.errors import ConfigError
+from evomerge.files import read_jsonl_texts
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def load_texts(cal: Calibration) -> list[str]:
     if path.suffix == ".txt":
         texts = [line.strip() for line in _read(path).splitlines() if line.strip()]
     elif path.suffix == ".jsonl":
-        texts = _jsonl(path, cal.field)
+        texts = read_jsonl_texts(path, cal.field, "calibration.data")
     elif path.suffix in (".yaml", ".yml"):
         match = re.search(r"^task:\s*['\"]?([\w.-]+)", _read(path), flags=re.M)
         if match is None:
@@ -102,22 +102,6 @@ def _read(path: Path) -> str:
         return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"calibration.data: cannot read {path} ({type(e).__name__}: {e})") from None
-
-
-def _jsonl(path: Path, field: str) -> list[str]:
-    texts = []
-    for k, line in enumerate(_read(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"calibration.data: {path}, line {k}: not JSON ({e.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get(field), str):
-            raise ConfigError(f"calibration.data: {path}, line {k}: expected an object with a string {field!r} "
-                              "(set calibration.field to the key holding the text)")
-        texts.append(row[field])
-    return texts
 
 
 def _task_texts(name: str, include_path: str | None, split: str | None) -> list[str]:

@@ -100,6 +100,18 @@ def _resolve_ref(ref: str | Path, revision: str | None) -> Path:
         ) from exc
 
 
+def read_config(path: Path) -> dict[str, Any]:
+    """A model folder's config.json as a dict (one CheckpointError line if it is not one)."""
+    config_path = path / "config.json"
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{config_path}: unreadable JSON ({exc})") from exc
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_path}: expected a JSON object")
+    return config
+
+
 class Checkpoint:
     """A Hugging Face model folder opened lazily (safetensors only).
 
@@ -123,16 +135,11 @@ class Checkpoint:
     def open(cls, ref: str | Path, *, revision: str | None = None) -> Checkpoint:
         """Open a local model folder or a Hub id ``org/name`` (downloaded with its tokenizer)."""
         path = _resolve_ref(ref, revision)
-        config_path = path / "config.json"
-        if not config_path.is_file():
+        if not (path / "config.json").is_file():
             hint = gguf_hint(path)
             raise CheckpointError(f"{path}: no config.json in the model folder" + (f"; {hint}" if hint else ""))
-        try:
-            config = json.loads(config_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"{config_path}: unreadable JSON ({exc})") from exc
-        if not isinstance(config, dict):
-            raise CheckpointError(f"{config_path}: expected a JSON object")
+        config = read_config(path)
+        config_path = path / "config.json"
         arch = architecture_for(config, source=str(config_path), tensor_names=lambda: list(cls._weight_map_of(path)))
         arch = arch.for_config(config, source=str(config_path))
         ckpt = cls(str(ref), path, config, arch, cls._weight_map_of(path))

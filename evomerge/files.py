@@ -3,6 +3,7 @@ one-line errors for folders that cannot be written."""
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -91,3 +92,27 @@ def resolve_ref(ref: str, root: Path) -> str:
     if local.exists() or ref.startswith((".", "/")) or ref.count("/") != 1:
         return str(local)
     return ref
+
+
+def read_jsonl_texts(path: Path, field: str, where: str, *, bare_strings: bool = False) -> list[str]:
+    """The string ``field`` of every non-blank line of a JSONL file (a line may also be a bare JSON
+    string with ``bare_strings``); one ConfigError line naming ``where``, the file and the line."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{where}: cannot read {path} ({type(e).__name__}: {e})") from None
+    texts = []
+    for k, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{where}: {path}, line {k}: not JSON ({e.msg})") from None
+        if bare_strings and isinstance(row, str):
+            texts.append(row)
+        elif isinstance(row, dict) and isinstance(row.get(field), str):
+            texts.append(row[field])
+        else:
+            raise ConfigError(f"{where}: {path}, line {k}: expected an object with a string {field!r}")
+    return texts

@@ -10,13 +10,13 @@ same prompts on every machine and Python version.
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from evomerge.config import PromptSource
 from evomerge.errors import ConfigError
 from evomerge.evaluate import load_tasks
+from evomerge.files import read_jsonl_texts
 
 if TYPE_CHECKING:
     from lm_eval.api.task import Task
@@ -58,22 +58,7 @@ def _jsonl_prompts(src: PromptSource, root: Path, where: str) -> list[str]:
     path = path if path.is_absolute() else Path(root) / path
     if not path.is_file():
         raise ConfigError(f"{where}.jsonl: {path} not found")
-    out = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{where}.jsonl: {path} line {n} is not JSON ({e.msg})") from None
-            if isinstance(row, str):
-                out.append(row)
-                continue
-            if not isinstance(row, dict) or not isinstance(row.get(src.field), str):
-                raise ConfigError(f"{where}.field: {path} line {n} has no string {src.field!r}")
-            out.append(row[src.field])
-    return out
+    return read_jsonl_texts(path, src.field, f"{where}.jsonl", bare_strings=True)
 
 
 def _task_docs(src: PromptSource, root: Path, where: str) -> tuple[Task, Sequence[dict[str, Any]]]:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from evomerge.architectures import Architecture, architecture_for
-from evomerge.checkpoint import Checkpoint
+from evomerge.checkpoint import Checkpoint, read_config
 from evomerge.errors import CheckpointError, ConfigError
 
 __all__ = ["ALLOW_PICKLE_ENV", "ModelRef", "TensorDictCheckpoint", "open_model", "parse_reference"]
@@ -139,17 +139,6 @@ def _pickle_only(path: Path) -> bool:
     return not any(path.glob("*.safetensors")) and bool(_pickle_files(path))
 
 
-def _read_config(path: Path) -> dict:
-    config_path = path / "config.json"
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{config_path}: unreadable JSON ({exc})") from exc
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{config_path}: expected a JSON object")
-    return config
-
-
 def _open_pickle(text: str, path: Path) -> TensorDictCheckpoint:
     index = path / "pytorch_model.bin.index.json"
     if index.is_file():
@@ -171,7 +160,7 @@ def _open_pickle(text: str, path: Path) -> TensorDictCheckpoint:
             raise CheckpointError(f"{file}: expected a mapping of tensor names to tensors")
         tensors.update(state)
     log.warning("%s: reading PyTorch pickle weights (%s=1)", path, ALLOW_PICKLE_ENV)
-    config = _read_config(path)
+    config = read_config(path)
     source = str(path / "config.json")
     arch = architecture_for(config, source=source, tensor_names=lambda: list(tensors)).for_config(config, source=source)
     return TensorDictCheckpoint(text, path, config, arch, tensors)
