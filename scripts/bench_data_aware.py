@@ -109,7 +109,8 @@ def main() -> None:
         row(method, "default", folder, stats_s, merge_s)
     if args.trials:
         from evomerge.export import export_recipe
-        from evomerge.search import load_existing_study, run_search
+        from evomerge.search import run_search
+        from evomerge.study import load_existing_study
 
         for method in methods:
             cfg = demo_config(world, models, study=f"bench_{method}",

@@ -26,7 +26,9 @@ from evomerge.demo.world import build_world
 from evomerge.moe import save_moe, write_moe
 from evomerge.moe_config import MoEConfig
 from evomerge.moe_stage import ATTR_MOE, MoeStage
-from evomerge.search import best_trial, load_existing_study, moe_candidates, run_search
+from evomerge.search import run_search
+from evomerge.stages import moe_candidates
+from evomerge.study import best_trial, load_existing_study
 
 TASKS = ("demo_target", "demo_compose")
 

@@ -304,7 +304,8 @@ def tiny_task_dir(tmp_path) -> Path:
 def test_short_search_over_regmean_and_fisher_knobs(tiny_models, tiny_task_dir, tmp_path):
     from evomerge.config import SearchConfig
     from evomerge.export import export_recipe
-    from evomerge.search import load_existing_study, run_search
+    from evomerge.search import run_search
+    from evomerge.study import load_existing_study
 
     cfg = SearchConfig.from_dict({
         "study": "da", "storage": f"sqlite:///{tmp_path / 'da.db'}", "seed": 0,
