@@ -59,8 +59,9 @@ def task_of(tiny_task: Path, root: Path, questions: int) -> Path:
 
 @pytest.fixture(scope="module")
 def slow_task(tiny_task, tmp_path_factory) -> Path:
-    """120 questions: a trial takes 0.3 to 1 s, long enough to be caught running."""
-    return task_of(tiny_task, tmp_path_factory.mktemp("slow_task"), 120)
+    """360 questions: a trial takes 1 to 3 s on 2 cores, long enough to be caught running (at 120,
+    an idle machine finished the trials after a kill before the second saboteur caught one)."""
+    return task_of(tiny_task, tmp_path_factory.mktemp("slow_task"), 360)
 
 
 def parallel_config(tiny_models, tiny_task, tmp_path, **changes) -> dict:

@@ -583,15 +583,21 @@ def _race_driver(url: str, barrier, results) -> None:
 
 def start_drivers_at_once(url: str, n: int = 4) -> list[str]:
     """``n`` processes released together by a barrier on a new database; each one's outcome."""
-    ctx = multiprocessing.get_context("fork")
+    # spawn, not fork: a child forked while another thread of this process (Ray's, SQLAlchemy's pool)
+    # holds a lock can hang before it reaches the barrier (seen: a child stuck in SQLAlchemy's
+    # registry, its peer's transaction left open, the schema's DROP waiting forever)
+    ctx = multiprocessing.get_context("spawn")
     barrier, results = ctx.Barrier(n), ctx.Queue()
     procs = [ctx.Process(target=_race_driver, args=(url, barrier, results)) for _ in range(n)]
-    for p in procs:
-        p.start()
-    outcomes = [results.get(timeout=120) for _ in procs]
-    for p in procs:
-        p.join(timeout=60)
-    return outcomes
+    try:
+        for p in procs:
+            p.start()
+        return [results.get(timeout=180) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
 
 
 def test_drivers_starting_at_once_on_a_new_sqlite_file_share_its_schema(tmp_path):
