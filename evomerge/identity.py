@@ -55,7 +55,8 @@ def local_ref(ref: str, root: Path) -> str:
 
 
 def map_refs(recipe: dict[str, Any], fn: Callable[[str], str]) -> dict[str, Any]:
-    """A copy of a recipe dict (``Recipe.to_dict()``) with every model reference passed through ``fn``."""
+    """A copy of a recipe dict (``Recipe.to_dict()``) with every model reference, and the paths of
+    its ``calibration`` block, passed through ``fn``."""
     out = dict(recipe)
     if out.get("base_model"):
         out["base_model"] = fn(out["base_model"])
@@ -87,6 +88,9 @@ def map_refs(recipe: dict[str, Any], fn: Callable[[str], str]) -> dict[str, Any]
         if block.get("tokens"):
             block["tokens"] = tokens
         out["tokenizer"] = block
+    cal = out.get("calibration")
+    if isinstance(cal, dict):  # a data-aware method's calibration file and task folder are local paths too
+        out["calibration"] = {**cal, **{k: fn(cal[k]) for k in ("data", "include_path") if isinstance(cal.get(k), str)}}
     return out
 
 

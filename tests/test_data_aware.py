@@ -341,3 +341,21 @@ def test_statistics_estimate_for_a_7b_model():
     assert seconds > 0 and "estimate" in lines[0] and "regmean per trial" in lines[1]
     peak_f, _, lines_f = statistics_estimate("fisher", facts, 2, 64, 256, "cuda")
     assert peak_f > 2 * facts.params * 4 and "fisher" in lines_f[0]
+
+
+def test_calibration_paths_in_a_stored_recipe_move_with_the_project(tmp_path):
+    """A study stores recipes with portable paths: the calibration file inside the project is written
+    relative to it, and found again after the project moved."""
+    from evomerge.identity import local_ref, map_refs, portable_ref
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    (old / "data").mkdir(parents=True)
+    (old / "data" / "cal.txt").write_text("one two\n")
+    recipe = {"merge_method": "regmean", "models": [{"model": "/elsewhere/a"}],
+              "calibration": {"data": str(old / "data" / "cal.txt"), "n": 4}}
+    stored = map_refs(recipe, lambda ref: portable_ref(ref, old))
+    assert stored["calibration"] == {"data": "data/cal.txt", "n": 4}
+    assert stored["models"] == [{"model": "/elsewhere/a"}]
+    old.rename(new)
+    again = map_refs(stored, lambda ref: local_ref(ref, new))
+    assert again["calibration"]["data"] == str((new / "data" / "cal.txt").resolve())
