@@ -195,8 +195,10 @@ class RayRunner:
                         log.info("worker %s started", worker.name)
                         idle.append(worker)
                         continue
-                    flight = flights.pop(ref)
-                    reports.append(job.report(self._finish(job, ref, flight, stop)))
+                    flight = flights[ref]  # in flight until told: a second Ctrl-C during the tell interrupts it
+                    report = self._finish(job, ref, flight, stop)
+                    del flights[ref]
+                    reports.append(job.report(report))
                     if flight.worker.actor is None:  # died: replaced
                         starting[self._restart(flight.worker)] = flight.worker
                     elif not stop.requested:

@@ -353,7 +353,10 @@ def record_items(study: optuna.Study, trial: optuna.Trial, outcome: Outcome) -> 
 
 
 def interrupt_trial(study: optuna.Study, trial: optuna.Trial, reason: str) -> None:
-    """Fail a trial as interrupted: it does not count and its candidate is evaluated again."""
+    """Fail a trial as interrupted: it does not count and its candidate is evaluated again. A trial
+    already told (a second Ctrl-C that landed just after its tell) is left as it is."""
+    if study._storage.get_trial(trial._trial_id).state.is_finished():
+        return
     trial.set_user_attr(ATTR_INTERRUPTED, True)
     trial.set_user_attr(ATTR_ERROR, reason)
     study.tell(trial, state=TrialState.FAIL)
@@ -368,10 +371,17 @@ def run_one(job: StageJob, fitness: Fitness) -> TrialReport:
         try:
             outcome = evaluate(job.stage, fitness, cand.record, cand.race)
         except BaseException as e:
-            reason = "interrupted (Ctrl-C)" if isinstance(e, KeyboardInterrupt) else f"interrupted ({error_line(e)})"
-            interrupt_trial(job.study, cand.trial, reason)
+            interrupt_trial(job.study, cand.trial, _interruption(e))
             raise
-    return tell_outcome(job.study, job.stage, cand, outcome, job.multi, job.total)
+    try:
+        return tell_outcome(job.study, job.stage, cand, outcome, job.multi, job.total)
+    except BaseException as e:  # a second Ctrl-C in the middle of the tell: never left RUNNING
+        interrupt_trial(job.study, cand.trial, _interruption(e))
+        raise
+
+
+def _interruption(e: BaseException) -> str:
+    return "interrupted (Ctrl-C)" if isinstance(e, KeyboardInterrupt) else f"interrupted ({error_line(e)})"
 
 
 def make_report(study: optuna.Study, number: int, state: str, fitness: float | None, values: dict[str, float],
