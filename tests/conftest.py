@@ -28,6 +28,17 @@ CHARS = " abcdefghijklmnopqrstuvwxyz0123456789.,!?'-:;()\"ABCDEFGHIJKLMNOPQRSTUV
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
 
 
+def one_line_error(result, *needles: str) -> str:
+    """A CliRunner result that failed with exactly one ``error:`` line (holding every needle), no traceback."""
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert result.exit_code == 1, result.output
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.output
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
 @pytest.fixture(autouse=True)
 def _lm_eval_quiet_again():
     """`evomerge -v` turns lm-eval's logs and bars on for the process (LMEVAL_LOG_LEVEL): a test that

@@ -14,6 +14,7 @@ import optuna
 import pytest
 from click.testing import CliRunner
 
+from conftest import one_line_error
 from evomerge.cli import main
 from evomerge.study import ATTR_OWNER, ATTR_RECIPE, ATTR_ROOT, ATTR_SCORES
 
@@ -31,15 +32,6 @@ def _study(tmp: Path, m: dict) -> str:
     return url
 
 
-def _one_line_error(result, *needles: str) -> None:
-    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
-    assert result.exit_code == 1, result.output
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.output
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-
-
 @pytest.fixture
 def blocker(tmp_path) -> Path:
     """A plain file: any folder under it cannot be created (whoever runs the test, root included)."""
@@ -51,11 +43,11 @@ def blocker(tmp_path) -> Path:
 def test_unwritable_outputs_get_one_line(tiny_models, tmp_path, blocker):
     url = _study(tmp_path, tiny_models)
     study = ["--study", "s", "--storage", url]
-    _one_line_error(CliRunner().invoke(main, ["export", *study, "-o", str(blocker / "best.yml")]),
+    one_line_error(CliRunner().invoke(main, ["export", *study, "-o", str(blocker / "best.yml")]),
                     str(blocker / "best.yml"), "cannot write")
-    _one_line_error(CliRunner().invoke(main, ["export", *study, "-o", str(tmp_path / "best.yml"),
+    one_line_error(CliRunner().invoke(main, ["export", *study, "-o", str(tmp_path / "best.yml"),
                                               "--merge", str(blocker / "merged")]), "cannot write")
-    _one_line_error(CliRunner().invoke(main, ["report", *study, "-o", str(blocker / "report")]), "cannot write")
+    one_line_error(CliRunner().invoke(main, ["report", *study, "-o", str(blocker / "report")]), "cannot write")
     from evomerge.errors import ConfigError
     from evomerge.study import storage_for
 
@@ -69,7 +61,7 @@ def test_export_merge_overwrite(tiny_models, tmp_path):
     merged.mkdir()
     (merged / "old.txt").write_text("old")
     args = ["export", "--study", "s", "--storage", url, "-o", str(tmp_path / "best.yml"), "--merge", str(merged)]
-    _one_line_error(CliRunner().invoke(main, args), "--overwrite replaces it")
+    one_line_error(CliRunner().invoke(main, args), "--overwrite replaces it")
     result = CliRunner().invoke(main, [*args, "--overwrite"])
     assert result.exit_code == 0, result.output
     assert (merged / "mergekit_config.yml").exists() and not (merged / "old.txt").exists()

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from conftest import load_state
+from conftest import load_state, one_line_error
 from evomerge.checkpoint import TOKENIZER_FILES, clean_stale_temps
 from evomerge.cli import main
 from evomerge.cli_mergekit import parse_size
@@ -34,16 +34,6 @@ def _recipe(tmp: Path, m: dict) -> Path:
         dtype: float32
         """))
     return path
-
-
-def _one_line_error(result, *needles: str) -> str:
-    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
-    assert result.exit_code == 1, result.output
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.output
-    for needle in needles:
-        assert needle in lines[0]
-    return lines[0]
 
 
 def test_every_mergekit_yaml_option_is_accepted():
@@ -118,7 +108,7 @@ def test_model_card_front_matter_and_options(tiny_models, tmp_path):
 def test_refused_options_get_one_line(tiny_models, tmp_path, args, needle):
     out = tmp_path / "out"
     result = CliRunner().invoke(main, ["merge", str(_recipe(tmp_path, tiny_models)), str(out), *args])
-    _one_line_error(result, needle)
+    one_line_error(result, needle)
     assert not out.exists()
 
 
@@ -126,7 +116,7 @@ def test_unwritable_output_gets_one_line(tiny_models, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
     result = CliRunner().invoke(main, ["merge", str(_recipe(tmp_path, tiny_models)), str(blocker / "out")])
-    _one_line_error(result, str(blocker / "out"), "cannot write")
+    one_line_error(result, str(blocker / "out"), "cannot write")
 
 
 def test_weights_respect_the_umask(tiny_models, tmp_path):

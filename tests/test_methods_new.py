@@ -38,28 +38,16 @@ from evomerge.methods.ram import (
     ramplus_tl,
 )
 from evomerge.methods.sphere import gram64
+from test_methods import RTOL, assert_matches, gen, make, np64  # the shared float64-reference helpers
 
 F64, F32 = torch.float64, torch.float32
 DTYPES = [F64, F32]
-RTOL = {F64: 1e-12, F32: 2e-5}
 SHAPES = [(6, 10), (12,), (2, 3, 8)]
 SHAPE_IDS = ["2d", "1d", "3d"]
 ULP32 = torch.finfo(F32).eps
 
 
 # =========================================================================== helpers
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def make(shape, n: int, seed: int, dtype=F64, scale: float = 1.0):
-    """A base and ``n`` models ``base + scale * noise``, drawn in float64, then cast."""
-    g = gen(seed)
-    base = torch.randn(shape, generator=g, dtype=F64)
-    xs = [base + scale * torch.randn(shape, generator=g, dtype=F64) for _ in range(n)]
-    return base.to(dtype), [x.to(dtype) for x in xs]
-
-
 def make_sparse(shape, n: int, seed: int, dtype=F64, keep: float = 0.4):
     """A base and ``n`` models whose task vectors are zero outside a random ``keep`` fraction."""
     g = gen(seed)
@@ -67,19 +55,6 @@ def make_sparse(shape, n: int, seed: int, dtype=F64, keep: float = 0.4):
     xs = [base + torch.randn(shape, generator=g, dtype=F64) * (torch.rand(shape, generator=g, dtype=F64) < keep)
           for _ in range(n)]
     return base.to(dtype), [x.to(dtype) for x in xs]
-
-
-def np64(t: torch.Tensor) -> np.ndarray:
-    return t.detach().to(F64).numpy().copy()
-
-
-def assert_matches(actual: torch.Tensor, expected: np.ndarray, dtype: torch.dtype, rtol: float | None = None):
-    """``actual`` has ``dtype`` and the reference's shape and values (relative to its scale)."""
-    assert actual.dtype == dtype
-    assert tuple(actual.shape) == expected.shape
-    rtol = RTOL[dtype] if rtol is None else rtol
-    scale = float(np.abs(expected).max()) if expected.size else 0.0
-    np.testing.assert_allclose(np64(actual), expected, rtol=rtol, atol=rtol * max(scale, 1e-30))
 
 
 # =========================================================================== references
