@@ -26,6 +26,7 @@ from optuna.trial import TrialState
 from evomerge.config import Fitness, FitnessTask
 from evomerge.demo.pipeline import demo_config
 from evomerge.demo.world import build_world
+from evomerge.errors import ConfigError
 from evomerge.evaluate import LmEvalFitness
 from evomerge.racing import Items, decide, rung_sizes
 from evomerge.search import run_search
@@ -59,6 +60,16 @@ def run(cfg, trials: int, items: int | None = None) -> tuple[optuna.Study, float
     t0 = time.perf_counter()
     result = run_search(cfg, trials=trials, fresh=True)
     return load_existing_study(result.study_name, cfg.storage_url), time.perf_counter() - t0
+
+
+def reuse(cfg, trials: int) -> tuple[optuna.Study | None, float]:
+    """The full-evaluation study of an earlier run of this script, if it has exactly ``trials`` trials."""
+    try:
+        study = load_existing_study(cfg.stage_study("ps"), cfg.storage_url)
+    except ConfigError:  # no such study yet
+        return None, 0.0
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return (study, float("nan")) if len(done) == trials == len(study.trials) else (None, 0.0)
 
 
 def trajectory(study: optuna.Study) -> list[tuple[int, optuna.trial.FrozenTrial]]:
@@ -101,6 +112,10 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--trials", type=int, default=40, help="trials of the full-evaluation run (baselines included)")
     ap.add_argument("--world-seed", type=int, default=0)
+    ap.add_argument("--confidence", type=float, default=None, help="racing.confidence (default: the config's)")
+    ap.add_argument("--rungs", type=float, nargs="+", default=None, help="racing.rungs (default: the config's)")
+    ap.add_argument("--reuse-full", action="store_true",
+                    help="reuse a full-evaluation study already in --out with the same seed and trial count")
     a = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -109,17 +124,21 @@ def main() -> None:
     storage = f"sqlite:///{(a.out / 'runs' / 'bench_racing.db').resolve()}"
     base = demo_config(a.out, models, storage=storage)
     heldout = HeldOut(base, a.out)
-    racing = base.fitness.racing
+    settings = {k: v for k, v in (("confidence", a.confidence), ("rungs", a.rungs)) if v is not None}
+    racing = base.fitness.racing.model_copy(update=settings)
+    tag = "-".join(f"{k}{v}" for k, v in sorted(settings.items())).replace(" ", "") if settings else "default"
     rows, stops = [], [0, 0, 0]
     for seed in a.seeds:
         full_cfg = demo_config(a.out, models, storage=storage, seed=seed, study=f"full-{seed}",
                                fitness={**base.fitness.model_dump(), "racing": {"enabled": False}, "elites": 0})
-        full, full_s = run(full_cfg, a.trials)
+        full, full_s = reuse(full_cfg, a.trials) if a.reuse_full else (None, 0.0)
+        if full is None:
+            full, full_s = run(full_cfg, a.trials)
         full_items = trajectory(full)[-1][0]
         full_best = best_trial(full)
         full_test = heldout(full_best)
-        race_cfg = demo_config(a.out, models, storage=storage, seed=seed, study=f"racing-{seed}",
-                               fitness={**base.fitness.model_dump(), "elites": 0},
+        race_cfg = demo_config(a.out, models, storage=storage, seed=seed, study=f"racing-{tag}-{seed}",
+                               fitness={**base.fitness.model_dump(), "racing": racing.model_dump(), "elites": 0},
                                budget={"trials": 100 * a.trials, "items": full_items})
         raced, race_s = run(race_cfg, 100 * a.trials)
         path = trajectory(raced)
@@ -147,6 +166,7 @@ def main() -> None:
     mean_full = sum(r["full_test"] for r in rows) / n
     mean_race = sum(r["race_test"] for r in rows) / n
     print(f"\nmean held-out: full {mean_full:.3f}, racing {mean_race:.3f} (equal item budget)")
+    print(f"racing: rungs {racing.rungs}, confidence {racing.confidence}")
     print(f"bound replayed on the full runs: {stops[0]} of {stops[2]} candidates stopped, {stops[1]} of them "
           f"would have beaten the incumbent on all items (confidence {racing.confidence})")
     print(f"held-out models scored: {heldout.evaluated}; wall {time.perf_counter() - start:.0f} s")
