@@ -198,11 +198,17 @@ class FitnessTask(_Strict):
 class Racing(_Strict):
     """Racing (see :mod:`evomerge.racing`): a candidate is scored on growing prefixes of the
     study's item order (the rungs) and stops once a paired bound says it cannot beat the
-    incumbent. Scores of completed trials are unchanged (they saw every item)."""
+    reference: the incumbent, or (``against: generation``, CMA-ES only) the best fully scored
+    trial of its own generation so far. Scores of completed trials are unchanged (they saw every
+    item)."""
 
     enabled: bool | None = None  # None: on for a single-objective lm_eval fitness (see Fitness.races)
     rungs: list[float] = Field(default_factory=lambda: [0.125, 0.25, 0.5])  # fractions of the items before all of them
     confidence: float = Field(0.95, gt=0.5, lt=1)  # 1 - the chance of stopping a candidate that would have won
+    # the reference a candidate must be able to beat: the study's best trial, or the best of its
+    # CMA-ES generation so far (the incumbent while the generation has none); CMA-ES ranks within
+    # a generation only, so a candidate that cannot reach its generation's top matters little
+    against: Literal["incumbent", "generation"] = "incumbent"
 
     @field_validator("rungs")
     @classmethod
@@ -467,6 +473,15 @@ class SearchConfig(_Strict, YamlConfig):
         if self.fitness.kind == "consistency" and "dfs" in self.stages:
             raise ValueError("stages: the consistency fitness scores merge recipes (stage ps); "
                              "the dfs stage needs lm_eval tasks")
+        if self.fitness.racing.against == "generation":
+            samplers = {"ps": ("sampler", self.sampler), "dfs": ("dfs.sampler", self.dfs.sampler),
+                        "moe": ("moe.sampler", self.moe.sampler)}
+            for stage in self.stages:
+                key, sampler = samplers[stage]
+                if sampler.name != "cmaes":
+                    raise ValueError(f"fitness.racing.against: generation races against the top of a CMA-ES "
+                                     f"generation, but {key}.name is {sampler.name}; use against: incumbent "
+                                     f"or {key}.name: cmaes")
         return self
 
     # ----------------------------------------------------------------- derived

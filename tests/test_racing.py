@@ -334,3 +334,99 @@ def test_elites_that_saw_every_item_need_the_model_only_for_held_out_tasks(tiny_
     assert calls == [([{ATTR_RECIPE: {"fit": 0.5}}], 3, [False])]
     assert elites_of(study)[0]["heldout_fitness"] == 0.5 and elites_of(study)[0]["items"] == 48
     assert best_trial(study).number == 1
+
+
+# --------------------------------------------------------------------------- the reference
+def _generation_study(incumbent: np.ndarray, generation_best: np.ndarray):
+    """CMA-ES (popsize 2): generation 0 = the incumbent and an all-wrong trial, generation 1 = the
+    generation's best so far and the candidate, asked (RUNNING). Items on the study's order."""
+    from optuna.distributions import FloatDistribution
+
+    from evomerge.samplers import ATTR_GENERATION, PyCmaSampler
+
+    space = {"x": FloatDistribution(0, 1)}
+    study = optuna.create_study(sampler=PyCmaSampler(space, seed=0, popsize=2), direction="maximize")
+    study.set_user_attr(ATTR_ITEM_SEED, 0)
+    order = item_order(0, "t", N)
+    for values in (incumbent, np.zeros(N), generation_best):
+        t = study.ask(space)
+        study._storage.set_trial_system_attr(t._trial_id, ATTR_ITEMS, _items(values).to_attr())
+        study.tell(t, float(values.mean()))
+    candidate = study.ask(space)
+    generations = [t.system_attrs[ATTR_GENERATION] for t in study.trials]
+    assert generations == [0, 0, 1, 1]
+    # the stored items are in the study's order: item i of the order is values[i]
+    return study, candidate, order
+
+
+def _race_as(study, candidate, truth, order, against):
+    from evomerge.config import Racing
+    from evomerge.trials import StageJob
+
+    job = StageJob(study, None, {}, False, 10, racing=Racing(against=against), races=True)
+    spec = job.race_spec(candidate)
+    result = race(lambda wanted: {"t": truth[np.argsort(order)][wanted["t"]]}, {"t": order}, {"t": "t"},
+                  {"t": 1.0}, spec)
+    return spec.reference_number, result
+
+
+def test_racing_against_the_generation_stops_a_candidate_the_incumbent_would_not_and_vice_versa():
+    alternate = np.arange(N) % 2.0  # wins every other item: 0.5
+    # the incumbent (1.0) beats the candidate on 7 of its first 14 items; its generation's best is
+    # the candidate's equal, item by item
+    study, cand, order = _generation_study(np.ones(N), alternate)
+    ref, result = _race_as(study, cand, alternate, order, "incumbent")
+    assert ref == 0 and result.stopped and [n for n, _ in result.rungs] == [14]
+    ref, result = _race_as(study, cand, alternate, order, "generation")
+    assert ref == 2 and not result.stopped and result.items.complete and result.rungs[-1] == (N, 0.5)
+
+    # the incumbent (0.875) wins only after the first 14 items, the generation's best (0.125) only on
+    # them: the candidate (0 on the first 14, then 1) ties the incumbent item by item, loses 14 of
+    # 14 to its generation's best
+    late, early = np.r_[np.zeros(14), np.ones(N - 14)], np.r_[np.ones(14), np.zeros(N - 14)]
+    study, cand, order = _generation_study(late, early)
+    ref, result = _race_as(study, cand, late, order, "incumbent")
+    assert ref == 0 and not result.stopped and result.rungs[-1] == (N, 0.875)
+    ref, result = _race_as(study, cand, late, order, "generation")
+    assert ref == 2 and result.stopped and result.rungs == [(14, pytest.approx(0.125 - 1.0))]
+
+
+def test_a_generation_without_a_fully_scored_trial_races_against_the_incumbent():
+    from optuna.distributions import FloatDistribution
+
+    from evomerge.config import Racing
+    from evomerge.samplers import ATTR_EXTRA, PyCmaSampler
+    from evomerge.trials import StageJob
+
+    space = {"x": FloatDistribution(0, 1)}
+    study = optuna.create_study(sampler=PyCmaSampler(space, seed=0, popsize=2), direction="maximize")
+    for value in (1.0, 0.0):  # generation 0
+        t = study.ask(space)
+        study._storage.set_trial_system_attr(t._trial_id, ATTR_ITEMS, _items(np.full(N, value)).to_attr())
+        study.tell(t, value)
+    pruned = study.ask(space)  # generation 1: stopped early, so no reference
+    study._storage.set_trial_system_attr(pruned._trial_id, ATTR_ITEMS, _items(np.ones(14)).to_attr())
+    pruned.report(0.9, 14)
+    study.tell(pruned, state=optuna.trial.TrialState.PRUNED)
+    cand = study.ask(space)
+    extra = study.ask(space)  # every index of generation 1 is held: an extra candidate, never told
+    study._storage.set_trial_system_attr(extra._trial_id, ATTR_ITEMS, _items(np.full(N, 0.5)).to_attr())
+    study.tell(extra, 0.5)
+    assert study.trials[-1].system_attrs[ATTR_EXTRA] == 0
+    job = StageJob(study, None, {}, False, 10, racing=Racing(against="generation"), races=True)
+    assert job.race_spec(cand).reference_number == 0  # the incumbent
+    assert job.race_spec(None).reference_number == 0
+
+
+@pytest.mark.parametrize("change, key", [
+    ({"sampler": {"name": "tpe"}}, "sampler"),
+    ({"stages": ["ps", "dfs"], "dfs": {"sampler": {"name": "random"}}}, "dfs.sampler"),
+])
+def test_racing_against_the_generation_needs_cma_es_everywhere(tiny_models, race_task, tmp_path, change, key):
+    cfg = _config(tiny_models, race_task, tmp_path, racing={"against": "generation"})
+    assert cfg.fitness.racing.against == "generation"
+    name = change.get("sampler", change.get("dfs", {}).get("sampler", {})).get("name")
+    with pytest.raises(ConfigError, match=rf"^config: fitness.racing.against: generation races against the top of a "
+                                          rf"CMA-ES generation, but {key}.name is {name}; use against: incumbent or "
+                                          rf"{key}.name: cmaes$"):
+        SearchConfig.from_dict(cfg.model_dump(mode="json") | change)
