@@ -272,6 +272,9 @@ def test_racing_search_resumes_after_a_trial_interrupted_between_rungs(tiny_mode
       "racing": {"enabled": True}}, "fitness.racing: races one objective"),
     ({"racing": {"rungs": [0.5, 0.25]}}, "fitness.racing.rungs: .*increasing fractions"),
     ({"racing": {"confidence": 1.0}}, "fitness.racing.confidence"),
+    ({"elite_fewshot_seed": 7}, r"^config: fitness.elite_fewshot_seed: reseeds the few-shot examples, so it needs "
+                                r"num_fewshot > 0 \(got num_fewshot: None\)$"),
+    ({"elite_fewshot_seed": 7, "num_fewshot": 0}, r"fitness.elite_fewshot_seed: .*\(got num_fewshot: 0\)$"),
 ])
 def test_bad_racing_settings_get_one_line(tiny_models, race_task, tmp_path, fitness, message):
     with pytest.raises(ConfigError, match=message):
@@ -430,3 +433,71 @@ def test_racing_against_the_generation_needs_cma_es_everywhere(tiny_models, race
                                           rf"CMA-ES generation, but {key}.name is {name}; use against: incumbent or "
                                           rf"{key}.name: cmaes$"):
         SearchConfig.from_dict(cfg.model_dump(mode="json") | change)
+
+
+# --------------------------------------------------------------------------- a second few-shot seed
+def test_elites_with_a_second_few_shot_seed_are_ranked_by_the_mean_of_both(tiny_models, race_task, tmp_path):
+    from evomerge.elites import run_elites
+    from evomerge.study import ATTR_RECIPE, elite_line
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'e.db'}", direction="maximize")
+    first = np.r_[np.ones(30), np.zeros(18)]  # 30 of 48 with the search's few-shot draw
+    second = np.r_[np.zeros(6), np.ones(18), np.zeros(24)]  # 18 of 48 with seed 7's
+    t = study.ask()
+    t.set_user_attr(ATTR_RECIPE, {"fit": 1})
+    study._storage.set_trial_system_attr(t._trial_id, ATTR_ITEMS, _items(first, 48, "race_mc").to_attr())
+    study.tell(t, 30 / 48)
+    calls = []
+
+    def score(records, seed, dev):
+        calls.append(dev)
+        return [{"fewshot": _items(second, 48, "race_mc").to_attr()}]
+
+    cfg = _config(tiny_models, race_task, tmp_path, elites=1, num_fewshot=2, elite_fewshot_seed=7)
+    assert run_elites(study, score, cfg) == 1 and calls == [[False]]  # the trial saw every item already
+    mean = (first + second) / 2
+    est, low, high = interval(_items(mean, 48, "race_mc"), {"race_mc": 1.0})
+    elite = elites_of(study)[0]
+    assert elite == {"fitness": est, "low": low, "high": high, "confidence": 0.95, "items": 48,
+                     "fewshot": {"seeds": [1234, 7], "fitness": [30 / 48, 18 / 48]}}
+    assert est == 0.5 and elite_line(elite) == (f"0.5000 (95% interval {low:.4f}-{high:.4f}, 48 items; "
+                                                "mean of few-shot seeds 1234: 0.6250, 7: 0.3750)")
+
+
+def test_the_elite_scorer_draws_the_second_seeds_few_shot_examples(tiny_models, race_task, tmp_path):
+    from evomerge.elites import EliteScorer
+    from evomerge.evaluate import LmEvalFitness
+    from evomerge.stages import PsStage
+
+    cfg = _config(tiny_models, race_task, tmp_path, num_fewshot=2, elite_fewshot_seed=7)
+    stage = PsStage(cfg)
+    stage.open()
+    record = stage.candidate({}, "uniform")
+    out = EliteScorer(cfg).score(stage, record, 3)
+    model, tok = stage.load(record)
+    for key, seed in (("dev", 1234), ("fewshot", 7)):
+        fitness = LmEvalFitness(cfg.fitness, cfg.include_paths, fewshot_seed=seed)
+        items = fitness.race(model, tok, RaceSpec(3, (), 0.95)).items
+        assert items.complete and Items.from_attr(out[key]).values["race_mc"].tolist() == items.values["race_mc"].tolist()
+        logged = fitness._run(model, tok, samples={"race_mc": [0, 1, 2]}, log_samples=True)["samples"]["race_mc"]
+        contexts = [s["arguments"][0][0] for s in logged]  # (context, continuation) of the first choice
+        if seed == 1234:
+            first = contexts
+    assert contexts != first and all(c.count("=") == 3 for c in contexts + first)  # 2 shots + the question
+    stage.close()
+
+
+@pytest.mark.slow
+def test_a_search_raced_against_generations_with_a_second_few_shot_seed(tiny_models, race_task, tmp_path):
+    from evomerge.samplers import ATTR_GENERATION
+
+    cfg = _config(tiny_models, race_task, tmp_path, racing={"against": "generation"}, num_fewshot=2,
+                  elite_fewshot_seed=7, elites=1)
+    assert run_search(cfg).completed == 7
+    study = load_existing_study("r", cfg.storage_url)
+    assert {t.system_attrs[ATTR_GENERATION] for t in study.trials} == {0, 1}
+    (number, elite), = elites_of(study).items()
+    assert elite["fewshot"]["seeds"] == [1234, 7] and elite["fitness"] == pytest.approx(sum(elite["fewshot"]["fitness"]) / 2)
+    assert elite["fewshot"]["fitness"][0] == study.trials[number].value  # the search's own draw, on every item
+    out = CliRunner().invoke(main, ["status", "--study", "r", "--storage", cfg.storage_url])
+    assert out.exit_code == 0 and "mean of few-shot seeds 1234: " in out.output
