@@ -282,9 +282,9 @@ def test_bad_racing_settings_get_one_line(tiny_models, race_task, tmp_path, fitn
 
 
 def test_racing_elites_and_heldout_leave_the_fingerprint_alone(tiny_models, race_task, tmp_path):
-    plain = _config(tiny_models, race_task, tmp_path, racing={"enabled": False}, elites=0)
-    other = _config(tiny_models, race_task, tmp_path, racing={"rungs": [0.5], "confidence": 0.9}, elites=5,
-                    heldout=[{"task": "race_mc", "split": "test"}])
+    plain = _config(tiny_models, race_task, tmp_path, racing={"enabled": False}, elites=0, num_fewshot=2)
+    other = _config(tiny_models, race_task, tmp_path, racing={"rungs": [0.5], "confidence": 0.9, "against": "generation"},
+                    elites=5, heldout=[{"task": "race_mc", "split": "test"}], num_fewshot=2, elite_fewshot_seed=7)
     assert study_fingerprint(plain) == study_fingerprint(other)
 
 
