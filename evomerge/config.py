@@ -198,11 +198,17 @@ class FitnessTask(_Strict):
 class Racing(_Strict):
     """Racing (see :mod:`evomerge.racing`): a candidate is scored on growing prefixes of the
     study's item order (the rungs) and stops once a paired bound says it cannot beat the
-    incumbent. Scores of completed trials are unchanged (they saw every item)."""
+    reference: the incumbent, or (``against: generation``, CMA-ES only) the best fully scored
+    trial of its own generation so far. Scores of completed trials are unchanged (they saw every
+    item)."""
 
     enabled: bool | None = None  # None: on for a single-objective lm_eval fitness (see Fitness.races)
     rungs: list[float] = Field(default_factory=lambda: [0.125, 0.25, 0.5])  # fractions of the items before all of them
     confidence: float = Field(0.95, gt=0.5, lt=1)  # 1 - the chance of stopping a candidate that would have won
+    # the reference a candidate must be able to beat: the study's best trial, or the best of its
+    # CMA-ES generation so far (the incumbent while the generation has none); CMA-ES ranks within
+    # a generation only, so a candidate that cannot reach its generation's top matters little
+    against: Literal["incumbent", "generation"] = "incumbent"
 
     @field_validator("rungs")
     @classmethod
@@ -227,6 +233,9 @@ class Fitness(_Strict):
     racing: Racing = Field(default_factory=Racing)  # kind lm_eval, objective sum
     elites: int = Field(3, ge=0)  # after the search, the top trials re-scored on every item (0: none)
     heldout: list[FitnessTask] = Field(default_factory=list)  # scored on the elites only, never to choose
+    # the elites are also scored with the few-shot examples drawn by this seed (lm-eval's
+    # fewshot_random_seed; the search's is 1234) and ranked by the mean of the two (num_fewshot > 0)
+    elite_fewshot_seed: int | None = None
 
     @field_validator("include_path", mode="before")
     @classmethod
@@ -242,6 +251,9 @@ class Fitness(_Strict):
                 raise ValueError("consistency: only for kind: consistency")
             if self.racing.enabled and self.objective == "multi":
                 raise ValueError("racing: races one objective; leave racing.enabled unset or false with objective: multi")
+            if self.elite_fewshot_seed is not None and not self.num_fewshot:
+                raise ValueError("elite_fewshot_seed: reseeds the few-shot examples, so it needs num_fewshot > 0 "
+                                 f"(got num_fewshot: {self.num_fewshot})")
         else:
             if self.consistency is None:
                 raise ValueError("consistency: kind consistency needs this block (prompts, ...)")
@@ -249,6 +261,9 @@ class Fitness(_Strict):
                 raise ValueError("tasks: not used by kind consistency (it needs no labels)")
             if self.heldout:
                 raise ValueError("heldout: scored on the elites of an lm_eval fitness; not used by kind consistency")
+            if self.elite_fewshot_seed is not None:
+                raise ValueError("elite_fewshot_seed: reseeds an lm_eval fitness's few-shot examples; not used by "
+                                 "kind consistency")
             if self.objective != "sum":
                 raise ValueError("objective: kind consistency has one objective (sum)")
         return self
@@ -278,9 +293,10 @@ class Fitness(_Strict):
         return default if self.racing.enabled is None else self.racing.enabled
 
     def comparable(self) -> dict[str, Any]:
-        """What makes trials comparable: not the batch size, and not racing, the elites or the
-        held-out tasks (a completed trial's score is the same with or without them)."""
-        return self.model_dump(mode="json", exclude={"batch_size", "racing", "elites", "heldout"})
+        """What makes trials comparable: not the batch size, and not racing, the elites (their
+        few-shot seed) or the held-out tasks (a completed trial's score is the same with or
+        without them)."""
+        return self.model_dump(mode="json", exclude={"batch_size", "racing", "elites", "heldout", "elite_fewshot_seed"})
 
 
 class Sampler(_Strict):
@@ -467,6 +483,15 @@ class SearchConfig(_Strict, YamlConfig):
         if self.fitness.kind == "consistency" and "dfs" in self.stages:
             raise ValueError("stages: the consistency fitness scores merge recipes (stage ps); "
                              "the dfs stage needs lm_eval tasks")
+        if self.fitness.racing.against == "generation":
+            samplers = {"ps": ("sampler", self.sampler), "dfs": ("dfs.sampler", self.dfs.sampler),
+                        "moe": ("moe.sampler", self.moe.sampler)}
+            for stage in self.stages:
+                key, sampler = samplers[stage]
+                if sampler.name != "cmaes":
+                    raise ValueError(f"fitness.racing.against: generation races against the top of a CMA-ES "
+                                     f"generation, but {key}.name is {sampler.name}; use against: incumbent "
+                                     f"or {key}.name: cmaes")
         return self
 
     # ----------------------------------------------------------------- derived

@@ -2,7 +2,9 @@
 ``config.json`` (local folder, the hub cache, or the hub when reachable; otherwise a small bundled
 table of base models, or "same as base_model" for a fine-tune), then prints per stage the search
 space (dimension count and example names), the memory plan and a per-trial time estimate whose
-formula and assumptions are printed with it. Every fact says whether it was read or assumed.
+formula and assumptions are printed with it, and the cost of the elites' re-evaluation at its end;
+before the stages, whether trials are raced (and so how many item evaluations one takes). Every
+fact says whether it was read or assumed.
 
 A fitness task defined in ``fitness.include_path`` whose data is on this machine is built (its data
 read, nothing downloaded) and its evaluated split counted, after ``fitness.limit``; its output type
@@ -28,6 +30,7 @@ from evomerge.evaluate import load_tasks, local_tasks, select_split
 from evomerge.moe_stage import MoeSpace
 from evomerge.methods import get_method
 from evomerge.planner import GiB, Item, MemoryPlan, fmt_bytes, make_plan
+from evomerge.racing import rung_sizes
 
 if TYPE_CHECKING:
     from lm_eval.api.task import Task
@@ -228,6 +231,8 @@ class StagePlan:
     memory: list[str] = field(default_factory=list)
     seconds: float = 0.0
     time_lines: list[str] = field(default_factory=list)
+    elite_seconds: float = 0.0  # the elites' re-evaluation at the end of the stage
+    elite_lines: list[str] = field(default_factory=list)
 
 
 def ps_space(cfg: SearchConfig, template: ModelFacts) -> Space:
@@ -433,6 +438,52 @@ def eval_seconds(cfg: SearchConfig, params: int, layer_ratio: float = 1.0) -> tu
     return total, lines
 
 
+def racing_lines(cfg: SearchConfig) -> list[str]:
+    """Whether trials are raced (lm_eval fitness), how, and the item evaluations one trial takes:
+    the first rung's (a candidate stopped there) to every item's."""
+    spec = cfg.fitness
+    costs = [c.examples for _, c, _ in task_costs(cfg)]
+    if not spec.races:
+        return [f"racing: off; every trial is scored on all {sum(costs)} items"]
+    r = spec.racing
+    first = sum(rung_sizes(r.rungs, n)[0] for n in costs)
+    against = ("the incumbent" if r.against == "incumbent"
+               else "the best of its CMA-ES generation so far (the incumbent while the generation has none)")
+    return [f"racing: on; rungs {', '.join(f'{f:g}' for f in r.rungs)} of each task's items, then all; "
+            f"confidence {r.confidence:g}; against {against}",
+            f"  item evaluations per trial: {first} (stopped after the first rung) to {sum(costs)} (all items; "
+            "the first trial and the baselines see all)"]
+
+
+def elite_cost(cfg: SearchConfig, params: int, layer_ratio: float = 1.0) -> tuple[float, list[str]]:
+    """The elites' re-evaluation at the end of a stage (:mod:`evomerge.elites`): every item of the
+    fitness split when the trials saw fewer (``fitness.limit``), again with
+    ``fitness.elite_fewshot_seed``, and the held-out tasks, for each of the top ``fitness.elites``."""
+    spec = cfg.fitness
+    if spec.kind != "lm_eval" or spec.objective == "multi" or not spec.elites:
+        return 0.0, []
+    passes: list[tuple[str, SearchConfig]] = []
+    whole = cfg.model_copy(update={"fitness": spec.model_copy(update={"limit": None})})
+    if spec.limit is not None:
+        passes.append(("every item of the fitness split", whole))
+    if spec.elite_fewshot_seed is not None:
+        passes.append((f"{'again ' if passes else 'every item '}with few-shot seed {spec.elite_fewshot_seed}", whole))
+    if spec.heldout:
+        held = spec.model_copy(update={"tasks": spec.heldout, "limit": None})
+        passes.append((f"the held-out tasks {', '.join(t.task for t in spec.heldout)}",
+                       cfg.model_copy(update={"fitness": held})))
+    if not passes:
+        return 0.0, [f"elites: the top {spec.elites} trials' intervals come from their stored items (no model rebuilt)"]
+    items, seconds, parts = 0, 0.0, []
+    for what, c in passes:
+        n = sum(cost.examples for _, cost, _ in task_costs(c))
+        items, seconds = items + n, seconds + eval_seconds(c, params, layer_ratio)[0]
+        parts.append(f"{what} ({n})")
+    k = spec.elites
+    return k * seconds, [f"elites at the end: the top {k} trials re-scored on {' + '.join(parts)}: "
+                         f"{k} x {items} = {k * items} item evaluations, about {_fmt_seconds(k * seconds)}"]
+
+
 def plan_stages(cfg: SearchConfig, facts: dict[str, ModelFacts], device_free: int | None,
                 stages: list[str] | None = None) -> list[StagePlan]:
     template = facts.get("base") or facts[next(iter(cfg.models))]
@@ -450,6 +501,7 @@ def plan_stages(cfg: SearchConfig, facts: dict[str, ModelFacts], device_free: in
             eval_t, eval_lines = eval_seconds(cfg, template.params)
             sp.seconds = n_merges * merge_t + eval_t
             sp.time_lines = [f"{merge_line}: {merge_t:.1f} s x {n_merges} merge(s)", *eval_lines]
+            sp.elite_seconds, sp.elite_lines = elite_cost(cfg, template.params)
             for kind in dict.fromkeys(m.needs for m in map(get_method, cfg.merge.methods) if m.needs):
                 cal = cfg.calibration
                 _, _, stat_lines = statistics_estimate(kind, template, len(cfg.models), cal.n, cal.max_length, cfg.device)
@@ -463,7 +515,9 @@ def plan_stages(cfg: SearchConfig, facts: dict[str, ModelFacts], device_free: in
             sp.memory = [f"{n_cand} candidates' MLPs resident, and a live MoE of {n_slots} experts "
                          f"(about {1 + n_slots}x the base's MLPs) in {cfg.dtype}"]
             # each extra expert per token adds an MLP (about 2/3 of a layer's compute)
-            eval_t, eval_lines = eval_seconds(cfg, template.params, 1 + (cfg.moe.experts_per_token - 1) * 2 / 3)
+            ratio = 1 + (cfg.moe.experts_per_token - 1) * 2 / 3
+            eval_t, eval_lines = eval_seconds(cfg, template.params, ratio)
+            sp.elite_seconds, sp.elite_lines = elite_cost(cfg, template.params, ratio)
             sp.seconds = eval_t
             sp.time_lines = [f"no merge: experts copied and routers rewritten in place; "
                              f"{cfg.moe.experts_per_token} experts per token", *eval_lines]
@@ -479,6 +533,7 @@ def plan_stages(cfg: SearchConfig, facts: dict[str, ModelFacts], device_free: in
                          f"{longest} layers)"]
             ratio = longest / template.num_layers
             eval_t, eval_lines = eval_seconds(cfg, template.params, ratio)
+            sp.elite_seconds, sp.elite_lines = elite_cost(cfg, template.params, ratio)
             sp.seconds = eval_t
             sp.time_lines = [f"no merge: the path is rewired in place; evaluation of the longest path "
                              f"({longest} layers, {ratio:.2f}x the host's {template.num_layers})", *eval_lines]
@@ -515,6 +570,7 @@ def dry_run(cfg: SearchConfig, reader: ModelReader | None = None,
     if cfg.fitness.kind == "lm_eval":
         lines.append("fitness: " + ", ".join(f"{t.task}.{t.metric} ({t.split or 'default'} split)" for t in cfg.fitness.tasks)
                      + f"; objective {cfg.fitness.objective}")
+        lines += racing_lines(cfg)
     else:
         lines.append("fitness: label-free consistency")
     plans = plan_stages(cfg, facts, device_free, stages)
@@ -525,7 +581,9 @@ def dry_run(cfg: SearchConfig, reader: ModelReader | None = None,
         lines += ["  memory: " + sp.memory[0]] + [f"    {m}" for m in sp.memory[1:]]
         lines.append(f"  time per trial: about {_fmt_seconds(sp.seconds)} (order of magnitude; assumptions below)")
         lines += [f"    {t}" for t in sp.time_lines]
-        total += sp.seconds * sp.trials
-    lines.append(f"total: about {_fmt_seconds(total)} for every stage's budget")
+        lines += [f"  {t}" for t in sp.elite_lines]
+        total += sp.seconds * sp.trials + sp.elite_seconds
+    raced = " (trials on every item; racing stops some sooner)" if cfg.fitness.races else ""
+    lines.append(f"total: about {_fmt_seconds(total)} for every stage's budget{raced}")
     lines.append("dry run only: nothing downloaded, no study created")
     return lines, plans

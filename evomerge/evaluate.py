@@ -156,9 +156,12 @@ def select_split(task: Task, split: str | None, where: str) -> None:
 class LmEvalFitness:
     """Scores a model on the configured tasks (built once, reused across trials)."""
 
-    def __init__(self, fitness: FitnessSpec, include_paths: list[str], *, key: str = "tasks"):
-        """``key``: the field named in errors (``fitness.tasks``, or ``fitness.heldout``)."""
+    def __init__(self, fitness: FitnessSpec, include_paths: list[str], *, key: str = "tasks",
+                 fewshot_seed: int = LM_EVAL_OTHER_SEED):
+        """``key``: the field named in errors (``fitness.tasks``, or ``fitness.heldout``);
+        ``fewshot_seed``: seeds the draw of the few-shot examples (lm-eval's ``fewshot_random_seed``)."""
         self.fitness = fitness
+        self.fewshot_seed = fewshot_seed
         names = list(dict.fromkeys(t.task for t in fitness.tasks))
         loaded = load_tasks(names, include_paths, key=key)
         self.tasks: dict[str, Task] = loaded["tasks"]
@@ -171,7 +174,7 @@ class LmEvalFitness:
                 task.set_config(key="num_fewshot", value=fitness.num_fewshot)
             elif task.get_config("num_fewshot") is None:
                 task.set_config(key="num_fewshot", value=0)
-            task.set_fewshot_seed(seed=LM_EVAL_OTHER_SEED)
+            task.set_fewshot_seed(seed=fewshot_seed)
         self._lm = None
         self._lm_model_id: int | None = None
 
@@ -256,7 +259,7 @@ class LmEvalFitness:
         np.random.seed(LM_EVAL_OTHER_SEED)
         torch.manual_seed(LM_EVAL_OTHER_SEED)
         for task in self.tasks.values():
-            task.set_fewshot_seed(seed=LM_EVAL_OTHER_SEED)
+            task.set_fewshot_seed(seed=self.fewshot_seed)
         limit = self.fitness.limit if samples is None else None
         task_dict = self.task_dict
         if samples is not None:

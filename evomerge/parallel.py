@@ -43,7 +43,7 @@ from evomerge.errors import ConfigError, EvomergeError
 from evomerge.elites import EliteScorer
 from evomerge.racing import RaceSpec
 from evomerge.study import ATTR_WORKER
-from evomerge.trials import (Candidate, Fitness, Outcome, Stage, StageJob, StopFlag, TrialReport, ask_candidate,
+from evomerge.trials import (Candidate, Fitness, Outcome, Stage, StageJob, StopFlag, TrialReport,
                              error_line, evaluate, interrupt_trial, make_report, open_evaluator, tell_outcome)
 
 log = logging.getLogger(__name__)
@@ -218,7 +218,7 @@ class RayRunner:
         return ray.get(refs)
 
     def _dispatch(self, job: StageJob, idle: list[_Worker], flights: dict[Any, _Flight]) -> TrialReport | None:
-        cand = ask_candidate(job.study, job.stage, job.distributions, job.race_spec())
+        cand = job.ask()
         if cand.record is None:
             return tell_outcome(job.study, job.stage, cand, Outcome(None, 0.0, cand.error), job.multi, job.total)
         try:

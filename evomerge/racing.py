@@ -8,7 +8,9 @@ same items in the same order and two candidates are compared *paired*, item by i
 
 A raced candidate is scored on growing prefixes of that order (the rungs, e.g. 1/8, 1/4, 1/2, then
 all items). After each rung before the last, :func:`decide` bounds the difference ``Δ`` between the
-candidate's and the reference's (the incumbent's) fitness on *all* items:
+candidate's and the reference's fitness on *all* items (the reference: the incumbent, or with
+``racing.against: generation`` the best fully scored trial of the candidate's CMA-ES generation,
+see :meth:`evomerge.trials.StageJob.race_spec`):
 
 * per task ``k``, the paired differences ``d_i = x_i(candidate) - x_i(reference)`` on the ``n_k``
   items seen so far are a simple random sample without replacement from the task's ``N_k`` items
@@ -26,7 +28,7 @@ candidate's and the reference's (the incumbent's) fitness on *all* items:
 So a candidate whose fitness on all items would be at least the reference's is stopped with
 probability at most ``1 - confidence`` over all its rungs together -- approximately: the t
 interval relies on the central limit theorem (``scripts/bench_racing.py`` measures the rate on
-fully evaluated candidates). A stopped candidate is told the incumbent-relative estimate
+fully evaluated candidates). A stopped candidate is told the reference-relative estimate
 ``F(reference) + Δ̂`` (a paired control-variate estimate of its fitness on all items), as the last
 of its intermediate values: Optuna stores it as the PRUNED trial's value, which TPE and the pycma
 sampler read.
@@ -101,7 +103,7 @@ class Items:
 # --------------------------------------------------------------------------- the paired bound
 @dataclass(frozen=True)
 class Decision:
-    estimate: float  # the incumbent-relative estimate of the candidate's fitness on all items
+    estimate: float  # the reference-relative estimate of the candidate's fitness on all items
     difference: float  # Δ̂
     upper: float  # the one-sided upper confidence bound on Δ
     stop: bool

@@ -2,7 +2,8 @@
 
 Plots (one function each, taking plain data, so they can be drawn without a study):
 
-- :func:`plot_fitness`: fitness per trial, the best-so-far line and the parents' baselines;
+- :func:`plot_fitness`: fitness per trial, the best-so-far line, the parents' baselines and the
+  trials racing stopped early (at their estimated fitness);
 - :func:`plot_recipe`: the best recipe's per-layer values of each knob per model (heatmap);
 - :func:`plot_dfs_path`: a dfs trial's path (source model and layer at each hop, with its scale);
 - :func:`plot_importances`: parameter importances (fANOVA);
@@ -30,8 +31,9 @@ import optuna  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
 from evomerge.files import write_atomic  # noqa: E402
-from evomerge.study import (ATTR_BASELINE, ATTR_CONFIG, ATTR_DFS_HOST, ATTR_DFS_SOURCES, ATTR_PATH,  # noqa: E402
-                            ATTR_RECIPE, ATTR_SCORES, ATTR_STAGE, best_trial, elite_line, elites_of,
+from evomerge.racing import Items  # noqa: E402
+from evomerge.study import (ATTR_BASELINE, ATTR_CONFIG, ATTR_DFS_HOST, ATTR_DFS_SOURCES, ATTR_ITEMS,  # noqa: E402
+                            ATTR_PATH, ATTR_RECIPE, ATTR_SCORES, ATTR_STAGE, best_trial, elite_line, elites_of,
                             trial_fitness)
 
 MIN_IMPORTANCE_TRIALS = 10  # searched trials needed before parameter importances mean anything
@@ -54,10 +56,16 @@ def best_so_far(values: Sequence[float]) -> list[float]:
 
 
 def plot_fitness(numbers: Sequence[int], values: Sequence[float], baselines: dict[str, float], path: Path, *,
-                 title: str = "fitness per trial", failed: Sequence[int] = ()) -> Path:
-    """Searched trials as points, their best-so-far as a step line, each baseline as a dashed line."""
+                 title: str = "fitness per trial", failed: Sequence[int] = (),
+                 pruned: Sequence[tuple[int, float]] = ()) -> Path:
+    """Searched trials as points, their best-so-far as a step line, each baseline as a dashed line;
+    ``pruned``: (number, estimated fitness) of the trials racing stopped, as crosses (not in the
+    best-so-far line: an estimate is not a score)."""
     fig, ax = plt.subplots(figsize=(8, 4.5))
     ax.scatter(numbers, values, s=18, color="tab:blue", alpha=0.7, label="trial", zorder=3)
+    if pruned:
+        ax.scatter([n for n, _ in pruned], [v for _, v in pruned], s=22, marker="x", color="tab:orange", alpha=0.8,
+                   label="stopped by racing (estimate)", zorder=2)
     if values:
         ax.step(numbers, best_so_far(values), where="post", color="tab:red", lw=2, label="best so far", zorder=4)
     colors = plt.get_cmap("Dark2")
@@ -218,6 +226,25 @@ def _trials(study: optuna.Study) -> tuple[list[optuna.trial.FrozenTrial], list[o
     return searched, baselines, [t.number for t in trials if t.state == TrialState.FAIL]
 
 
+def pruned_estimate(t: optuna.trial.FrozenTrial) -> float | None:
+    """A PRUNED trial's estimated fitness: its value, which Optuna takes from its last
+    intermediate value (the last rung's estimate)."""
+    if t.value is not None:
+        return float(t.value)
+    return float(t.intermediate_values[max(t.intermediate_values)]) if t.intermediate_values else None
+
+
+def item_evaluations(trials: Sequence[optuna.trial.FrozenTrial]) -> tuple[int, int]:
+    """(item evaluations the trials with per-item results took, those they would have taken on
+    every item): the difference is what racing saved."""
+    used = full = 0
+    for t in trials:
+        if isinstance(t.system_attrs.get(ATTR_ITEMS), dict):
+            items = Items.from_attr(t.system_attrs[ATTR_ITEMS])
+            used, full = used + items.count, full + sum(items.sizes.values())
+    return used, full
+
+
 def _model_names(study: optuna.Study) -> dict[str, str]:
     config = study.user_attrs.get(ATTR_CONFIG) or {}
     return {ref: name for name, ref in (config.get("models") or {}).items()}
@@ -238,14 +265,21 @@ def write_report(study: optuna.Study, out_dir: str | Path, storage: str | None =
     ``storage``: the study's URL, written into the commands report.md suggests."""
     out = Report(Path(out_dir), storage=storage)
     searched, baselines, failed = _trials(study)
+    every = study.get_trials(deepcopy=False)
+    pruned = sorted((t.number, v) for t in every if t.state == TrialState.PRUNED and (v := pruned_estimate(t)) is not None)
     stage = study.user_attrs.get(ATTR_STAGE) or ("dfs" if ATTR_DFS_SOURCES in study.user_attrs else "ps")
     multi = len(study.directions) > 1
     base_fit = {t.user_attrs[ATTR_BASELINE]: trial_fitness(t) for t in baselines}
     best = best_trial(study)
     best_searched = max(searched, key=lambda t: (trial_fitness(t), -t.number)) if searched else None
+    used, full = item_evaluations(every)
+    stopped = f"{len(pruned)} stopped early by racing (pruned), " if full else ""
     md = [f"# Study `{study.study_name}`", "",
           f"Stage **{stage}**, {'multi-objective (' + str(len(study.directions)) + ' objectives)' if multi else 'single objective'}; "
-          f"{len(searched)} searched trials completed, {len(baselines)} baselines, {len(failed)} failed.", ""]
+          f"{len(searched)} searched trials completed, {stopped}{len(baselines)} baselines, {len(failed)} failed.", ""]
+    if full:
+        md += [f"Item evaluations: {used:,} of the {full:,} these trials would have taken on every item; "
+               f"racing saved {full - used:,} ({(full - used) / full:.0%}).", ""]
     md += _best_table(best, baselines)
     elites = elites_of(study)
     if elites:
@@ -255,11 +289,12 @@ def write_report(study: optuna.Study, out_dir: str | Path, storage: str | None =
 
     if searched or baselines:
         out.files.append(plot_fitness([t.number for t in searched], [trial_fitness(t) for t in searched], base_fit,
-                                      out.out_dir / "fitness.png", failed=failed,
+                                      out.out_dir / "fitness.png", failed=failed, pruned=pruned,
                                       title=f"{study.study_name}: fitness per trial"
                                       + (" (sum of objectives)" if multi else "")))
         md += ["## Fitness per trial", "", "![fitness](fitness.png)", "",
-               "Points: searched trials; red: best so far; dashed: the baselines (parents, uniform merge).", ""]
+               "Points: searched trials; red: best so far; dashed: the baselines (parents, uniform merge)"
+               + ("; orange crosses: trials racing stopped early, at their estimated fitness." if pruned else "."), ""]
     else:
         out.skipped.append("fitness: no completed trial")
 

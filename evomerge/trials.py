@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Callable, Protocol
 
@@ -24,9 +24,10 @@ from evomerge.config import Racing, Sampler, SearchConfig
 from evomerge.errors import CandidateError, ConfigError, EvomergeError, MergeError
 from evomerge.fitness import Fitness, HostedFitness, ItemFitness, Score
 from evomerge.racing import Items, RaceSpec
+from evomerge.samplers import ATTR_EXTRA, ATTR_GENERATION
 from evomerge.study import (ATTR_BASELINE, ATTR_ERROR, ATTR_INTERRUPTED, ATTR_ITEM_COUNT, ATTR_ITEM_SEED, ATTR_ITEMS,
-                            ATTR_OWNER, ATTR_SCORES, ATTR_SECONDS, best_of, fail_stale_trials, owner, tally,
-                            trial_fitness)
+                            ATTR_OWNER, ATTR_SCORES, ATTR_SECONDS, TrialReader, best_of, fail_stale_trials, owner,
+                            tally, trial_fitness)
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +151,7 @@ class StageJob:
     races: bool = False  # race candidates (else every candidate sees every item, still kept per item)
     item_seed: int = 0  # the item order's seed for a study that has none recorded yet
     items: int | None = None  # budget in item evaluations (budget.items)
+    _generations: "GenerationBest | None" = field(default=None, init=False, repr=False)
 
     def budget_left(self) -> int:
         """Trials still to start: the budget less the counted trials and those running anywhere
@@ -162,10 +164,23 @@ class StageJob:
             return 0
         return self.total - now.counted - now.running
 
-    def race_spec(self) -> RaceSpec | None:
-        """How the next candidate is scored item by item: the study's item seed (recorded on the
-        first call), the rungs and, when racing is on, the reference: the best completed trial
-        with every item's result."""
+    def ask(self) -> Candidate:
+        """Ask the next candidate and set how it is raced (:meth:`race_spec`: its reference may
+        depend on its CMA-ES generation, known once it is asked)."""
+        cand = ask_candidate(self.study, self.stage, self.distributions)
+        if cand.record is not None:
+            try:
+                cand.race = self.race_spec(cand.trial)
+            except BaseException as e:
+                interrupt_trial(self.study, cand.trial, _interruption(e))
+                raise
+        return cand
+
+    def race_spec(self, trial: optuna.Trial | None = None) -> RaceSpec | None:
+        """How ``trial`` is scored item by item: the study's item seed (recorded on the first
+        call), the rungs and, when racing is on, the reference: the best completed trial with
+        every item's result, or with ``racing.against: generation`` the best such trial of the
+        trial's CMA-ES generation (the former while the generation has none)."""
         if self.racing is None:
             return None
         seed = self.study.user_attrs.get(ATTR_ITEM_SEED)
@@ -175,21 +190,53 @@ class StageJob:
         spec = RaceSpec(int(seed), tuple(self.racing.rungs), self.racing.confidence)
         if not self.races:
             return spec
-        def raced(t: optuna.trial.FrozenTrial) -> bool:
-            return isinstance(t.system_attrs.get(ATTR_ITEMS), dict) and Items.from_attr(t.system_attrs[ATTR_ITEMS]).complete
-
-        ref = tally(self.study).best  # folded from new trials only: no cost that grows with the study
-        if ref is not None and not raced(ref):  # a best trial without every item's result (older study)
-            ref = best_of([t for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if raced(t)])
+        ref = self._generation_best(trial) if self.racing.against == "generation" and trial is not None else None
+        if ref is None:
+            ref = tally(self.study).best  # folded from new trials only: no cost that grows with the study
+        if ref is not None and not fully_scored(ref):  # a best trial without every item's result (older study)
+            ref = best_of([t for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                           if fully_scored(t)])
         if ref is None:
             return spec
         return RaceSpec(spec.seed, spec.rungs, spec.confidence, ref.system_attrs[ATTR_ITEMS], trial_fitness(ref),
                         ref.number)
 
+    def _generation_best(self, trial: optuna.Trial) -> optuna.trial.FrozenTrial | None:
+        generation = self.study._storage.get_trial_system_attrs(trial._trial_id).get(ATTR_GENERATION)
+        if generation is None:  # an enqueued baseline: in no generation
+            return None
+        if self._generations is None:
+            self._generations = GenerationBest(self.study)
+        return self._generations.best(int(generation))
+
     def report(self, report: TrialReport) -> TrialReport:
         if self.on_trial:
             self.on_trial(report)
         return report
+
+
+def fully_scored(t: optuna.trial.FrozenTrial) -> bool:
+    """A completed trial with every item's result (a racing reference)."""
+    items = t.system_attrs.get(ATTR_ITEMS)
+    return t.state == TrialState.COMPLETE and isinstance(items, dict) and Items.from_attr(items).complete
+
+
+class GenerationBest:
+    """The best fully scored trial of each CMA-ES generation (:data:`~evomerge.samplers.ATTR_GENERATION`;
+    extra candidates, never told to CMA-ES, left out), read incrementally (:class:`TrialReader`)."""
+
+    def __init__(self, study: optuna.Study) -> None:
+        self._reader = TrialReader(study)
+        self._best: dict[int, optuna.trial.FrozenTrial] = {}
+
+    def best(self, generation: int) -> optuna.trial.FrozenTrial | None:
+        for t in self._reader.refresh():
+            g = t.system_attrs.get(ATTR_GENERATION)
+            if g is None or t.system_attrs.get(ATTR_EXTRA) is not None or not fully_scored(t):
+                continue
+            held = self._best.get(int(g))
+            self._best[int(g)] = best_of([t] + ([held] if held is not None else []))
+        return self._best.get(generation)
 
 
 class StopFlag:
@@ -264,10 +311,9 @@ def ask_owned(study: optuna.Study) -> optuna.Trial:
     return optuna.Trial(study, trial_id)  # runs the sampler's before_trial / sample_relative
 
 
-def ask_candidate(study: optuna.Study, stage: Stage, distributions: dict[str, FloatDistribution],
-                  race: RaceSpec | None = None) -> Candidate:
-    """Ask a trial (owned by this process), suggest its params and store its recipe record;
-    ``race``: how it is to be scored item by item."""
+def ask_candidate(study: optuna.Study, stage: Stage, distributions: dict[str, FloatDistribution]) -> Candidate:
+    """Ask a trial (owned by this process), suggest its params and store its recipe record (how
+    it is raced is set by :meth:`StageJob.ask`)."""
     trial = ask_owned(study)
     baseline = trial.user_attrs.get(ATTR_BASELINE)
     params: dict[str, float] = {}
@@ -279,12 +325,12 @@ def ask_candidate(study: optuna.Study, stage: Stage, distributions: dict[str, Fl
             trial.set_user_attr(key, value)
     except BaseException as e:
         if isinstance(e, Exception) and is_trial_error(e):
-            return Candidate(trial, params, baseline, None, error_line(e), race)
+            return Candidate(trial, params, baseline, None, error_line(e))
         # Ctrl-C, a problem of the config, a bug: not this candidate's fault, so it is not counted
         reason = "interrupted (Ctrl-C)" if isinstance(e, KeyboardInterrupt) else f"interrupted ({error_line(e)})"
         interrupt_trial(study, trial, reason)
         raise
-    return Candidate(trial, params, baseline, record, race=race)
+    return Candidate(trial, params, baseline, record)
 
 
 def evaluate(stage: Stage, fitness: Fitness, record: dict[str, Any], race: RaceSpec | None = None) -> Outcome:
@@ -364,7 +410,7 @@ def interrupt_trial(study: optuna.Study, trial: optuna.Trial, reason: str) -> No
 
 def run_one(job: StageJob, fitness: Fitness) -> TrialReport:
     """One trial in this process: ask, evaluate, tell."""
-    cand = ask_candidate(job.study, job.stage, job.distributions, job.race_spec())
+    cand = job.ask()
     if cand.record is None:
         outcome = Outcome(None, 0.0, cand.error)
     else:

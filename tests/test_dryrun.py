@@ -250,3 +250,46 @@ def test_missing_local_model_folder_is_one_line(tmp_path):
     result = CliRunner().invoke(main, ["search", str(config), "--dry-run"])
     assert result.exit_code == 1
     assert result.output.splitlines() == [f"error: base_model {tmp_path / 'nowhere' / 'base'}: model folder does not exist"]
+
+
+def test_the_dry_run_states_racing_and_the_elites_cost(tiny_models, tmp_path):
+    """Racing's settings and the item evaluations of one trial (first rung to all items), and the
+    elites' re-evaluation at the end: every item (trials saw fitness.limit), a second few-shot
+    seed and the held-out task, each counted on the local task's splits (60 dev, 40 test docs)."""
+    import json
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    for split, n in (("dev", 60), ("test", 40)):
+        with open(tasks / f"{split}.jsonl", "w") as f:
+            for i in range(n):
+                f.write(json.dumps({"q": f"{i} plus {i}", "choices": ["a", "b", "c", "d"], "label": i % 4}) + "\n")
+    write_mc_task(tasks, "sized_mc", tasks / "dev.jsonl", tasks / "test.jsonl")
+
+    def config(**fitness):
+        return SearchConfig.from_dict({
+            "study": "raced", "base_model": str(tiny_models["base"]), "models": {"a": str(tiny_models["a"])},
+            "merge": {"method": "task_arithmetic"},
+            "fitness": {"tasks": [{"task": "sized_mc"}], "include_path": "tasks", **fitness}}, root=tmp_path)
+
+    cfg = config(limit=25, elites=2, num_fewshot=1, elite_fewshot_seed=5, racing={"against": "generation"},
+                 heldout=[{"task": "sized_mc", "split": "test"}])
+    lines, (stage,) = dry_run(cfg)
+    params = read_models(cfg)["base"].params
+    per_doc = 4 * 200 / (TOKENS_PER_S_7B["cpu"][0] * 7e9 / params)  # 4 choices x 200 assumed prompt tokens
+    assert stage.elite_seconds == pytest.approx(2 * (60 + 60 + 40) * per_doc, rel=1e-12)
+    assert lines[lines.index("fitness: sized_mc.acc (validation split); objective sum") + 1:][:2] == [
+        "racing: on; rungs 0.125, 0.25, 0.5 of each task's items, then all; confidence 0.95; against the best of "
+        "its CMA-ES generation so far (the incumbent while the generation has none)",
+        "  item evaluations per trial: 4 (stopped after the first rung) to 25 (all items; the first trial and "
+        "the baselines see all)"]
+    assert ("  elites at the end: the top 2 trials re-scored on every item of the fitness split (60) + again with "
+            "few-shot seed 5 (60) + the held-out tasks sized_mc (40): 2 x 160 = 320 item evaluations, about "
+            f"{stage.elite_seconds:.0f} s") in lines
+    assert lines[-2].endswith(" for every stage's budget (trials on every item; racing stops some sooner)")
+
+    lines, (stage,) = dry_run(config(racing={"enabled": False}, elites=2))
+    assert "racing: off; every trial is scored on all 60 items" in lines and stage.elite_seconds == 0
+    assert "  elites: the top 2 trials' intervals come from their stored items (no model rebuilt)" in lines
+    lines, (stage,) = dry_run(config(elites=0, num_fewshot=1, elite_fewshot_seed=5))
+    assert not any("elites" in line for line in lines) and lines[-2].endswith("sooner)")

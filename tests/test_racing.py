@@ -272,6 +272,9 @@ def test_racing_search_resumes_after_a_trial_interrupted_between_rungs(tiny_mode
       "racing": {"enabled": True}}, "fitness.racing: races one objective"),
     ({"racing": {"rungs": [0.5, 0.25]}}, "fitness.racing.rungs: .*increasing fractions"),
     ({"racing": {"confidence": 1.0}}, "fitness.racing.confidence"),
+    ({"elite_fewshot_seed": 7}, r"^config: fitness.elite_fewshot_seed: reseeds the few-shot examples, so it needs "
+                                r"num_fewshot > 0 \(got num_fewshot: None\)$"),
+    ({"elite_fewshot_seed": 7, "num_fewshot": 0}, r"fitness.elite_fewshot_seed: .*\(got num_fewshot: 0\)$"),
 ])
 def test_bad_racing_settings_get_one_line(tiny_models, race_task, tmp_path, fitness, message):
     with pytest.raises(ConfigError, match=message):
@@ -279,9 +282,9 @@ def test_bad_racing_settings_get_one_line(tiny_models, race_task, tmp_path, fitn
 
 
 def test_racing_elites_and_heldout_leave_the_fingerprint_alone(tiny_models, race_task, tmp_path):
-    plain = _config(tiny_models, race_task, tmp_path, racing={"enabled": False}, elites=0)
-    other = _config(tiny_models, race_task, tmp_path, racing={"rungs": [0.5], "confidence": 0.9}, elites=5,
-                    heldout=[{"task": "race_mc", "split": "test"}])
+    plain = _config(tiny_models, race_task, tmp_path, racing={"enabled": False}, elites=0, num_fewshot=2)
+    other = _config(tiny_models, race_task, tmp_path, racing={"rungs": [0.5], "confidence": 0.9, "against": "generation"},
+                    elites=5, heldout=[{"task": "race_mc", "split": "test"}], num_fewshot=2, elite_fewshot_seed=7)
     assert study_fingerprint(plain) == study_fingerprint(other)
 
 
@@ -334,3 +337,167 @@ def test_elites_that_saw_every_item_need_the_model_only_for_held_out_tasks(tiny_
     assert calls == [([{ATTR_RECIPE: {"fit": 0.5}}], 3, [False])]
     assert elites_of(study)[0]["heldout_fitness"] == 0.5 and elites_of(study)[0]["items"] == 48
     assert best_trial(study).number == 1
+
+
+# --------------------------------------------------------------------------- the reference
+def _generation_study(incumbent: np.ndarray, generation_best: np.ndarray):
+    """CMA-ES (popsize 2): generation 0 = the incumbent and an all-wrong trial, generation 1 = the
+    generation's best so far and the candidate, asked (RUNNING). Items on the study's order."""
+    from optuna.distributions import FloatDistribution
+
+    from evomerge.samplers import ATTR_GENERATION, PyCmaSampler
+
+    space = {"x": FloatDistribution(0, 1)}
+    study = optuna.create_study(sampler=PyCmaSampler(space, seed=0, popsize=2), direction="maximize")
+    study.set_user_attr(ATTR_ITEM_SEED, 0)
+    order = item_order(0, "t", N)
+    for values in (incumbent, np.zeros(N), generation_best):
+        t = study.ask(space)
+        study._storage.set_trial_system_attr(t._trial_id, ATTR_ITEMS, _items(values).to_attr())
+        study.tell(t, float(values.mean()))
+    candidate = study.ask(space)
+    generations = [t.system_attrs[ATTR_GENERATION] for t in study.trials]
+    assert generations == [0, 0, 1, 1]
+    # the stored items are in the study's order: item i of the order is values[i]
+    return study, candidate, order
+
+
+def _race_as(study, candidate, truth, order, against):
+    from evomerge.config import Racing
+    from evomerge.trials import StageJob
+
+    job = StageJob(study, None, {}, False, 10, racing=Racing(against=against), races=True)
+    spec = job.race_spec(candidate)
+    result = race(lambda wanted: {"t": truth[np.argsort(order)][wanted["t"]]}, {"t": order}, {"t": "t"},
+                  {"t": 1.0}, spec)
+    return spec.reference_number, result
+
+
+def test_racing_against_the_generation_stops_a_candidate_the_incumbent_would_not_and_vice_versa():
+    alternate = np.arange(N) % 2.0  # wins every other item: 0.5
+    # the incumbent (1.0) beats the candidate on 7 of its first 14 items; its generation's best is
+    # the candidate's equal, item by item
+    study, cand, order = _generation_study(np.ones(N), alternate)
+    ref, result = _race_as(study, cand, alternate, order, "incumbent")
+    assert ref == 0 and result.stopped and [n for n, _ in result.rungs] == [14]
+    ref, result = _race_as(study, cand, alternate, order, "generation")
+    assert ref == 2 and not result.stopped and result.items.complete and result.rungs[-1] == (N, 0.5)
+
+    # the incumbent (0.875) wins only after the first 14 items, the generation's best (0.125) only on
+    # them: the candidate (0 on the first 14, then 1) ties the incumbent item by item, loses 14 of
+    # 14 to its generation's best
+    late, early = np.r_[np.zeros(14), np.ones(N - 14)], np.r_[np.ones(14), np.zeros(N - 14)]
+    study, cand, order = _generation_study(late, early)
+    ref, result = _race_as(study, cand, late, order, "incumbent")
+    assert ref == 0 and not result.stopped and result.rungs[-1] == (N, 0.875)
+    ref, result = _race_as(study, cand, late, order, "generation")
+    assert ref == 2 and result.stopped and result.rungs == [(14, pytest.approx(0.125 - 1.0))]
+
+
+def test_a_generation_without_a_fully_scored_trial_races_against_the_incumbent():
+    from optuna.distributions import FloatDistribution
+
+    from evomerge.config import Racing
+    from evomerge.samplers import ATTR_EXTRA, PyCmaSampler
+    from evomerge.trials import StageJob
+
+    space = {"x": FloatDistribution(0, 1)}
+    study = optuna.create_study(sampler=PyCmaSampler(space, seed=0, popsize=2), direction="maximize")
+    for value in (1.0, 0.0):  # generation 0
+        t = study.ask(space)
+        study._storage.set_trial_system_attr(t._trial_id, ATTR_ITEMS, _items(np.full(N, value)).to_attr())
+        study.tell(t, value)
+    pruned = study.ask(space)  # generation 1: stopped early, so no reference
+    study._storage.set_trial_system_attr(pruned._trial_id, ATTR_ITEMS, _items(np.ones(14)).to_attr())
+    pruned.report(0.9, 14)
+    study.tell(pruned, state=optuna.trial.TrialState.PRUNED)
+    cand = study.ask(space)
+    extra = study.ask(space)  # every index of generation 1 is held: an extra candidate, never told
+    study._storage.set_trial_system_attr(extra._trial_id, ATTR_ITEMS, _items(np.full(N, 0.5)).to_attr())
+    study.tell(extra, 0.5)
+    assert study.trials[-1].system_attrs[ATTR_EXTRA] == 0
+    job = StageJob(study, None, {}, False, 10, racing=Racing(against="generation"), races=True)
+    assert job.race_spec(cand).reference_number == 0  # the incumbent
+    assert job.race_spec(None).reference_number == 0
+
+
+@pytest.mark.parametrize("change, key", [
+    ({"sampler": {"name": "tpe"}}, "sampler"),
+    ({"stages": ["ps", "dfs"], "dfs": {"sampler": {"name": "random"}}}, "dfs.sampler"),
+])
+def test_racing_against_the_generation_needs_cma_es_everywhere(tiny_models, race_task, tmp_path, change, key):
+    cfg = _config(tiny_models, race_task, tmp_path, racing={"against": "generation"})
+    assert cfg.fitness.racing.against == "generation"
+    name = change.get("sampler", change.get("dfs", {}).get("sampler", {})).get("name")
+    with pytest.raises(ConfigError, match=rf"^config: fitness.racing.against: generation races against the top of a "
+                                          rf"CMA-ES generation, but {key}.name is {name}; use against: incumbent or "
+                                          rf"{key}.name: cmaes$"):
+        SearchConfig.from_dict(cfg.model_dump(mode="json") | change)
+
+
+# --------------------------------------------------------------------------- a second few-shot seed
+def test_elites_with_a_second_few_shot_seed_are_ranked_by_the_mean_of_both(tiny_models, race_task, tmp_path):
+    from evomerge.elites import run_elites
+    from evomerge.study import ATTR_RECIPE, elite_line
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'e.db'}", direction="maximize")
+    first = np.r_[np.ones(30), np.zeros(18)]  # 30 of 48 with the search's few-shot draw
+    second = np.r_[np.zeros(6), np.ones(18), np.zeros(24)]  # 18 of 48 with seed 7's
+    t = study.ask()
+    t.set_user_attr(ATTR_RECIPE, {"fit": 1})
+    study._storage.set_trial_system_attr(t._trial_id, ATTR_ITEMS, _items(first, 48, "race_mc").to_attr())
+    study.tell(t, 30 / 48)
+    calls = []
+
+    def score(records, seed, dev):
+        calls.append(dev)
+        return [{"fewshot": _items(second, 48, "race_mc").to_attr()}]
+
+    cfg = _config(tiny_models, race_task, tmp_path, elites=1, num_fewshot=2, elite_fewshot_seed=7)
+    assert run_elites(study, score, cfg) == 1 and calls == [[False]]  # the trial saw every item already
+    mean = (first + second) / 2
+    est, low, high = interval(_items(mean, 48, "race_mc"), {"race_mc": 1.0})
+    elite = elites_of(study)[0]
+    assert elite == {"fitness": est, "low": low, "high": high, "confidence": 0.95, "items": 48,
+                     "fewshot": {"seeds": [1234, 7], "fitness": [30 / 48, 18 / 48]}}
+    assert est == 0.5 and elite_line(elite) == (f"0.5000 (95% interval {low:.4f}-{high:.4f}, 48 items; "
+                                                "mean of few-shot seeds 1234: 0.6250, 7: 0.3750)")
+
+
+def test_the_elite_scorer_draws_the_second_seeds_few_shot_examples(tiny_models, race_task, tmp_path):
+    from evomerge.elites import EliteScorer
+    from evomerge.evaluate import LmEvalFitness
+    from evomerge.stages import PsStage
+
+    cfg = _config(tiny_models, race_task, tmp_path, num_fewshot=2, elite_fewshot_seed=7)
+    stage = PsStage(cfg)
+    stage.open()
+    record = stage.candidate({}, "uniform")
+    out = EliteScorer(cfg).score(stage, record, 3)
+    model, tok = stage.load(record)
+    for key, seed in (("dev", 1234), ("fewshot", 7)):
+        fitness = LmEvalFitness(cfg.fitness, cfg.include_paths, fewshot_seed=seed)
+        items = fitness.race(model, tok, RaceSpec(3, (), 0.95)).items
+        assert items.complete and Items.from_attr(out[key]).values["race_mc"].tolist() == items.values["race_mc"].tolist()
+        logged = fitness._run(model, tok, samples={"race_mc": [0, 1, 2]}, log_samples=True)["samples"]["race_mc"]
+        contexts = [s["arguments"][0][0] for s in logged]  # (context, continuation) of the first choice
+        if seed == 1234:
+            first = contexts
+    assert contexts != first and all(c.count("=") == 3 for c in contexts + first)  # 2 shots + the question
+    stage.close()
+
+
+@pytest.mark.slow
+def test_a_search_raced_against_generations_with_a_second_few_shot_seed(tiny_models, race_task, tmp_path):
+    from evomerge.samplers import ATTR_GENERATION
+
+    cfg = _config(tiny_models, race_task, tmp_path, racing={"against": "generation"}, num_fewshot=2,
+                  elite_fewshot_seed=7, elites=1)
+    assert run_search(cfg).completed == 7
+    study = load_existing_study("r", cfg.storage_url)
+    assert {t.system_attrs[ATTR_GENERATION] for t in study.trials} == {0, 1}
+    (number, elite), = elites_of(study).items()
+    assert elite["fewshot"]["seeds"] == [1234, 7] and elite["fitness"] == pytest.approx(sum(elite["fewshot"]["fitness"]) / 2)
+    assert elite["fewshot"]["fitness"][0] == study.trials[number].value  # the search's own draw, on every item
+    out = CliRunner().invoke(main, ["status", "--study", "r", "--storage", cfg.storage_url])
+    assert out.exit_code == 0 and "mean of few-shot seeds 1234: " in out.output

@@ -141,3 +141,41 @@ def test_study_without_completed_trials(tmp_path):
     assert report.skipped == ["fitness: no completed trial", "best recipe: no searched trial with per-model parameters",
                               "parameter importances: 0 searched trial(s), fewer than the 10 needed"]
     assert "No completed trial yet." in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_pruned_trials_are_drawn_as_crosses_and_racing_savings_counted(tmp_path, monkeypatch):
+    """A raced study: a baseline and 2 completed trials saw all 40 items, 2 trials were stopped
+    after 5 and 10 items (PRUNED, their estimate as value), one failed: 65 of 200 item
+    evaluations saved."""
+    import numpy as np
+
+    import evomerge.report as report
+    from evomerge.racing import Items
+    from evomerge.study import ATTR_ITEMS
+
+    def items(n):
+        return {ATTR_ITEMS: Items({"task0": np.ones(n)}, {"task0": 40}).to_attr()}
+
+    study = optuna.create_study(study_name="raced", storage=f"sqlite:///{tmp_path / 's.db'}", direction="maximize")
+    study.add_trial(optuna.create_trial(value=0.5, user_attrs={ATTR_BASELINE: "uniform"}, system_attrs=items(40)))
+    study.add_trial(optuna.create_trial(value=0.6, system_attrs=items(40)))
+    study.add_trial(optuna.create_trial(state=optuna.trial.TrialState.PRUNED, intermediate_values={5: 0.31},
+                                        system_attrs=items(5)))
+    study.add_trial(optuna.create_trial(state=optuna.trial.TrialState.FAIL))
+    study.add_trial(optuna.create_trial(state=optuna.trial.TrialState.PRUNED, intermediate_values={10: 0.42},
+                                        system_attrs=items(10)))
+    study.add_trial(optuna.create_trial(value=0.7, system_attrs=items(40)))
+    assert report.item_evaluations(study.trials) == (3 * 40 + 5 + 10, 5 * 40)
+    drawn = []
+    real = report.save_figure
+    monkeypatch.setattr(report, "save_figure", lambda fig, path: drawn.append(
+        {c.get_label(): c.get_offsets().tolist() for c in fig.axes[0].collections}) or real(fig, path))
+    write_report(study, tmp_path / "out")
+    assert drawn[0]["stopped by racing (estimate)"] == [[2.0, 0.31], [4.0, 0.42]]
+    assert drawn[0]["trial"] == [[1.0, 0.6], [5.0, 0.7]]
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "2 searched trials completed, 2 stopped early by racing (pruned), 1 baselines, 1 failed." in md
+    assert "Item evaluations: 135 of the 200 these trials would have taken on every item; racing saved 65 (32%)." in md
+    assert "orange crosses: trials racing stopped early, at their estimated fitness." in md
+    assert "stopped early" not in (write_report(_ps_study(f"sqlite:///{tmp_path / 'p.db'}", "plain", searched=2),
+                                                tmp_path / "plain").markdown.read_text())  # no item results: no racing
