@@ -4,10 +4,18 @@ For each seed: a search that scores every candidate on all dev items (``racing.e
 for ``--trials`` trials, then a racing search given the same number of item evaluations
 (``budget.items``). Reported per seed: the held-out (demo_target test split) score of each run's
 chosen recipe, and the item evaluations the racing run needed before its incumbent's held-out
-score matched the full run's final one. The false-stop rate of the bound is measured by replaying
-racing's rule on the full runs' item-level results (every candidate there saw every item).
+score matched the full run's final one. Over seeds: the paired difference at an equal budget,
+and the mean held-out score of the incumbent as a function of the item evaluations spent, one
+curve per search; the last line is the ratio of full evaluation's budget to the item evaluations
+after which racing's mean curve reaches (and keeps) full evaluation's final mean. One seed's final
+score is one noisy draw, so matching it seed by seed (also printed) mostly measures that noise.
+The false-stop rate of the bound is measured by replaying racing's rule on the full runs'
+item-level results (every candidate there saw every item).
 
-    python scripts/bench_racing.py --out /tmp/racing_demo --seeds 0 1 2 --trials 40
+    python scripts/bench_racing.py --out /tmp/racing_demo --seeds 0 1 2 3 4 5 6 7 8 9 --trials 40
+
+``--confidence``, ``--rungs`` and ``--against`` override the config's racing settings;
+``--reuse-full`` reuses the full-evaluation studies of an earlier run in the same ``--out``.
 
 The world is built once in ``--out`` (``evomerge demo --out DIR --trials 1`` builds the same one).
 """
@@ -17,11 +25,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
+import statistics
 import time
 from pathlib import Path
 
 import optuna
 from optuna.trial import TrialState
+from scipy.stats import ttest_rel
 
 from evomerge.config import Fitness, FitnessTask
 from evomerge.demo.pipeline import demo_config
@@ -114,6 +125,8 @@ def main() -> None:
     ap.add_argument("--world-seed", type=int, default=0)
     ap.add_argument("--confidence", type=float, default=None, help="racing.confidence (default: the config's)")
     ap.add_argument("--rungs", type=float, nargs="+", default=None, help="racing.rungs (default: the config's)")
+    ap.add_argument("--against", choices=("incumbent", "generation"), default=None,
+                    help="racing.against (default: the config's)")
     ap.add_argument("--reuse-full", action="store_true",
                     help="reuse a full-evaluation study already in --out with the same seed and trial count")
     a = ap.parse_args()
@@ -124,10 +137,13 @@ def main() -> None:
     storage = f"sqlite:///{(a.out / 'runs' / 'bench_racing.db').resolve()}"
     base = demo_config(a.out, models, storage=storage)
     heldout = HeldOut(base, a.out)
-    settings = {k: v for k, v in (("confidence", a.confidence), ("rungs", a.rungs)) if v is not None}
+    settings: dict = {k: v for k, v in (("confidence", a.confidence), ("rungs", a.rungs)) if v is not None}
+    if a.against is not None:
+        settings["against"] = a.against
     racing = base.fitness.racing.model_copy(update=settings)
-    tag = "-".join(f"{k}{v}" for k, v in sorted(settings.items())).replace(" ", "") if settings else "default"
-    rows, stops = [], [0, 0, 0]
+    tag = "-".join(f"{k}{v}" for k, v in sorted(settings.items())) if settings else "default"
+    tag = re.sub(r"[^A-Za-z0-9_.-]+", "_", tag)
+    rows, stops, curves = [], [0, 0, 0], {"full": [], "racing": []}
     for seed in a.seeds:
         full_cfg = demo_config(a.out, models, storage=storage, seed=seed, study=f"full-{seed}",
                                fitness={**base.fitness.model_dump(), "racing": {"enabled": False}, "elites": 0})
@@ -144,6 +160,8 @@ def main() -> None:
         path = trajectory(raced)
         race_test = heldout(best_trial(raced))
         match = next((used for used, inc in path if heldout(inc) >= full_test), None)
+        curves["full"].append([(used, heldout(inc)) for used, inc in trajectory(full)])
+        curves["racing"].append([(used, heldout(inc)) for used, inc in path])
         states = [t.state for t in raced.get_trials(deepcopy=False)]
         for i, v in enumerate(false_stops(full, racing.rungs, racing.confidence)):
             stops[i] += v
@@ -170,10 +188,61 @@ def main() -> None:
     print(f"bound replayed on the full runs: {stops[0]} of {stops[2]} candidates stopped, {stops[1]} of them "
           f"would have beaten the incumbent on all items (confidence {racing.confidence})")
     print(f"held-out models scored: {heldout.evaluated}; wall {time.perf_counter() - start:.0f} s")
-    # a seed whose racing run never matched counts at the whole budget (ratio 1 there): the
-    # printed ratio is then an upper bound, and the table says which seeds did not match
+    if n > 1:
+        diff = [r["race_test"] - r["full_test"] for r in rows]
+        p = ttest_rel([r["race_test"] for r in rows], [r["full_test"] for r in rows]).pvalue
+        print(f"racing - full at an equal budget: {statistics.mean(diff):+.3f} ± {statistics.stdev(diff) / n ** 0.5:.3f} "
+              f"(mean ± se over {n} seeds; paired t-test p = {p:.2f})")
+    # per seed: a seed whose racing run never matched counts at the whole budget (ratio 1 there),
+    # so this ratio is an upper bound; the table says which seeds did not match
     needed = sum(r["match_items"] if r["match_items"] is not None else r["full_items"] for r in rows)
-    print(f"{sum(r['full_items'] for r in rows) / needed:.1f}x fewer item evaluations")
+    print(f"per seed, racing items to match that seed's full held-out: {sum(r['full_items'] for r in rows) / needed:.1f}x "
+          f"fewer (upper bound; {sum(r['match_items'] is None for r in rows)} of {n} seeds not matched)")
+    # over seeds: the mean held-out of the incumbent after b item evaluations, a curve per search
+    # (one seed's final score is one noisy draw; matching it per seed mostly measures that noise)
+    budget = min(r["full_items"] for r in rows)
+    step = max(1, budget // (8 * a.trials))
+    grid = list(range(step, budget + 1, step))
+    mean = {k: [mean_at(v, b) for b in grid] for k, v in curves.items()}
+    target = statistics.mean(r["full_test"] for r in rows)
+    reach = {k: first_staying(grid, m, target) for k, m in mean.items()}
+    print("mean held-out of the incumbent after b item evaluations (over seeds):")
+    for frac in (0.125, 0.25, 0.5, 0.75, 1.0):
+        i = min(len(grid) - 1, max(0, round(frac * len(grid)) - 1))
+        print(f"  b = {grid[i]:5d}: full {fmt(mean['full'][i])}, racing {fmt(mean['racing'][i])}")
+    print(f"full evaluation's mean held-out at its whole budget ({budget} items): {target:.3f}; reached (and kept) "
+          f"by full evaluation at {reach['full']} items, by racing at {reach['racing']} items")
+    if reach["racing"] is None:
+        print("racing did not reach full evaluation's mean held-out within the budget: 1.0x fewer item evaluations")
+    else:
+        print(f"{budget / reach['racing']:.1f}x fewer item evaluations")
+
+
+def mean_at(runs: list[list[tuple[int, float]]], b: int) -> float | None:
+    """The mean over runs of the incumbent's held-out score after ``b`` item evaluations (None
+    while some run has no incumbent yet)."""
+    vals = []
+    for path in runs:
+        seen = [score for used, score in path if used <= b]
+        if not seen:
+            return None
+        vals.append(seen[-1])
+    return statistics.mean(vals)
+
+
+def first_staying(grid: list[int], values: list[float | None], target: float) -> int | None:
+    """The smallest budget from which the curve stays at or above ``target`` (None: never)."""
+    at = None
+    for b, v in zip(grid, values):
+        if v is not None and v >= target - 1e-12:
+            at = b if at is None else at
+        else:
+            at = None
+    return at
+
+
+def fmt(v: float | None) -> str:
+    return "  -  " if v is None else f"{v:.3f}"
 
 
 if __name__ == "__main__":
