@@ -52,11 +52,46 @@ DEFAULT_CONFIG: dict = {
     "math_lr": 3e-4,
     "lang_steps": 150,
     "lang_lr": 3e-4,
+    # how each specialist is fine-tuned: None = one phase on its own skill, every layer and the
+    # embeddings trained; otherwise a list of phases run in order, each
+    # {"layers": "all" | "lower" | "upper" | [layer, ...], "embed": bool,
+    #  "data": [{"items": "arith" | "lookup", "ask": "en" | "b", "answer": "en" | "b"}, ...]}
+    # (lower/upper: the first/second half of the layers; texts drawn uniformly from the data
+    # entries; every phase runs <name>_steps steps at <name>_lr)
+    "math_phases": None,
+    "lang_phases": None,
+}
+
+SKILLS = {  # each specialist's own skill: what a phase-less fine-tune trains on
+    "math": {"items": "arith", "ask": "en", "answer": "en"},
+    "lang": {"items": "lookup", "ask": "b", "answer": "b"},
+}
+
+PRESETS: dict[str, dict] = {
+    # Skills in different layers, and a drift elsewhere that breaks the other skill: math learns
+    # arithmetic in the lower half of the layers, then in the upper half keeps practising it while
+    # drifting to answer b questions in English; lang learns to answer in b in the upper half, then
+    # in the lower half drifts to answer English arithmetic questions in b. Embeddings stay frozen.
+    "layered": {
+        "math_lr": 1e-3,
+        "lang_lr": 1e-3,
+        "math_phases": [
+            {"layers": "lower", "embed": False, "data": [SKILLS["math"]]},
+            {"layers": "upper", "embed": False,
+             "data": [SKILLS["math"], {"items": "lookup", "ask": "b", "answer": "en"}]},
+        ],
+        "lang_phases": [
+            {"layers": "upper", "embed": False, "data": [SKILLS["lang"]]},
+            {"layers": "lower", "embed": False,
+             "data": [SKILLS["lang"], {"items": "arith", "ask": "en", "answer": "b"}]},
+        ],
+    },
 }
 
 __all__ = [
     "DEFAULT_CONFIG",
     "MODEL_NAMES",
+    "PRESETS",
     "WORLD_VERSION",
     "build_world",
     "world_config",
@@ -71,7 +106,40 @@ def world_config(overrides: dict | None = None) -> dict:
         if k not in cfg:
             raise KeyError(f"unknown demo world setting {k!r}")
         cfg[k] = copy.deepcopy(v)
+    for name in SKILLS:
+        _phase_layers_checked(cfg, name)
     return cfg
+
+
+def _phases(cfg: dict, name: str) -> list[dict]:
+    phases = cfg[f"{name}_phases"]
+    return [{"layers": "all", "embed": True, "data": [SKILLS[name]]}] if phases is None else phases
+
+
+def _phase_layers(layers: str | list[int], n: int) -> set[int]:
+    halves = {"all": range(n), "lower": range(n // 2), "upper": range(n // 2, n)}
+    return set(halves[layers]) if isinstance(layers, str) else set(layers)
+
+
+def _phase_layers_checked(cfg: dict, name: str) -> None:
+    """Each phase names layers of the model and data the builder knows (ValueError otherwise)."""
+    n = cfg["arch"]["layers"]
+    for i, ph in enumerate(_phases(cfg, name)):
+        where = f"demo world setting {name}_phases[{i}]"
+        layers = ph.get("layers")
+        if isinstance(layers, str) and layers not in ("all", "lower", "upper"):
+            raise ValueError(f"{where}.layers: expected all, lower, upper or a list of layers, got {layers!r}")
+        if not isinstance(layers, str) and not (
+            isinstance(layers, list) and all(isinstance(x, int) and 0 <= x < n for x in layers)
+        ):
+            raise ValueError(f"{where}.layers: expected layer numbers in 0..{n - 1}, got {layers!r}")
+        if not _phase_layers(layers, n) and not ph.get("embed"):
+            raise ValueError(f"{where}: trains nothing (no layers and embed false)")
+        for d in ph.get("data") or [None]:
+            if not (isinstance(d, dict) and d.get("items") in ("arith", "lookup")
+                    and d.get("ask") in ("en", "b") and d.get("answer") in ("en", "b")):
+                raise ValueError(f"{where}.data: expected entries {{items: arith|lookup, ask: en|b, answer: en|b}}, "
+                                 f"got {d!r}")
 
 
 def _code_hash() -> str:
@@ -155,25 +223,29 @@ def build_world(
         T.save(base, tok, paths["base"])
         timings["base"] = time.perf_counter() - t0
 
-        specialists = {
-            "math": (splits["arith_train"], "en"),
-            "lang": (splits["lookup_train"], "b"),
-        }
-        for name, (items, lang) in specialists.items():
+        n_layers = cfg["arch"]["layers"]
+        for name in SKILLS:
             t0 = time.perf_counter()
-            say(f"fine-tuning {name} ({cfg[name + '_steps']} steps)")
             model = copy.deepcopy(base)
-            T.train(
-                model,
-                data.qa_stream(T.rng_for(seed, name), items, lang),
-                steps=cfg[f"{name}_steps"],
-                lr=cfg[f"{name}_lr"],
-                batch=cfg["batch"],
-                warmup=20,
-                answer_only=True,
-                seed=seed,
-                log=say,
-            )
+            for k, phase in enumerate(_phases(cfg, name)):
+                layers = _phase_layers(phase["layers"], n_layers)
+                everything = phase["embed"] and layers == set(range(n_layers))
+                say(f"fine-tuning {name} ({cfg[name + '_steps']} steps"
+                    + ("" if everything else f", layers {sorted(layers)}{' and embeddings' if phase['embed'] else ''}")
+                    + ")")
+                parts = [(splits[f"{d['items']}_train"], d["ask"], d["answer"]) for d in phase["data"]]
+                T.train(
+                    model,
+                    data.qa_mix_stream(T.rng_for(seed, name if k == 0 else f"{name}-{k}"), parts),
+                    steps=cfg[f"{name}_steps"],
+                    lr=cfg[f"{name}_lr"],
+                    batch=cfg["batch"],
+                    warmup=20,
+                    answer_only=True,
+                    seed=seed,
+                    log=say,
+                    trainable=None if everything else T.layer_filter(layers, phase["embed"]),
+                )
             T.save(model, tok, paths[name])
             timings[name] = time.perf_counter() - t0
             del model
@@ -190,8 +262,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("out_dir", type=Path)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--force", action="store_true")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default=None, help="build a preset world instead of the default")
     a = ap.parse_args(argv)
-    paths = build_world(a.out_dir, seed=a.seed, force=a.force, log=print)
+    paths = build_world(a.out_dir, seed=a.seed, force=a.force, log=print,
+                        config=None if a.preset is None else PRESETS[a.preset])
     for name, p in paths.items():
         print(f"{name}: {p}")
 
