@@ -17,6 +17,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from evomerge.demo import MODEL_NAMES, build_world, data, write_task_data, write_tasks  # noqa: E402
 from evomerge.demo.tasks import TASKS, task_docs  # noqa: E402
+from evomerge.demo.world import PRESETS  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS_DIR = REPO / "tasks"
@@ -120,6 +121,37 @@ def test_build_writes_a_task_suite_for_its_seed(small_world):
 def test_unknown_setting_is_rejected(tmp_path):
     with pytest.raises(KeyError):
         build_world(tmp_path, config={"no_such_knob": 1})
+
+
+def test_phased_specialists_change_only_the_layers_their_phases_train(tmp_path):
+    """The layered preset on the small world (2 layers): math trains layer 0, then layer 1; lang
+    trains layer 1 only (its second phase on layer 0 is cut to the first, here with one phase);
+    embeddings stay frozen."""
+    from transformers import AutoModelForCausalLM
+
+    lang_upper = [dict(PRESETS["layered"]["lang_phases"][0])]
+    models = build_world(tmp_path, seed=0, config={**SMALL, **PRESETS["layered"], "lang_phases": lang_upper})
+    sd = {n: AutoModelForCausalLM.from_pretrained(models[n]).state_dict() for n in MODEL_NAMES}
+
+    def changed(name: str) -> set[str]:
+        return {k.split(".layers.")[1].split(".")[0] if ".layers." in k else "outside"
+                for k in sd["base"] if not torch.equal(sd["base"][k], sd[name][k])}
+
+    assert changed("math") == {"0", "1"}
+    assert changed("lang") == {"1"}
+
+
+@pytest.mark.parametrize("phases, field", [
+    ([{"layers": "middle", "embed": False, "data": [{"items": "arith", "ask": "en", "answer": "en"}]}], "layers"),
+    ([{"layers": [2], "embed": False, "data": [{"items": "arith", "ask": "en", "answer": "en"}]}], "layers"),
+    ([{"layers": [], "embed": False, "data": [{"items": "arith", "ask": "en", "answer": "en"}]}], "trains nothing"),
+    ([{"layers": "all", "embed": True, "data": [{"items": "arith", "ask": "fr", "answer": "en"}]}], "data"),
+    ([{"layers": "all", "embed": True, "data": []}], "data"),
+])  # fmt: skip
+def test_bad_phases_are_rejected_before_anything_is_built(tmp_path, phases, field):
+    with pytest.raises(ValueError, match=rf"math_phases\[0\].*{field}"):
+        build_world(tmp_path / "w", config={**SMALL, "math_phases": phases})
+    assert not (tmp_path / "w").exists()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -229,9 +229,9 @@ def build_world(
             model = copy.deepcopy(base)
             for k, phase in enumerate(_phases(cfg, name)):
                 layers = _phase_layers(phase["layers"], n_layers)
-                everything = phase["embed"] and layers == set(range(n_layers))
+                everything = phase.get("embed", False) and layers == set(range(n_layers))
                 say(f"fine-tuning {name} ({cfg[name + '_steps']} steps"
-                    + ("" if everything else f", layers {sorted(layers)}{' and embeddings' if phase['embed'] else ''}")
+                    + ("" if everything else f", layers {sorted(layers)}{' and embeddings' if phase.get('embed') else ''}")
                     + ")")
                 parts = [(splits[f"{d['items']}_train"], d["ask"], d["answer"]) for d in phase["data"]]
                 T.train(
@@ -244,7 +244,7 @@ def build_world(
                     answer_only=True,
                     seed=seed,
                     log=say,
-                    trainable=None if everything else T.layer_filter(layers, phase["embed"]),
+                    trainable=None if everything else T.layer_filter(layers, phase.get("embed", False)),
                 )
             T.save(model, tok, paths[name])
             timings[name] = time.perf_counter() - t0
