@@ -124,9 +124,9 @@ def test_unknown_setting_is_rejected(tmp_path):
 
 
 def test_phased_specialists_change_only_the_layers_their_phases_train(tmp_path):
-    """The layered preset on the small world (2 layers): math trains layer 0, then layer 1; lang
-    trains layer 1 only (its second phase on layer 0 is cut to the first, here with one phase);
-    embeddings stay frozen."""
+    """The layered preset on the small world (2 layers), with lang cut to its first phase (the
+    upper half, layer 1): math changes every layer, lang only layer 1, and neither changes the
+    embeddings, the final norm or the head."""
     from transformers import AutoModelForCausalLM
 
     lang_upper = [dict(PRESETS["layered"]["lang_phases"][0])]
@@ -147,6 +147,8 @@ def test_phased_specialists_change_only_the_layers_their_phases_train(tmp_path):
     ([{"layers": [], "embed": False, "data": [{"items": "arith", "ask": "en", "answer": "en"}]}], "trains nothing"),
     ([{"layers": "all", "embed": True, "data": [{"items": "arith", "ask": "fr", "answer": "en"}]}], "data"),
     ([{"layers": "all", "embed": True, "data": []}], "data"),
+    ([{"layers": "all", "embed": True, "steps": 0, "data": [{"items": "arith", "ask": "en", "answer": "en"}]}], "steps"),
+    ([{"layers": "all", "embed": True, "lr": "fast", "data": [{"items": "arith", "ask": "en", "answer": "en"}]}], "lr"),
 ])  # fmt: skip
 def test_bad_phases_are_rejected_before_anything_is_built(tmp_path, phases, field):
     with pytest.raises(ValueError, match=rf"math_phases\[0\].*{field}"):

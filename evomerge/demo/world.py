@@ -57,7 +57,7 @@ DEFAULT_CONFIG: dict = {
     # {"layers": "all" | "lower" | "upper" | [layer, ...], "embed": bool,
     #  "data": [{"items": "arith" | "lookup", "ask": "en" | "b", "answer": "en" | "b"}, ...]}
     # (lower/upper: the first/second half of the layers; texts drawn uniformly from the data
-    # entries; every phase runs <name>_steps steps at <name>_lr)
+    # entries; a phase runs its own "steps" and "lr" if it has them, else <name>_steps and <name>_lr)
     "math_phases": None,
     "lang_phases": None,
 }
@@ -68,21 +68,18 @@ SKILLS = {  # each specialist's own skill: what a phase-less fine-tune trains on
 }
 
 PRESETS: dict[str, dict] = {
-    # Skills in different layers, and a drift elsewhere that breaks the other skill: math learns
-    # arithmetic in the lower half of the layers, then in the upper half keeps practising it while
-    # drifting to answer b questions in English; lang learns to answer in b in the upper half, then
-    # in the lower half drifts to answer English arithmetic questions in b. Embeddings stay frozen.
+    # A fine-tune whose useful change sits in some layers while others drift: math is fine-tuned in
+    # every layer; lang learns to answer in b in the upper half of the layers (gently: it needs its
+    # whole change), then a short stretch of training on the lower half also teaches it to answer
+    # English arithmetic in b, which breaks math's answers in a merge. The best merge takes lang's
+    # upper layers and not its lower ones, which one weight per model cannot express. Embeddings
+    # stay frozen (in a per-layer search they follow layer 0's weight).
     "layered": {
         "math_lr": 1e-3,
-        "lang_lr": 1e-3,
-        "math_phases": [
-            {"layers": "lower", "embed": False, "data": [SKILLS["math"]]},
-            {"layers": "upper", "embed": False,
-             "data": [SKILLS["math"], {"items": "lookup", "ask": "b", "answer": "en"}]},
-        ],
+        "math_phases": [{"layers": "all", "embed": False, "data": [SKILLS["math"]]}],
         "lang_phases": [
-            {"layers": "upper", "embed": False, "data": [SKILLS["lang"]]},
-            {"layers": "lower", "embed": False,
+            {"layers": "upper", "embed": False, "lr": 2e-4, "data": [SKILLS["lang"]]},
+            {"layers": "lower", "embed": False, "lr": 1e-3, "steps": 60,
              "data": [SKILLS["lang"], {"items": "arith", "ask": "en", "answer": "b"}]},
         ],
     },
@@ -135,6 +132,10 @@ def _phase_layers_checked(cfg: dict, name: str) -> None:
             raise ValueError(f"{where}.layers: expected layer numbers in 0..{n - 1}, got {layers!r}")
         if not _phase_layers(layers, n) and not ph.get("embed"):
             raise ValueError(f"{where}: trains nothing (no layers and embed false)")
+        if "steps" in ph and not (isinstance(ph["steps"], int) and ph["steps"] > 0):
+            raise ValueError(f"{where}.steps: expected a positive integer, got {ph['steps']!r}")
+        if "lr" in ph and not (isinstance(ph["lr"], float) and ph["lr"] > 0):
+            raise ValueError(f"{where}.lr: expected a positive number, got {ph['lr']!r}")
         for d in ph.get("data") or [None]:
             if not (isinstance(d, dict) and d.get("items") in ("arith", "lookup")
                     and d.get("ask") in ("en", "b") and d.get("answer") in ("en", "b")):
@@ -230,15 +231,16 @@ def build_world(
             for k, phase in enumerate(_phases(cfg, name)):
                 layers = _phase_layers(phase["layers"], n_layers)
                 everything = phase.get("embed", False) and layers == set(range(n_layers))
-                say(f"fine-tuning {name} ({cfg[name + '_steps']} steps"
+                steps = phase.get("steps", cfg[f"{name}_steps"])
+                say(f"fine-tuning {name} ({steps} steps"
                     + ("" if everything else f", layers {sorted(layers)}{' and embeddings' if phase.get('embed') else ''}")
                     + ")")
                 parts = [(splits[f"{d['items']}_train"], d["ask"], d["answer"]) for d in phase["data"]]
                 T.train(
                     model,
                     data.qa_mix_stream(T.rng_for(seed, name if k == 0 else f"{name}-{k}"), parts),
-                    steps=cfg[f"{name}_steps"],
-                    lr=cfg[f"{name}_lr"],
+                    steps=steps,
+                    lr=phase.get("lr", cfg[f"{name}_lr"]),
                     batch=cfg["batch"],
                     warmup=20,
                     answer_only=True,
