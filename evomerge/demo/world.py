@@ -9,13 +9,18 @@ The world (all offline and deterministic; a few minutes at most on 2 CPU cores):
   stated as sentences in both languages, and English question/answer pairs about the facts (half
   of them with code-switched questions). It has never seen arithmetic asked as a question, nor a
   question answered in b;
-* ``math``: base fine-tuned on arithmetic questions asked and answered in English;
-* ``lang``: base fine-tuned on fact questions (no arithmetic) asked and answered in b.
+* ``math``: base fine-tuned (every layer, embeddings frozen) on arithmetic questions asked and
+  answered in English;
+* ``lang``: base fine-tuned in its upper layers on fact questions (no arithmetic) asked and
+  answered in b, then briefly in its lower layers on those and on English arithmetic questions
+  answered in b: a drift that breaks math's answers in a merge.
 
 Tasks (see :mod:`evomerge.demo.tasks`): ``demo_math``, ``demo_lang``, the merge target
-``demo_target`` (half of each: every parent is poor on the half it was not trained for, a
-task-arithmetic merge is good on both) and ``demo_compose`` (arithmetic asked in b: the
-compositional skill; parents are poor, merges gain there too but less).
+``demo_target`` (half of each: every parent is poor on the half it was not trained for; a merge
+that takes lang's upper layers and not its lower ones is good on both, one weight per model is
+not) and ``demo_compose`` (arithmetic asked in b: the compositional skill; parents are poor,
+merges gain there too but less). ``PRESETS['v1']`` rebuilds world version 1 (one full fine-tune
+per specialist, where one weight per model does as well as a per-layer search).
 """
 
 from __future__ import annotations
@@ -32,10 +37,15 @@ from evomerge.demo import data
 from evomerge.demo import train as T
 from evomerge.demo.tasks import write_task_data, write_tasks
 
-WORLD_VERSION = 1
+WORLD_VERSION = 2  # 1: one full fine-tune per specialist (PRESETS['v1'])
 MODEL_NAMES = ("base", "math", "lang")
 STAMP = "world.json"
 THREADS = 1  # fixed: kernels may round differently with another count; 1 also copes best with a busy CPU
+
+SKILLS = {  # each specialist's own skill: what a phase-less fine-tune trains on
+    "math": {"items": "arith", "ask": "en", "answer": "en"},
+    "lang": {"items": "lookup", "ask": "b", "answer": "b"},
+}
 
 DEFAULT_CONFIG: dict = {
     "arch": {"hidden": 128, "mlp": 384, "layers": 4, "heads": 4, "tie": True},
@@ -49,7 +59,7 @@ DEFAULT_CONFIG: dict = {
     "base_steps": 1000,
     "base_lr": 3e-3,
     "math_steps": 200,
-    "math_lr": 3e-4,
+    "math_lr": 1e-3,
     "lang_steps": 150,
     "lang_lr": 3e-4,
     # how each specialist is fine-tuned: None = one phase on its own skill, every layer and the
@@ -58,31 +68,26 @@ DEFAULT_CONFIG: dict = {
     #  "data": [{"items": "arith" | "lookup", "ask": "en" | "b", "answer": "en" | "b"}, ...]}
     # (lower/upper: the first/second half of the layers; texts drawn uniformly from the data
     # entries; a phase runs its own "steps" and "lr" if it has them, else <name>_steps and <name>_lr)
-    "math_phases": None,
-    "lang_phases": None,
-}
-
-SKILLS = {  # each specialist's own skill: what a phase-less fine-tune trains on
-    "math": {"items": "arith", "ask": "en", "answer": "en"},
-    "lang": {"items": "lookup", "ask": "b", "answer": "b"},
-}
-
-PRESETS: dict[str, dict] = {
     # A fine-tune whose useful change sits in some layers while others drift: math is fine-tuned in
     # every layer; lang learns to answer in b in the upper half of the layers (gently: it needs its
     # whole change), then a short stretch of training on the lower half also teaches it to answer
     # English arithmetic in b, which breaks math's answers in a merge. The best merge takes lang's
     # upper layers and not its lower ones, which one weight per model cannot express. Embeddings
     # stay frozen (in a per-layer search they follow layer 0's weight).
-    "layered": {
-        "math_lr": 1e-3,
-        "math_phases": [{"layers": "all", "embed": False, "data": [SKILLS["math"]]}],
-        "lang_phases": [
-            {"layers": "upper", "embed": False, "lr": 2e-4, "data": [SKILLS["lang"]]},
-            {"layers": "lower", "embed": False, "lr": 1e-3, "steps": 60,
-             "data": [SKILLS["lang"], {"items": "arith", "ask": "en", "answer": "b"}]},
-        ],
-    },
+    "math_phases": [{"layers": "all", "embed": False, "data": [SKILLS["math"]]}],
+    "lang_phases": [
+        {"layers": "upper", "embed": False, "lr": 2e-4, "data": [SKILLS["lang"]]},
+        {"layers": "lower", "embed": False, "lr": 1e-3, "steps": 60,
+         "data": [SKILLS["lang"], {"items": "arith", "ask": "en", "answer": "b"}]},
+    ],
+}
+
+PRESETS: dict[str, dict] = {
+    # the default world (version 2), spelled out: a per-layer search beats one weight per model
+    "layered": {k: copy.deepcopy(DEFAULT_CONFIG[k]) for k in ("math_lr", "math_phases", "lang_phases")},
+    # world version 1: each specialist one full fine-tune (every layer and the embeddings); a
+    # per-layer search gains nothing over one weight per model there
+    "v1": {"math_lr": 3e-4, "math_phases": None, "lang_phases": None},
 }
 
 __all__ = [
