@@ -5,7 +5,7 @@ best trial is built and scored on the held-out test split(s).
     python scripts/compare_samplers.py --out demo_out --trials 40 --seeds 0 1 2 3 \
         --variants cmaes "cmaes:sigma0=0.15" tpe "cmaes:groups=1"
 
-``--world-config`` builds another world: a preset of ``evomerge.demo.world.PRESETS`` (``layered``)
+``--world-config`` builds another world: a preset of ``evomerge.demo.world.PRESETS`` (``layered``, ``v1``)
 or a JSON object of ``DEFAULT_CONFIG`` overrides; give each world its own ``--out``.
 
 A variant is a sampler name, optionally with ``:key=value,...`` overrides: ``sigma0``, ``popsize``
