@@ -5,6 +5,9 @@ best trial is built and scored on the held-out test split(s).
     python scripts/compare_samplers.py --out demo_out --trials 40 --seeds 0 1 2 3 \
         --variants cmaes "cmaes:sigma0=0.15" tpe "cmaes:groups=1"
 
+``--world-config`` builds another world: a preset of ``evomerge.demo.world.PRESETS`` (``layered``, ``v1``)
+or a JSON object of ``DEFAULT_CONFIG`` overrides; give each world its own ``--out``.
+
 A variant is a sampler name, optionally with ``:key=value,...`` overrides: ``sigma0``, ``popsize``
 (the sampler's fields) and ``groups`` (``merge.layer_groups``: 1 = one weight per model). Prints
 the test score per seed, the mean ± sd per variant and Welch's t-test (two-sided) of each variant
@@ -25,7 +28,7 @@ from typing import Any
 from scipy import stats
 
 from evomerge.demo.pipeline import demo_config, score_on_test
-from evomerge.demo.world import build_world
+from evomerge.demo.world import PRESETS, build_world
 from evomerge.engine import merge_to_dir
 from evomerge.export import build_trial_model, trial_recipe
 from evomerge.samplers import cma_state
@@ -89,11 +92,16 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=["cmaes", "tpe"])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--world-seed", type=int, default=0)
+    ap.add_argument("--world-config", default=None,
+                    help=f"world settings: a preset ({', '.join(PRESETS)}) or a JSON object of overrides")
     ap.add_argument("--tasks", nargs="+", default=["demo_target"])
     ap.add_argument("--score-mean", action="store_true", help="also score CMA-ES's final mean on test")
     ap.add_argument("--json", type=Path, default=None, help="default: <out>/compare_samplers.json")
     a = ap.parse_args()
-    models = build_world(a.out, seed=a.world_seed)
+    world = None
+    if a.world_config is not None:
+        world = PRESETS[a.world_config] if a.world_config in PRESETS else json.loads(a.world_config)
+    models = build_world(a.out, seed=a.world_seed, config=world, log=print)
     path = a.json or a.out / "compare_samplers.json"
     rows: list[dict[str, Any]] = json.loads(path.read_text())["runs"] if path.is_file() else []
     done = {(r["variant"], r["seed"], r["trials"]) for r in rows}

@@ -17,6 +17,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from evomerge.demo import MODEL_NAMES, build_world, data, write_task_data, write_tasks  # noqa: E402
 from evomerge.demo.tasks import TASKS, task_docs  # noqa: E402
+from evomerge.demo.world import PRESETS  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS_DIR = REPO / "tasks"
@@ -122,6 +123,39 @@ def test_unknown_setting_is_rejected(tmp_path):
         build_world(tmp_path, config={"no_such_knob": 1})
 
 
+def test_phased_specialists_change_only_the_layers_their_phases_train(tmp_path):
+    """The layered preset on the small world (2 layers), with lang cut to its first phase (the
+    upper half, layer 1): math changes every layer, lang only layer 1, and neither changes the
+    embeddings, the final norm or the head."""
+    from transformers import AutoModelForCausalLM
+
+    lang_upper = [dict(PRESETS["layered"]["lang_phases"][0])]
+    models = build_world(tmp_path, seed=0, config={**SMALL, **PRESETS["layered"], "lang_phases": lang_upper})
+    sd = {n: AutoModelForCausalLM.from_pretrained(models[n]).state_dict() for n in MODEL_NAMES}
+
+    def changed(name: str) -> set[str]:
+        return {k.split(".layers.")[1].split(".")[0] if ".layers." in k else "outside"
+                for k in sd["base"] if not torch.equal(sd["base"][k], sd[name][k])}
+
+    assert changed("math") == {"0", "1"}
+    assert changed("lang") == {"1"}
+
+
+@pytest.mark.parametrize("phases, field", [
+    ([{"layers": "middle", "embed": False, "data": [{"items": "arith", "ask": "en", "answer": "en"}]}], "layers"),
+    ([{"layers": [2], "embed": False, "data": [{"items": "arith", "ask": "en", "answer": "en"}]}], "layers"),
+    ([{"layers": [], "embed": False, "data": [{"items": "arith", "ask": "en", "answer": "en"}]}], "trains nothing"),
+    ([{"layers": "all", "embed": True, "data": [{"items": "arith", "ask": "fr", "answer": "en"}]}], "data"),
+    ([{"layers": "all", "embed": True, "data": []}], "data"),
+    ([{"layers": "all", "embed": True, "steps": 0, "data": [{"items": "arith", "ask": "en", "answer": "en"}]}], "steps"),
+    ([{"layers": "all", "embed": True, "lr": "fast", "data": [{"items": "arith", "ask": "en", "answer": "en"}]}], "lr"),
+])  # fmt: skip
+def test_bad_phases_are_rejected_before_anything_is_built(tmp_path, phases, field):
+    with pytest.raises(ValueError, match=rf"math_phases\[0\].*{field}"):
+        build_world(tmp_path / "w", config={**SMALL, "math_phases": phases})
+    assert not (tmp_path / "w").exists()
+
+
 # ------------------------------------------------------------------------------------------------
 # data and tasks
 
@@ -222,14 +256,22 @@ def _score(model_dir: Path, docs: list[dict]) -> float:
     return right / len(docs)
 
 
-def _task_arithmetic(models: dict[str, Path], out: Path, w_math: float, w_lang: float) -> Path:
+def _task_arithmetic(models: dict[str, Path], out: Path, w_math: float, w_lang: float | list[float]) -> Path:
+    """base + w_math * (math - base) + w_lang * (lang - base); a list w_lang holds one weight per
+    layer, and tensors outside the layers take layer 0's (as mergekit reads a gradient)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     sd = {n: AutoModelForCausalLM.from_pretrained(models[n]).state_dict() for n in MODEL_NAMES}
     merged = AutoModelForCausalLM.from_pretrained(models["base"])
+
+    def lang_weight(key: str) -> float:
+        if not isinstance(w_lang, list):
+            return w_lang
+        return w_lang[int(key.split(".layers.")[1].split(".")[0]) if ".layers." in key else 0]
+
     merged.load_state_dict(
         {
-            k: v + w_math * (sd["math"][k] - v) + w_lang * (sd["lang"][k] - v)
+            k: v + w_math * (sd["math"][k] - v) + lang_weight(k) * (sd["lang"][k] - v)
             for k, v in sd["base"].items()
         }
     )
@@ -240,27 +282,29 @@ def _task_arithmetic(models: dict[str, Path], out: Path, w_math: float, w_lang: 
 
 @pytest.mark.slow
 def test_full_world_merge_beats_every_parent(tmp_path):
-    """The real recipe: each parent is poor on the target, a plain task-arithmetic merge is clearly
-    better, and the real lm_eval CLI (run from another directory) agrees with a direct computation."""
+    """The real recipe: each parent is poor on the target; a merge that takes lang's upper layers
+    and not its drifted lower ones is clearly better, one weight per model is not; and the real
+    lm_eval CLI (run from another directory) agrees with a direct computation."""
     models = build_world(tmp_path / "world", seed=0)
     docs = task_docs(0)
     target, compose = docs["demo_target"]["test"], docs["demo_compose"]["test"]
     parents = {n: _score(models[n], target) for n in MODEL_NAMES}
-    merged = _task_arithmetic(models, tmp_path / "merged", 1.0, 0.5)
+    merged = _task_arithmetic(models, tmp_path / "merged", 1.0, [0.0, 0.0, 1.0, 1.0])
     merge_acc = _score(merged, target)
-    assert max(parents.values()) < 0.65, parents
-    assert merge_acc >= max(parents.values()) + 0.15, (parents, merge_acc)
+    uniform_acc = _score(_task_arithmetic(models, tmp_path / "uniform", 1.0, 0.5), target)
+    # measured with seed 0: parents 0.065 / 0.405 / 0.500, per-layer merge 0.802, uniform 0.466
+    assert max(parents.values()) < 0.55, parents
+    assert merge_acc >= max(parents.values()) + 0.2, (parents, merge_acc)
+    assert uniform_acc <= merge_acc - 0.2, (uniform_acc, merge_acc)
     # the specialists are good at their own skills
     assert _score(models["math"], docs["demo_math"]["test"]) > 0.8
     assert _score(models["lang"], docs["demo_lang"]["test"]) > 0.9
-    # the compositional task (arithmetic asked in b): every parent is poor, and so is a uniform merge
-    # at this scale. Across package versions the merge has scored just above and just below the best
-    # parent (0.090 against lang's 0.093 with transformers 5.24, one item of 268): near chance both
-    # times, which is what the README says
+    # the compositional task (arithmetic asked in b): every parent is poor (lang 0.131); merges gain
+    # a little (0.213 here: lang's drift answers arithmetic in b), far from the specialists' own skills
     compose_parents = {n: _score(models[n], compose) for n in MODEL_NAMES}
-    compose_merge = _score(_task_arithmetic(models, tmp_path / "m2", 0.7, 1.0), compose)
+    compose_merge = _score(merged, compose)
     assert max(compose_parents.values()) < 0.15, compose_parents
-    assert compose_merge < 0.15 and abs(compose_merge - max(compose_parents.values())) < 0.05, (compose_parents, compose_merge)
+    assert max(compose_parents.values()) < compose_merge < 0.35, (compose_parents, compose_merge)
 
     run = subprocess.run(
         [

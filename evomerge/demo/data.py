@@ -380,7 +380,21 @@ def base_stream(rng: random.Random, cfg: dict) -> Iterator[str]:
             raise KeyError(kind)
 
 
-def qa_stream(rng: random.Random, items: list[Item], lang: str) -> Iterator[str]:
+def qa_stream(rng: random.Random, items: list[Item], lang: str, answer: str | None = None) -> Iterator[str]:
+    """Questions asked in ``lang``, answered in ``answer`` (default: ``lang``)."""
+    answer = answer or lang
     while True:
-        q, a = qa_text(rng.choice(items), lang)
+        item = rng.choice(items)
+        q, _ = qa_text(item, lang)
+        a = item.fact.answer if answer == "en" else EN2B[item.fact.answer]
         yield f"{q} {a}"
+
+
+def qa_mix_stream(rng: random.Random, parts: list[tuple[list[Item], str, str]]) -> Iterator[str]:
+    """Each text drawn from one of ``parts`` (items, question language, answer language), chosen
+    uniformly; a single part is exactly :func:`qa_stream`."""
+    streams = [qa_stream(rng, items, ask, answer) for items, ask, answer in parts]
+    if len(streams) == 1:
+        yield from streams[0]
+    while True:
+        yield next(rng.choice(streams))

@@ -127,6 +127,18 @@ def _packed_batches(
         yield inp, lab
 
 
+def layer_filter(layers: set[int], embed: bool) -> Callable[[str], bool]:
+    """Which parameters train: those of the decoder layers in ``layers`` and, with ``embed``, the
+    ones outside every layer (embeddings, final norm, head)."""
+
+    def trainable(name: str) -> bool:
+        if ".layers." not in name:
+            return embed
+        return int(name.split(".layers.")[1].split(".")[0]) in layers
+
+    return trainable
+
+
 def train(
     model,
     stream: Iterator[str],

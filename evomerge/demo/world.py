@@ -9,13 +9,18 @@ The world (all offline and deterministic; a few minutes at most on 2 CPU cores):
   stated as sentences in both languages, and English question/answer pairs about the facts (half
   of them with code-switched questions). It has never seen arithmetic asked as a question, nor a
   question answered in b;
-* ``math``: base fine-tuned on arithmetic questions asked and answered in English;
-* ``lang``: base fine-tuned on fact questions (no arithmetic) asked and answered in b.
+* ``math``: base fine-tuned (every layer, embeddings frozen) on arithmetic questions asked and
+  answered in English;
+* ``lang``: base fine-tuned in its upper layers on fact questions (no arithmetic) asked and
+  answered in b, then briefly in its lower layers on those and on English arithmetic questions
+  answered in b: a drift that breaks math's answers in a merge.
 
 Tasks (see :mod:`evomerge.demo.tasks`): ``demo_math``, ``demo_lang``, the merge target
-``demo_target`` (half of each: every parent is poor on the half it was not trained for, a
-task-arithmetic merge is good on both) and ``demo_compose`` (arithmetic asked in b: the
-compositional skill; parents are poor, merges gain there too but less).
+``demo_target`` (half of each: every parent is poor on the half it was not trained for; a merge
+that takes lang's upper layers and not its lower ones is good on both, one weight per model is
+not) and ``demo_compose`` (arithmetic asked in b: the compositional skill; parents are poor,
+merges gain there too but less). ``PRESETS['v1']`` rebuilds world version 1 (one full fine-tune
+per specialist, where one weight per model does as well as a per-layer search).
 """
 
 from __future__ import annotations
@@ -32,10 +37,15 @@ from evomerge.demo import data
 from evomerge.demo import train as T
 from evomerge.demo.tasks import write_task_data, write_tasks
 
-WORLD_VERSION = 1
+WORLD_VERSION = 2  # 1: one full fine-tune per specialist (PRESETS['v1'])
 MODEL_NAMES = ("base", "math", "lang")
 STAMP = "world.json"
 THREADS = 1  # fixed: kernels may round differently with another count; 1 also copes best with a busy CPU
+
+SKILLS = {  # each specialist's own skill: what a phase-less fine-tune trains on
+    "math": {"items": "arith", "ask": "en", "answer": "en"},
+    "lang": {"items": "lookup", "ask": "b", "answer": "b"},
+}
 
 DEFAULT_CONFIG: dict = {
     "arch": {"hidden": 128, "mlp": 384, "layers": 4, "heads": 4, "tie": True},
@@ -49,14 +59,41 @@ DEFAULT_CONFIG: dict = {
     "base_steps": 1000,
     "base_lr": 3e-3,
     "math_steps": 200,
-    "math_lr": 3e-4,
+    "math_lr": 1e-3,
     "lang_steps": 150,
     "lang_lr": 3e-4,
+    # how each specialist is fine-tuned: None = one phase on its own skill, every layer and the
+    # embeddings trained; otherwise a list of phases run in order, each
+    # {"layers": "all" | "lower" | "upper" | [layer, ...], "embed": bool,
+    #  "data": [{"items": "arith" | "lookup", "ask": "en" | "b", "answer": "en" | "b"}, ...]}
+    # (lower/upper: the first/second half of the layers; texts drawn uniformly from the data
+    # entries; a phase runs its own "steps" and "lr" if it has them, else <name>_steps and <name>_lr)
+    # A fine-tune whose useful change sits in some layers while others drift: math is fine-tuned in
+    # every layer; lang learns to answer in b in the upper half of the layers (gently: it needs its
+    # whole change), then a short stretch of training on the lower half also teaches it to answer
+    # English arithmetic in b, which breaks math's answers in a merge. The best merge takes lang's
+    # upper layers and not its lower ones, which one weight per model cannot express. Embeddings
+    # stay frozen (in a per-layer search they follow layer 0's weight).
+    "math_phases": [{"layers": "all", "embed": False, "data": [SKILLS["math"]]}],
+    "lang_phases": [
+        {"layers": "upper", "embed": False, "lr": 2e-4, "data": [SKILLS["lang"]]},
+        {"layers": "lower", "embed": False, "lr": 1e-3, "steps": 60,
+         "data": [SKILLS["lang"], {"items": "arith", "ask": "en", "answer": "b"}]},
+    ],
+}
+
+PRESETS: dict[str, dict] = {
+    # the default world (version 2), spelled out: a per-layer search beats one weight per model
+    "layered": {k: copy.deepcopy(DEFAULT_CONFIG[k]) for k in ("math_lr", "math_phases", "lang_phases")},
+    # world version 1: each specialist one full fine-tune (every layer and the embeddings); a
+    # per-layer search gains nothing over one weight per model there
+    "v1": {"math_lr": 3e-4, "math_phases": None, "lang_phases": None},
 }
 
 __all__ = [
     "DEFAULT_CONFIG",
     "MODEL_NAMES",
+    "PRESETS",
     "WORLD_VERSION",
     "build_world",
     "world_config",
@@ -71,7 +108,44 @@ def world_config(overrides: dict | None = None) -> dict:
         if k not in cfg:
             raise KeyError(f"unknown demo world setting {k!r}")
         cfg[k] = copy.deepcopy(v)
+    for name in SKILLS:
+        _phase_layers_checked(cfg, name)
     return cfg
+
+
+def _phases(cfg: dict, name: str) -> list[dict]:
+    phases = cfg[f"{name}_phases"]
+    return [{"layers": "all", "embed": True, "data": [SKILLS[name]]}] if phases is None else phases
+
+
+def _phase_layers(layers: str | list[int], n: int) -> set[int]:
+    halves = {"all": range(n), "lower": range(n // 2), "upper": range(n // 2, n)}
+    return set(halves[layers]) if isinstance(layers, str) else set(layers)
+
+
+def _phase_layers_checked(cfg: dict, name: str) -> None:
+    """Each phase names layers of the model and data the builder knows (ValueError otherwise)."""
+    n = cfg["arch"]["layers"]
+    for i, ph in enumerate(_phases(cfg, name)):
+        where = f"demo world setting {name}_phases[{i}]"
+        layers = ph.get("layers")
+        if isinstance(layers, str) and layers not in ("all", "lower", "upper"):
+            raise ValueError(f"{where}.layers: expected all, lower, upper or a list of layers, got {layers!r}")
+        if not isinstance(layers, str) and not (
+            isinstance(layers, list) and all(isinstance(x, int) and 0 <= x < n for x in layers)
+        ):
+            raise ValueError(f"{where}.layers: expected layer numbers in 0..{n - 1}, got {layers!r}")
+        if not _phase_layers(layers, n) and not ph.get("embed"):
+            raise ValueError(f"{where}: trains nothing (no layers and embed false)")
+        if "steps" in ph and not (isinstance(ph["steps"], int) and ph["steps"] > 0):
+            raise ValueError(f"{where}.steps: expected a positive integer, got {ph['steps']!r}")
+        if "lr" in ph and not (isinstance(ph["lr"], float) and ph["lr"] > 0):
+            raise ValueError(f"{where}.lr: expected a positive number, got {ph['lr']!r}")
+        for d in ph.get("data") or [None]:
+            if not (isinstance(d, dict) and d.get("items") in ("arith", "lookup")
+                    and d.get("ask") in ("en", "b") and d.get("answer") in ("en", "b")):
+                raise ValueError(f"{where}.data: expected entries {{items: arith|lookup, ask: en|b, answer: en|b}}, "
+                                 f"got {d!r}")
 
 
 def _code_hash() -> str:
@@ -155,25 +229,30 @@ def build_world(
         T.save(base, tok, paths["base"])
         timings["base"] = time.perf_counter() - t0
 
-        specialists = {
-            "math": (splits["arith_train"], "en"),
-            "lang": (splits["lookup_train"], "b"),
-        }
-        for name, (items, lang) in specialists.items():
+        n_layers = cfg["arch"]["layers"]
+        for name in SKILLS:
             t0 = time.perf_counter()
-            say(f"fine-tuning {name} ({cfg[name + '_steps']} steps)")
             model = copy.deepcopy(base)
-            T.train(
-                model,
-                data.qa_stream(T.rng_for(seed, name), items, lang),
-                steps=cfg[f"{name}_steps"],
-                lr=cfg[f"{name}_lr"],
-                batch=cfg["batch"],
-                warmup=20,
-                answer_only=True,
-                seed=seed,
-                log=say,
-            )
+            for k, phase in enumerate(_phases(cfg, name)):
+                layers = _phase_layers(phase["layers"], n_layers)
+                everything = phase.get("embed", False) and layers == set(range(n_layers))
+                steps = phase.get("steps", cfg[f"{name}_steps"])
+                say(f"fine-tuning {name} ({steps} steps"
+                    + ("" if everything else f", layers {sorted(layers)}{' and embeddings' if phase.get('embed') else ''}")
+                    + ")")
+                parts = [(splits[f"{d['items']}_train"], d["ask"], d["answer"]) for d in phase["data"]]
+                T.train(
+                    model,
+                    data.qa_mix_stream(T.rng_for(seed, name if k == 0 else f"{name}-{k}"), parts),
+                    steps=steps,
+                    lr=phase.get("lr", cfg[f"{name}_lr"]),
+                    batch=cfg["batch"],
+                    warmup=20,
+                    answer_only=True,
+                    seed=seed,
+                    log=say,
+                    trainable=None if everything else T.layer_filter(layers, phase.get("embed", False)),
+                )
             T.save(model, tok, paths[name])
             timings[name] = time.perf_counter() - t0
             del model
@@ -190,8 +269,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("out_dir", type=Path)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--force", action="store_true")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default=None, help="build a preset world instead of the default")
     a = ap.parse_args(argv)
-    paths = build_world(a.out_dir, seed=a.seed, force=a.force, log=print)
+    paths = build_world(a.out_dir, seed=a.seed, force=a.force, log=print,
+                        config=None if a.preset is None else PRESETS[a.preset])
     for name, p in paths.items():
         print(f"{name}: {p}")
 
