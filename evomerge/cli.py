@@ -457,8 +457,13 @@ def sweep(config: Path, metric: str | None, aggregate: str | None, smoothing: in
 @click.option("--sampler", type=click.Choice(["cmaes", "tpe", "random", "qmc"]), default=None)
 @click.option("--seed", type=int, default=0, show_default=True, help="World and search seed.")
 @click.option("--fresh", is_flag=True, help="Restart the demo study from scratch.")
+@click.option("--world", "world", default=None, metavar="PRESET|JSON",
+              help="World settings: a preset (layered: the default world; v1: rebuilds the world of evomerge's "
+                   "earlier releases, where one weight per model does as well as a per-layer search) or a JSON "
+                   "object of overrides of evomerge.demo.world.DEFAULT_CONFIG, e.g. '{\"base_steps\": 500}'. "
+                   "Give each world its own --out.")
 @friendly_errors
-def demo(out: Path, trials: int | None, sampler: str | None, seed: int, fresh: bool) -> None:
+def demo(out: Path, trials: int | None, sampler: str | None, seed: int, fresh: bool, world: str | None) -> None:
     """Build a tiny offline world (a base, a math and a language specialist), search a merge,
     and show it beating its parents on held-out data."""
     import optuna
@@ -466,10 +471,12 @@ def demo(out: Path, trials: int | None, sampler: str | None, seed: int, fresh: b
     from rich.table import Table
 
     from evomerge.demo.pipeline import DEMO_TASKS, run_demo
+    from evomerge.demo.world import world_settings
 
+    settings = world_settings(world)  # before anything is written
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     console = Console(stderr=True)
-    summary = run_demo(out, trials=trials, sampler=sampler, seed=seed, fresh=fresh,
+    summary = run_demo(out, trials=trials, sampler=sampler, seed=seed, fresh=fresh, world=settings,
                        say=lambda m: console.print(m, highlight=False),
                        on_trial=lambda r: console.print(_trial_line(r), soft_wrap=True, highlight=False, markup=False),
                        on_start=lambda i: console.print(

@@ -31,7 +31,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from evomerge.demo.pipeline import demo_config  # noqa: E402
-from evomerge.demo.world import build_world  # noqa: E402
+from evomerge.demo.world import build_world, world_arg  # noqa: E402
 from evomerge.fitness import Score  # noqa: E402
 from evomerge.search import make_sampler  # noqa: E402
 from evomerge.stages import PsStage  # noqa: E402
@@ -79,8 +79,11 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=1000)
     ap.add_argument("--sampler", default="cmaes")
     ap.add_argument("--json", type=Path, default=None, help="also write the per-trial times here")
+    ap.add_argument("--world-config", type=world_arg, default=None, metavar="PRESET|JSON",
+                    help="world settings: a preset of evomerge.demo.world.PRESETS (v1: the world of earlier "
+                         "releases) or a JSON object of DEFAULT_CONFIG overrides")
     a = ap.parse_args()
-    models = build_world(a.out, seed=0)
+    models = build_world(a.out, seed=0, config=a.world_config)
     db = a.out / "runs" / f"bench_driver_{a.sampler}.db"
     db.unlink(missing_ok=True)
     cfg = demo_config(a.out, models, storage=f"sqlite:///{db.resolve()}", study=f"bench-driver-{a.sampler}")

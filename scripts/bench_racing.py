@@ -36,7 +36,7 @@ from scipy.stats import ttest_rel
 
 from evomerge.config import Fitness, FitnessTask
 from evomerge.demo.pipeline import demo_config
-from evomerge.demo.world import build_world
+from evomerge.demo.world import build_world, world_arg
 from evomerge.errors import ConfigError
 from evomerge.evaluate import LmEvalFitness
 from evomerge.racing import Items, decide, rung_sizes
@@ -123,6 +123,9 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--trials", type=int, default=40, help="trials of the full-evaluation run (baselines included)")
     ap.add_argument("--world-seed", type=int, default=0)
+    ap.add_argument("--world-config", type=world_arg, default=None, metavar="PRESET|JSON",
+                    help="world settings: a preset of evomerge.demo.world.PRESETS (v1: the world of earlier "
+                         "releases) or a JSON object of DEFAULT_CONFIG overrides")
     ap.add_argument("--confidence", type=float, default=None, help="racing.confidence (default: the config's)")
     ap.add_argument("--rungs", type=float, nargs="+", default=None, help="racing.rungs (default: the config's)")
     ap.add_argument("--against", choices=("incumbent", "generation"), default=None,
@@ -133,7 +136,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     start = time.perf_counter()
-    models = build_world(a.out, seed=a.world_seed)
+    models = build_world(a.out, seed=a.world_seed, config=a.world_config)
     storage = f"sqlite:///{(a.out / 'runs' / 'bench_racing.db').resolve()}"
     base = demo_config(a.out, models, storage=storage)
     heldout = HeldOut(base, a.out)

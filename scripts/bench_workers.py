@@ -33,7 +33,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from evomerge.demo.pipeline import demo_config  # noqa: E402
-from evomerge.demo.world import build_world  # noqa: E402
+from evomerge.demo.world import build_world, world_arg  # noqa: E402
 from evomerge.search import run_search  # noqa: E402
 
 
@@ -61,13 +61,16 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "evomerge_bench_workers",
                         help="Where the demo world and the studies go (the world is reused).")
     parser.add_argument("--json", type=Path, default=None, help="Also write the results here.")
+    parser.add_argument("--world-config", type=world_arg, default=None, metavar="PRESET|JSON",
+                        help="World settings: a preset of evomerge.demo.world.PRESETS (v1: the world of earlier "
+                             "releases) or a JSON object of DEFAULT_CONFIG overrides.")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-    models = build_world(args.out, seed=0, log=lambda m: print(m, file=sys.stderr))
+    models = build_world(args.out, seed=0, config=args.world_config, log=lambda m: print(m, file=sys.stderr))
     runs = [timed_search(args.out, models, w, args.trials, args.sampler, ray)
             for w, ray in ((1, False), (1, True), (args.workers, True))]
     print(f"{args.trials} demo trials, sampler {args.sampler}, {os.cpu_count()} CPU cores")

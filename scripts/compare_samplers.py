@@ -28,7 +28,7 @@ from typing import Any
 from scipy import stats
 
 from evomerge.demo.pipeline import demo_config, score_on_test
-from evomerge.demo.world import PRESETS, build_world
+from evomerge.demo.world import PRESETS, build_world, world_arg
 from evomerge.engine import merge_to_dir
 from evomerge.export import build_trial_model, trial_recipe
 from evomerge.samplers import cma_state
@@ -92,16 +92,13 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=["cmaes", "tpe"])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--world-seed", type=int, default=0)
-    ap.add_argument("--world-config", default=None,
+    ap.add_argument("--world-config", type=world_arg, default=None, metavar="PRESET|JSON",
                     help=f"world settings: a preset ({', '.join(PRESETS)}) or a JSON object of overrides")
     ap.add_argument("--tasks", nargs="+", default=["demo_target"])
     ap.add_argument("--score-mean", action="store_true", help="also score CMA-ES's final mean on test")
     ap.add_argument("--json", type=Path, default=None, help="default: <out>/compare_samplers.json")
     a = ap.parse_args()
-    world = None
-    if a.world_config is not None:
-        world = PRESETS[a.world_config] if a.world_config in PRESETS else json.loads(a.world_config)
-    models = build_world(a.out, seed=a.world_seed, config=world, log=print)
+    models = build_world(a.out, seed=a.world_seed, config=a.world_config, log=print)
     path = a.json or a.out / "compare_samplers.json"
     rows: list[dict[str, Any]] = json.loads(path.read_text())["runs"] if path.is_file() else []
     done = {(r["variant"], r["seed"], r["trials"]) for r in rows}

@@ -22,7 +22,7 @@ from pathlib import Path
 from safetensors import safe_open
 
 from evomerge.demo.pipeline import demo_config, score_on_test
-from evomerge.demo.world import build_world
+from evomerge.demo.world import build_world, world_arg
 from evomerge.moe import save_moe, write_moe
 from evomerge.moe_config import MoEConfig
 from evomerge.moe_stage import ATTR_MOE, MoeStage
@@ -72,8 +72,11 @@ def main() -> None:
     ap.add_argument("--moe-trials", type=int, default=30)
     ap.add_argument("--candidates", choices=["parents", "top_ps"], default="parents")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--world-config", type=world_arg, default=None, metavar="PRESET|JSON",
+                    help="world settings: a preset of evomerge.demo.world.PRESETS (v1: the world of earlier "
+                         "releases) or a JSON object of DEFAULT_CONFIG overrides")
     a = ap.parse_args()
-    models = build_world(a.out, seed=a.seed)
+    models = build_world(a.out, seed=a.seed, config=a.world_config)
     tasks, work = a.out / "tasks", a.out / "moe"
     work.mkdir(parents=True, exist_ok=True)
     prompts = {"math": dev_questions(tasks, "demo_math", a.prompts), "lang": dev_questions(tasks, "demo_lang", a.prompts)}

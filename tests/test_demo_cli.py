@@ -12,6 +12,7 @@ from test_demo_world import SMALL as TINY_WORLD  # the reduced world the builder
 
 from evomerge.demo import pipeline
 from evomerge.demo.pipeline import DEMO_TASKS, run_demo
+from evomerge.demo.world import PRESETS, world_config, world_settings
 from evomerge.errors import ConfigError
 
 
@@ -56,3 +57,78 @@ def test_the_shipped_demo_config_points_at_the_world_in_its_folder(tmp_path):
     again = type(cfg).load(moved)
     assert again.base_ref == cfg.base_ref and again.source_refs == cfg.source_refs
     assert again.include_paths == cfg.include_paths and again.storage_url == cfg.storage_url
+
+
+# ------------------------------------------------------------------------------------------------
+# --world: a preset or a JSON object of world settings, checked before anything is written
+
+
+@pytest.mark.parametrize("value, message", [
+    ("v2", "--world: expected a preset (layered, v1) or a JSON object of demo world settings, got 'v2'"),
+    ('{"base_steps": ', "--world: expected a preset (layered, v1) or a JSON object of demo world settings; "
+                        "'{\"base_steps\": ' is not valid JSON (Expecting value: line 1 column 16 (char 15))"),
+    ('{"no_such_knob": 1}', "--world: unknown demo world setting 'no_such_knob' (known: arch, batch, "),
+    ('{"math_phases": 3}', "--world: demo world setting math_phases: expected a list of phases or null, got 3"),
+])  # fmt: skip
+def test_a_bad_world_is_one_line_and_writes_nothing(tmp_path, value, message):
+    from click.testing import CliRunner
+
+    from evomerge.cli import main
+
+    out = tmp_path / "demo"
+    result = CliRunner().invoke(main, ["demo", "--out", str(out), "--world", value])
+    assert result.exit_code == 1
+    assert result.output.startswith(f"error: {message}") and result.output.count("\n") == 1
+    assert not out.exists()
+
+
+def test_the_demo_help_names_every_world_preset():
+    from click.testing import CliRunner
+
+    from evomerge.cli import main
+
+    text = " ".join(CliRunner().invoke(main, ["demo", "--help"]).output.split())
+    assert all(f"{name}:" in text for name in PRESETS)
+    assert "v1: rebuilds the world of evomerge's earlier releases" in text
+
+
+def test_world_settings_reads_a_preset_or_json_overrides():
+    assert world_settings(None) is None
+    v1 = world_settings("v1")
+    assert v1 == PRESETS["v1"] == {"math_lr": 3e-4, "math_phases": None, "lang_phases": None}
+    layered = world_settings("layered")
+    layered["lang_phases"].clear()  # a copy: the preset itself is untouched
+    assert PRESETS["layered"]["lang_phases"] and world_config(PRESETS["layered"]) == world_config()
+    assert world_settings('{"base_steps": 500, "math_phases": null}') == {"base_steps": 500, "math_phases": None}
+    assert world_settings(json.dumps(TINY_WORLD)) == TINY_WORLD
+
+
+@pytest.mark.parametrize("value, message", [
+    ("[1, 2]", r"^--world-config: expected a preset \(layered, v1\) or a JSON object of demo world settings, got '\[1, 2\]'$"),
+    ("{'batch': 8}", r"^--world-config: .* is not valid JSON \(Expecting property name enclosed in double quotes"),
+    ('{"no_such_knob": 1}', r"^--world-config: unknown demo world setting 'no_such_knob' \(known: arch, batch, .*lang_phases\)$"),
+    ('{"base_steps": "many"}', r"^--world-config: demo world setting base_steps: expected an integer, got 'many'$"),
+    ('{"batch": true}', r"^--world-config: demo world setting batch: expected an integer, got True$"),
+    ('{"math_phases": ["all"]}', r"^--world-config: demo world setting math_phases\[0\]: expected an object"),
+])  # fmt: skip
+def test_world_settings_rejects_anything_else_in_one_line_naming_the_option(value, message):
+    with pytest.raises(ConfigError, match=message):
+        world_settings(value, option="--world-config")
+
+
+def test_the_scripts_world_config_option_reads_the_same_values(capsys):
+    import argparse
+
+    from evomerge.demo.world import world_arg
+
+    ap = argparse.ArgumentParser(prog="script")
+    ap.add_argument("--world-config", type=world_arg, default=None)
+    assert ap.parse_args([]).world_config is None
+    assert ap.parse_args(["--world-config", "v1"]).world_config == PRESETS["v1"]
+    assert ap.parse_args(["--world-config", '{"batch": 8}']).world_config == {"batch": 8}
+    with pytest.raises(SystemExit) as stop:
+        ap.parse_args(["--world-config", "v2"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "script: error: argument --world-config: expected a preset (layered, v1) or a JSON object of demo world "
+        "settings, got 'v2'")

@@ -36,6 +36,7 @@ from pathlib import Path
 from evomerge.demo import data
 from evomerge.demo import train as T
 from evomerge.demo.tasks import write_task_data, write_tasks
+from evomerge.errors import ConfigError
 
 WORLD_VERSION = 2  # 1: one full fine-tune per specialist (PRESETS['v1'])
 MODEL_NAMES = ("base", "math", "lang")
@@ -96,21 +97,79 @@ __all__ = [
     "PRESETS",
     "WORLD_VERSION",
     "build_world",
+    "world_arg",
     "world_config",
+    "world_settings",
     "write_task_data",
     "write_tasks",
 ]
 
 
 def world_config(overrides: dict | None = None) -> dict:
+    """``DEFAULT_CONFIG`` with ``overrides`` applied: KeyError for an unknown setting, ValueError
+    for a value of the wrong kind (each top-level value is checked against its default's kind)."""
     cfg = copy.deepcopy(DEFAULT_CONFIG)
     for k, v in (overrides or {}).items():
         if k not in cfg:
             raise KeyError(f"unknown demo world setting {k!r}")
+        _kind_checked(k, v)
         cfg[k] = copy.deepcopy(v)
     for name in SKILLS:
         _phase_layers_checked(cfg, name)
     return cfg
+
+
+def _kind_checked(key: str, value: object) -> None:
+    """A setting's value has its default's kind (an int also does for a float; phases may be None)."""
+    default = DEFAULT_CONFIG[key]
+    if key.endswith("_phases"):
+        ok, want = value is None or isinstance(value, list), "a list of phases or null"
+    elif isinstance(default, float):
+        ok, want = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    elif isinstance(default, int):
+        ok, want = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    else:
+        ok, want = isinstance(value, type(default)), {dict: "an object", str: "a string"}[type(default)]
+    if not ok:
+        raise ValueError(f"demo world setting {key}: expected {want}, got {value!r}")
+
+
+def world_settings(text: str | None, option: str = "--world") -> dict | None:
+    """Parse a command line's world option: None stays None (the default world); a name of
+    ``PRESETS`` gives a copy of that preset; anything else must be a JSON object of
+    ``DEFAULT_CONFIG`` overrides, checked here by :func:`world_config`. Otherwise ConfigError: one
+    line that names ``option`` (no prefix if it is empty)."""
+    if text is None:
+        return None
+    if text in PRESETS:
+        return copy.deepcopy(PRESETS[text])
+    where = f"{option}: " if option else ""
+    expected = f"expected a preset ({', '.join(PRESETS)}) or a JSON object of demo world settings"
+    if not text.lstrip().startswith("{"):
+        raise ConfigError(f"{where}{expected}, got {text!r}")
+    try:
+        overrides = json.loads(text)
+    except ValueError as e:
+        raise ConfigError(f"{where}{expected}; {text!r} is not valid JSON ({e})") from None
+    # text parsed as JSON and starts with "{": an object
+    try:
+        world_config(overrides)
+    except KeyError as e:
+        raise ConfigError(f"{where}{e.args[0]} (known: {', '.join(DEFAULT_CONFIG)})") from None
+    except ValueError as e:
+        raise ConfigError(f"{where}{e}") from None
+    return overrides
+
+
+def world_arg(text: str) -> dict | None:
+    """:func:`world_settings` as an argparse ``type=`` (the scripts' ``--world-config``): a bad
+    value becomes argparse's one-line usage error."""
+    import argparse
+
+    try:
+        return world_settings(text, option="")
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _phases(cfg: dict, name: str) -> list[dict]:
@@ -128,6 +187,8 @@ def _phase_layers_checked(cfg: dict, name: str) -> None:
     n = cfg["arch"]["layers"]
     for i, ph in enumerate(_phases(cfg, name)):
         where = f"demo world setting {name}_phases[{i}]"
+        if not isinstance(ph, dict):
+            raise ValueError(f"{where}: expected an object {{layers, embed, data[, steps, lr]}}, got {ph!r}")
         layers = ph.get("layers")
         if isinstance(layers, str) and layers not in ("all", "lower", "upper"):
             raise ValueError(f"{where}.layers: expected all, lower, upper or a list of layers, got {layers!r}")
