@@ -4,6 +4,7 @@ MGSM-ja task's answer extraction, language check and fitness/held-out split."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -99,12 +100,8 @@ def test_local_models_are_read_from_their_config(tiny_models, tmp_path):
     assert "some_task: 500 examples x (200 prompt + 256 generated tokens) (data not read: sizes assumed)" in "\n".join(lines)
 
 
-def test_a_local_task_is_counted_not_assumed(tiny_models, tmp_path):
-    """A task in the include path with local data: its evaluated split is counted (after
-    fitness.limit, as lm-eval applies it), with its output type and choices; a task of lm-eval's
-    registry and a local YAML over hub data keep an assumption, and say so."""
-    import json
-
+def sized_mc_task(tmp_path: Path) -> Path:
+    """A task folder with the local multiple-choice task ``sized_mc``: 60 dev and 40 test docs."""
     tasks = tmp_path / "tasks"
     tasks.mkdir()
     for split, n in (("dev", 60), ("test", 40)):
@@ -112,6 +109,14 @@ def test_a_local_task_is_counted_not_assumed(tiny_models, tmp_path):
             for i in range(n):
                 f.write(json.dumps({"q": f"{i} plus {i}", "choices": ["a", "b", "c", "d"], "label": i % 4}) + "\n")
     write_mc_task(tasks, "sized_mc", tasks / "dev.jsonl", tasks / "test.jsonl")
+    return tasks
+
+
+def test_a_local_task_is_counted_not_assumed(tiny_models, tmp_path):
+    """A task in the include path with local data: its evaluated split is counted (after
+    fitness.limit, as lm-eval applies it), with its output type and choices; a task of lm-eval's
+    registry and a local YAML over hub data keep an assumption, and say so."""
+    tasks = sized_mc_task(tmp_path)
     (tasks / "sized_gen.yaml").write_text(
         f"task: sized_gen\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {tasks / 'test.jsonl'}\n"
         "output_type: generate_until\ntest_split: test\ndoc_to_text: '{{q}} ='\ndoc_to_target: label\n"
@@ -155,8 +160,6 @@ def test_a_local_task_is_counted_not_assumed(tiny_models, tmp_path):
 
 
 def test_consistency_prompts_are_counted(tiny_models, tmp_path):
-    import json
-
     (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": f"q{i}"}) + "\n" for i in range(7)))
     data = {"study": "c", "base_model": str(tiny_models["base"]),
             "models": {"a": str(tiny_models["a"]), "b": str(tiny_models["b"])},
@@ -256,15 +259,7 @@ def test_the_dry_run_states_racing_and_the_elites_cost(tiny_models, tmp_path):
     """Racing's settings and the item evaluations of one trial (first rung to all items), and the
     elites' re-evaluation at the end: every item (trials saw fitness.limit), a second few-shot
     seed and the held-out task, each counted on the local task's splits (60 dev, 40 test docs)."""
-    import json
-
-    tasks = tmp_path / "tasks"
-    tasks.mkdir()
-    for split, n in (("dev", 60), ("test", 40)):
-        with open(tasks / f"{split}.jsonl", "w") as f:
-            for i in range(n):
-                f.write(json.dumps({"q": f"{i} plus {i}", "choices": ["a", "b", "c", "d"], "label": i % 4}) + "\n")
-    write_mc_task(tasks, "sized_mc", tasks / "dev.jsonl", tasks / "test.jsonl")
+    tasks = sized_mc_task(tmp_path)
 
     def config(**fitness):
         return SearchConfig.from_dict({
