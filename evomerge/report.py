@@ -217,9 +217,11 @@ class Report:
     storage: str | None = None  # the study's storage URL, for the commands report.md suggests
 
 
-def _trials(study: optuna.Study) -> tuple[list[optuna.trial.FrozenTrial], list[optuna.trial.FrozenTrial], list[int]]:
-    """(searched complete trials, baseline complete trials, failed trial numbers), by number."""
-    trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
+def _trials(every: Sequence[optuna.trial.FrozenTrial]) -> tuple[list[optuna.trial.FrozenTrial],
+                                                                list[optuna.trial.FrozenTrial], list[int]]:
+    """(searched complete trials, baseline complete trials, failed trial numbers) of a study's
+    trials, by number."""
+    trials = sorted(every, key=lambda t: t.number)
     done = [t for t in trials if t.state == TrialState.COMPLETE]
     searched = [t for t in done if not t.user_attrs.get(ATTR_BASELINE)]
     baselines = [t for t in done if t.user_attrs.get(ATTR_BASELINE)]
@@ -264,8 +266,8 @@ def write_report(study: optuna.Study, out_dir: str | Path, storage: str | None =
     """Every applicable plot of ``study`` as PNG under ``out_dir`` and report.md linking them.
     ``storage``: the study's URL, written into the commands report.md suggests."""
     out = Report(Path(out_dir), storage=storage)
-    searched, baselines, failed = _trials(study)
     every = study.get_trials(deepcopy=False)
+    searched, baselines, failed = _trials(every)
     pruned = sorted((t.number, v) for t in every if t.state == TrialState.PRUNED and (v := pruned_estimate(t)) is not None)
     stage = study.user_attrs.get(ATTR_STAGE) or ("dfs" if ATTR_DFS_SOURCES in study.user_attrs else "ps")
     multi = len(study.directions) > 1
