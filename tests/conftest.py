@@ -7,13 +7,19 @@ provides a base model and three "fine-tunes" of it (base + small seeded noise).
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-# statistics of data-aware methods (evomerge.statistics) are cached here, not in ~/.cache
-os.environ.setdefault("EVOMERGE_STATS_CACHE", __import__("tempfile").mkdtemp(prefix="evomerge-stats-"))
+# statistics of data-aware methods (evomerge.statistics) are cached in a folder of this test
+# session, not in ~/.cache, and removed when it ends
+if "EVOMERGE_STATS_CACHE" not in os.environ:
+    os.environ["EVOMERGE_STATS_CACHE"] = _stats_cache = tempfile.mkdtemp(prefix="evomerge-stats-")
+    atexit.register(shutil.rmtree, _stats_cache, ignore_errors=True)
 
 import json
 import textwrap

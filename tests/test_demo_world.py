@@ -17,7 +17,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from evomerge.demo import MODEL_NAMES, build_world, data, write_task_data, write_tasks  # noqa: E402
 from evomerge.demo.tasks import TASKS, task_docs  # noqa: E402
-from evomerge.demo.world import PRESETS  # noqa: E402
+from evomerge.demo.world import PRESETS, world_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS_DIR = REPO / "tasks"
@@ -207,6 +207,23 @@ def test_splits_are_disjoint_and_eval_items_unseen_in_fine_tuning():
         assert langs.count("en") == langs.count("b") == len(docs["demo_lang"][split])
         pool = docs["demo_math"][split] + docs["demo_lang"][split]
         assert all(d in pool for d in target)
+
+
+def test_dev_share_moves_held_out_facts_between_dev_and_test_only():
+    default, wide = data.split_items(0), data.split_items(0, 2 / 3)
+    assert default == data.split_items(0, 1 / 3)
+    for fam in ("arith", "lookup"):
+        assert wide[f"{fam}_train"] == default[f"{fam}_train"]  # so the models do not change
+        held = default[f"{fam}_dev"] + default[f"{fam}_test"]
+        assert sorted(map(repr, wide[f"{fam}_dev"] + wide[f"{fam}_test"])) == sorted(map(repr, held))
+        facts = len({i.fact for i in held})
+        assert len({i.fact for i in default[f"{fam}_dev"]}) == facts // 3
+        assert len({i.fact for i in wide[f"{fam}_dev"]}) == facts * 2 // 3
+        assert {i.fact for i in wide[f"{fam}_dev"]}.isdisjoint({i.fact for i in wide[f"{fam}_test"]})
+    assert [len(task_docs(0, s)["demo_target"]["dev"]) for s in (1 / 3, 0.5, 2 / 3)] == [112, 172, 228]
+    for bad in (0, 1, 1.5, -0.2):
+        with pytest.raises(ValueError, match="dev_share"):
+            world_config({"dev_share": bad})
 
 
 def test_b_language_is_a_bijection_disjoint_from_english():

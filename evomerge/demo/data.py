@@ -10,6 +10,7 @@ short (about 10-20 tokens) so that models train in seconds on a CPU.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -279,12 +280,13 @@ class Item:
     template: int
 
 
-def split_items(seed: int = 0) -> dict[str, list[Item]]:
+def split_items(seed: int = 0, dev_share: float = 1 / 3) -> dict[str, list[Item]]:
     """Deterministic split of question items.
 
     Every fact has 4 phrasings; per fact two random phrasings go to specialist training, the other
-    two are held out for evaluation. Held-out items go to "dev" or "test" by fact (1/3 dev, 2/3
-    test), so dev and test never share a fact.
+    two are held out for evaluation. Held-out items go to "dev" or "test" by fact (``dev_share`` of
+    the facts, rounded down, to dev; the rest to test), so dev and test never share a fact. The
+    training items do not depend on ``dev_share``.
     Keys: lookup_train, lookup_dev, lookup_test, arith_train, arith_dev, arith_test.
     """
     rng = random.Random(f"demo-split-{seed}")
@@ -293,7 +295,7 @@ def split_items(seed: int = 0) -> dict[str, list[Item]]:
         train, dev, test = [], [], []
         order = list(range(len(facts)))
         rng.shuffle(order)
-        n_dev = len(facts) // 3
+        n_dev = math.floor(len(facts) * dev_share + 1e-9)  # 1e-9: 1/3 of 3k facts is k, not k - 1
         dev_ids = set(order[:n_dev])
         for i, f in enumerate(facts):
             ts = [0, 1, 2, 3]

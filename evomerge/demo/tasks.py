@@ -110,9 +110,9 @@ test_split: dev
 TASK_VERSION = 1
 
 
-def task_docs(seed: int = 0) -> dict[str, dict[str, list[dict]]]:
-    """{task name: {split: [doc, ...]}} for every demo task."""
-    sp = data.split_items(seed)
+def task_docs(seed: int = 0, dev_share: float = 1 / 3) -> dict[str, dict[str, list[dict]]]:
+    """{task name: {split: [doc, ...]}} for every demo task (``dev_share``: see ``data.split_items``)."""
+    sp = data.split_items(seed, dev_share)
     out: dict[str, dict[str, list[dict]]] = {}
     for name, (family, lang, _) in TASKS.items():
         if family != "union":
@@ -131,12 +131,12 @@ def _doc(d: dict) -> dict:
     return {k: d[k] for k in ("question", "choices", "gold", "relation", "lang")}
 
 
-def write_task_data(tasks_dir: Path, seed: int = 0) -> list[Path]:
+def write_task_data(tasks_dir: Path, seed: int = 0, dev_share: float = 1 / 3) -> list[Path]:
     """Write tasks_dir/data/<task>_<split>.jsonl for every demo task; returns the paths."""
     ddir = Path(tasks_dir) / "data"
     ddir.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name, splits in task_docs(seed).items():
+    for name, splits in task_docs(seed, dev_share).items():
         for split, docs in splits.items():
             p = ddir / f"{name}_{split}.jsonl"
             text = "".join(json.dumps(d, ensure_ascii=True) + "\n" for d in docs)
@@ -145,7 +145,7 @@ def write_task_data(tasks_dir: Path, seed: int = 0) -> list[Path]:
     return paths
 
 
-def write_tasks(tasks_dir: Path, seed: int = 0) -> Path:
+def write_tasks(tasks_dir: Path, seed: int = 0, dev_share: float = 1 / 3) -> Path:
     """Write a complete task directory: YAMLs, the demo_data.py loader and the JSONL splits."""
     tasks_dir = Path(tasks_dir)
     tasks_dir.mkdir(parents=True, exist_ok=True)
@@ -155,5 +155,5 @@ def write_tasks(tasks_dir: Path, seed: int = 0) -> Path:
             _YAML.format(name=name, desc=desc, version=TASK_VERSION), encoding="utf-8"
         )
         (tasks_dir / f"{name}_dev.yaml").write_text(_DEV_YAML.format(name=name), encoding="utf-8")
-    write_task_data(tasks_dir, seed)
+    write_task_data(tasks_dir, seed, dev_share)
     return tasks_dir

@@ -63,6 +63,9 @@ DEFAULT_CONFIG: dict = {
     "math_lr": 1e-3,
     "lang_steps": 150,
     "lang_lr": 3e-4,
+    # share of the facts whose held-out items form the dev split (the search's fitness); the rest
+    # form test. Training items, hence the models, do not depend on it.
+    "dev_share": 1 / 3,
     # how each specialist is fine-tuned: None = one phase on its own skill, every layer and the
     # embeddings trained; otherwise a list of phases run in order, each
     # {"layers": "all" | "lower" | "upper" | [layer, ...], "embed": bool,
@@ -114,6 +117,8 @@ def world_config(overrides: dict | None = None) -> dict:
             raise KeyError(f"unknown demo world setting {k!r}")
         _kind_checked(k, v)
         cfg[k] = copy.deepcopy(v)
+    if not 0 < cfg["dev_share"] < 1:
+        raise ValueError(f"demo world setting dev_share: expected a number between 0 and 1, got {cfg['dev_share']!r}")
     for name in SKILLS:
         _phase_layers_checked(cfg, name)
     return cfg
@@ -267,10 +272,10 @@ def build_world(
     for p in [*paths.values(), out_dir / "tasks"]:
         if p.exists():
             shutil.rmtree(p)
-    write_tasks(out_dir / "tasks", seed)
+    write_tasks(out_dir / "tasks", seed, cfg["dev_share"])
 
     tok = T.build_tokenizer()
-    splits = data.split_items(seed)
+    splits = data.split_items(seed, cfg["dev_share"])
     timings: dict[str, float] = {}
     t_all = time.perf_counter()
     with T.deterministic(THREADS):
