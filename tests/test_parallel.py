@@ -345,8 +345,18 @@ def test_two_drivers_share_one_cmaes_study_on_postgres(postgres_url, tiny_models
         # coherence: generation g was told exactly g * popsize results; when both drivers opened
         # it at once (the race the sampler tolerates), both computed the same state from the same
         # results; every indexed trial evaluated its generation's solution at its index
+        # how many generations 12 candidates span depends on timing: a driver asking while the
+        # other holds its generation's last index gets an extra candidate (more of them on a busy
+        # machine). Whatever the timing, every generation before the last is complete (each index
+        # once), and at least one generation boundary is crossed (with no extras: 3 generations)
         generations = sorted({t.system_attrs[ATTR_GENERATION] for t in cma})
-        assert generations == list(range(len(generations))) and len(generations) >= 3
+        assert generations == list(range(len(generations))) and len(generations) >= 2
+        extras = sum(1 for t in cma if ATTR_EXTRA in t.system_attrs)
+        assert len(generations) >= -(-(len(cma) - extras) // popsize)
+        for g in generations[:-1]:
+            full = sorted(t.system_attrs[ATTR_INDEX] for t in cma
+                          if t.system_attrs[ATTR_GENERATION] == g and ATTR_EXTRA not in t.system_attrs)
+            assert full == list(range(popsize)), (g, full)
         for g in generations:
             holders = [t for t in trials if (t.system_attrs.get(ATTR_STATE_META) or {}).get("generation") == g]
             assert 1 <= len(holders) <= drivers
