@@ -27,8 +27,10 @@ else ``$EVOMERGE_STATS_CACHE``, else ``~/.cache/evomerge/stats``), named by a SH
 - the calibration examples themselves (their texts, after drawing ``n`` with ``seed``);
 - ``max_length``, the kind and :data:`STATS_VERSION`.
 
-A folder is written under a temporary name and renamed into place, so workers that compute the
-same statistics at once never see a partial one (the later rename loses, harmlessly).
+Workers that need the same entry at once compute it once: a file lock beside the entry
+(``filelock``, which works on shared file systems too) holds the others until it is cached. The
+folder is also written under a temporary name and renamed into place, so no reader ever sees a
+partial one, even where locks do not hold (the later rename loses, harmlessly).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
+from filelock import FileLock
 from torch import Tensor, nn
 
 from evomerge.calibration import Calibration, load_texts, texts_digest
@@ -119,12 +122,17 @@ def statistics_for(kind: str, models: Mapping[str, str | Path], cal: Calibration
         key = cache_key(kind, path, texts, cal.max_length)
         folder = root / kind / key
         if not (folder / INDEX).is_file():
-            t0 = time.perf_counter()
-            say(f"statistics: computing {kind} of {path.name} on {len(texts)} calibration examples")
-            _compute_into(kind, path, texts, cal.max_length, torch.device(device), folder)
-            dt = time.perf_counter() - t0
-            seconds += dt
-            say(f"statistics: {kind} of {path.name} took {dt:.1f} s (cached in {folder})")
+            # one computer per entry: a worker (or driver) that finds another computing it waits
+            # for the lock, then finds the entry cached
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            with FileLock(str(folder.parent / f".{folder.name}.lock")):
+                if not (folder / INDEX).is_file():
+                    t0 = time.perf_counter()
+                    say(f"statistics: computing {kind} of {path.name} on {len(texts)} calibration examples")
+                    _compute_into(kind, path, texts, cal.max_length, torch.device(device), folder)
+                    dt = time.perf_counter() - t0
+                    seconds += dt
+                    say(f"statistics: {kind} of {path.name} took {dt:.1f} s (cached in {folder})")
         folders[ref] = folder
     return Statistics(kind, folders, seconds)
 

@@ -206,6 +206,41 @@ def test_statistics_are_cached_and_recomputed_when_data_or_settings_change(tiny_
     assert other_model.folders["b"] != first.folders["a"]
 
 
+_AT_ONCE = """
+import sys, time
+from pathlib import Path
+from evomerge.calibration import Calibration
+from evomerge import statistics as S
+model, data, cache, me = sys.argv[1:]
+(Path(cache).parent / f"ready-{me}").touch()
+while not (Path(cache).parent / "go").exists():
+    time.sleep(0.01)
+stats = S.statistics_for("gram", {"a": model}, Calibration(data=data, n=4, max_length=64),
+                         cache_dir=cache, say=lambda m: print(m, flush=True))
+print("folder", stats.folders["a"])
+"""
+
+
+def test_two_processes_needing_the_same_statistics_compute_them_once(tiny_models, cal_file, tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    cache = tmp_path / "cache"
+    procs = [subprocess.Popen([sys.executable, "-c", _AT_ONCE, str(tiny_models["a"]), str(cal_file), str(cache), str(i)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    deadline = time.time() + 120
+    while not all((tmp_path / f"ready-{i}").exists() for i in range(2)) and time.time() < deadline:
+        time.sleep(0.05)
+    (tmp_path / "go").touch()  # both start asking at the same instant
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert sum(o.count("statistics: computing gram") for o in outs) == 1, outs
+    folders = {line for o in outs for line in o.splitlines() if line.startswith("folder ")}
+    assert len(folders) == 1
+    assert (Path(folders.pop().removeprefix("folder ")) / S.INDEX).is_file()
+
+
 # --------------------------------------------------------------------------- calibration input
 def test_calibration_sources(tmp_path, tiny_task_dir):
     jl = tmp_path / "c.jsonl"
