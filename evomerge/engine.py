@@ -19,6 +19,7 @@ import torch
 import yaml
 from torch import Tensor
 
+from evomerge.chat_template import tokenizer_with_template
 from evomerge.checkpoint import DEFAULT_SHARD_BYTES, Checkpoint, CheckpointWriter
 from evomerge.errors import CheckpointError, ConfigError, MergeError
 from evomerge.methods import Method, run_method
@@ -449,10 +450,17 @@ def merge_to_dir(recipe: Recipe, out_dir: str | Path, *, device: str = "cpu", se
             stats = load_statistics(recipe, sources, device=dev, relative_to=relative_to)
         t0 = time.perf_counter()
         tok_path = sources[plan.tokenizer_source].path if copy_tokenizer else None
+        tokenizer = vocab.tokenizer if vocab is not None and copy_tokenizer else None
+        if recipe.chat_template and tok_path is not None:
+            refs = list(dict.fromkeys([*([recipe.base_model] if recipe.base_model else []),
+                                       *recipe.referenced_models()]))
+            tokenizer = tokenizer_with_template(recipe.chat_template, [(m, sources[m].path) for m in refs],
+                                                tok_path, tokenizer)
+        elif recipe.chat_template:
+            log.warning("chat_template: not written (--no-copy-tokenizer writes no tokenizer)")
         with CheckpointWriter(out_dir, config=plan.config, tokenizer_source=tok_path,
                               model_card=model_card(recipe, text) if write_card else None, overwrite=overwrite,
-                              recipe_yaml=text, max_shard_bytes=max_shard_bytes,
-                              tokenizer=vocab.tokenizer if vocab is not None and copy_tokenizer else None) as writer:
+                              recipe_yaml=text, max_shard_bytes=max_shard_bytes, tokenizer=tokenizer) as writer:
             for i, (name, tensor) in enumerate(iter_merged(plan, sources, device=dev, stats=stats)):
                 writer.add(name, tensor.cpu())
                 if progress:

@@ -4,6 +4,7 @@ Supported keys: ``merge_method``, ``models`` (each ``model`` + ``parameters``), 
 ``parameters`` (global), ``slices`` (``sources`` with ``model``/``layer_range``/``parameters``,
 optional per-slice ``base_model``/``parameters``), ``dtype``, ``out_dtype``, ``tokenizer_source``
 (``base``, ``union`` or a model) or the ``tokenizer`` block (see :class:`TokenizerBlock`),
+``chat_template`` (``auto``, a built-in name or a Jinja template: see :mod:`evomerge.chat_template`),
 evomerge's ``random_seed`` (seeds DARE/DELLA masks; mergekit ignores it) and evomerge's
 ``calibration`` (the data of data-aware methods, Fisher and RegMean: see :mod:`evomerge.calibration`;
 mergekit has neither the key nor the methods, so ``mergekit-yaml`` refuses such a recipe). A model
@@ -25,6 +26,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from evomerge.calibration import Calibration
+from evomerge.chat_template import chat_template_problem
 from evomerge.errors import ConfigError
 from evomerge.files import read_yaml
 from evomerge.methods import METHODS, Method, get_method
@@ -121,6 +123,7 @@ class Recipe(_Strict):
     out_dtype: str | None = None
     tokenizer_source: str | None = None
     tokenizer: TokenizerBlock | None = None
+    chat_template: str | None = None  # set on the output tokenizer: auto, a built-in name or a Jinja template
     random_seed: int | None = None
     calibration: Calibration | None = None  # evomerge extension: data for methods with ``needs``
 
@@ -135,6 +138,9 @@ class Recipe(_Strict):
             if value is not None and value not in DTYPES:
                 raise ValueError(f"{key}: expected one of {', '.join(DTYPES)}, got {value!r}")
         self._check_tokenizer()
+        problem = chat_template_problem(self.chat_template) if self.chat_template else None
+        if problem:
+            raise ValueError(f"chat_template: {problem}")
         if method.base == "required":
             if self.models and not self.base_model:
                 raise ValueError(f"base_model: merge_method {method.name} needs a base model")
@@ -249,7 +255,8 @@ class Recipe(_Strict):
 
 
 class _FlowListDumper(yaml.SafeDumper):
-    """Lists of numbers (gradients, layer ranges) in flow style, as mergekit writes them."""
+    """Lists of numbers (gradients, layer ranges) in flow style, as mergekit writes them; text of
+    several lines (a Jinja chat template) as a literal block where YAML allows one."""
 
 
 def _represent_list(dumper: yaml.SafeDumper, data: list) -> yaml.Node:
@@ -257,7 +264,12 @@ def _represent_list(dumper: yaml.SafeDumper, data: list) -> yaml.Node:
     return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
 
 
+def _represent_str(dumper: yaml.SafeDumper, data: str) -> yaml.Node:
+    return dumper.represent_scalar("tag:yaml.org,2002:str", data, style="|" if "\n" in data else None)
+
+
 _FlowListDumper.add_representer(list, _represent_list)
+_FlowListDumper.add_representer(str, _represent_str)
 _FlowListDumper.add_representer(tuple, _represent_list)
 
 
