@@ -5,8 +5,9 @@
   breaks ties in the iteration order of a Python set, which changes from run to run. When no model
   has a template, none is set.
 - a built-in name (:data:`BUILTIN`: ``alpaca``, ``chatml``, ``exaone``, ``llama3``, ``mistral``):
-  evomerge's own template for that format, in ``evomerge/chat_templates/``. Each renders every
-  conversation exactly as mergekit 0.1.5's template of that name does (tested), oddities included.
+  evomerge's own template for that format, in ``evomerge/chat_templates/``. Each renders the text
+  mergekit 0.1.5's template of that name renders, oddities included (tested on typical and odd
+  conversations, with and without a generation prompt).
 - anything else is the Jinja template itself: at least 20 characters and a ``{``, as mergekit asks.
 
 The tokenizer is then saved with it (transformers 5 writes ``chat_template.jinja``).
