@@ -274,7 +274,7 @@ def test_the_dry_run_states_racing_and_the_elites_cost(tiny_models, tmp_path):
     per_doc = 4 * 200 / (TOKENS_PER_S_7B["cpu"][0] * 7e9 / params)  # 4 choices x 200 assumed prompt tokens
     assert stage.elite_seconds == pytest.approx(2 * (60 + 60 + 40) * per_doc, rel=1e-12)
     assert lines[lines.index("fitness: sized_mc.acc (validation split); objective sum") + 1:][:2] == [
-        "racing: on; rungs 0.125, 0.25, 0.5 of each task's items, then all; confidence 0.95; against the best of "
+        "racing: on; rungs 0.125, 0.25, 0.5 of each task's items, then all; confidence 0.8; against the best of "
         "its CMA-ES generation so far (the incumbent while the generation has none)",
         "  item evaluations per trial: 4 (stopped after the first rung) to 25 (all items; the first trial and "
         "the baselines see all)"]
