@@ -15,7 +15,9 @@ item-level results (every candidate there saw every item).
     python scripts/bench_racing.py --out /tmp/racing_demo --seeds 0 1 2 3 4 5 6 7 8 9 --trials 40
 
 ``--confidence``, ``--rungs`` and ``--against`` override the config's racing settings;
-``--reuse-full`` reuses the full-evaluation studies of an earlier run in the same ``--out``.
+``--reuse-full`` reuses the full-evaluation studies of an earlier run in the same ``--out``, and
+``--reuse`` also its finished racing studies (both searches are deterministic for a seed, so a run
+can be extended by more seeds and only the new ones are searched).
 
 The world is built once in ``--out`` (``evomerge demo --out DIR --trials 1`` builds the same one).
 """
@@ -83,6 +85,19 @@ def reuse(cfg, trials: int) -> tuple[optuna.Study | None, float]:
     return (study, float("nan")) if len(done) == trials == len(study.trials) else (None, 0.0)
 
 
+def reuse_racing(cfg, items: int) -> tuple[optuna.Study | None, float]:
+    """The racing study of an earlier run of this script with the same seed and settings, if it
+    finished: nothing running and at least ``items`` item evaluations spent (its budget)."""
+    try:
+        study = load_existing_study(cfg.stage_study("ps"), cfg.storage_url)
+    except ConfigError:
+        return None, 0.0
+    trials = study.get_trials(deepcopy=False)
+    used = sum(int(t.user_attrs.get(ATTR_ITEM_COUNT) or 0) for t in trials)
+    finished = trials and used >= items and not any(t.state == TrialState.RUNNING for t in trials)
+    return (study, float("nan")) if finished else (None, 0.0)
+
+
 def trajectory(study: optuna.Study) -> list[tuple[int, optuna.trial.FrozenTrial]]:
     """(item evaluations so far, incumbent) after each finished trial."""
     out, used, best = [], 0, None
@@ -132,6 +147,9 @@ def main() -> None:
                     help="racing.against (default: the config's)")
     ap.add_argument("--reuse-full", action="store_true",
                     help="reuse a full-evaluation study already in --out with the same seed and trial count")
+    ap.add_argument("--reuse", action="store_true",
+                    help="--reuse-full, and also reuse a finished racing study with the same seed and settings "
+                         "(runs are deterministic: a finished seed is only scored again, so seeds can be added)")
     a = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -150,7 +168,7 @@ def main() -> None:
     for seed in a.seeds:
         full_cfg = demo_config(a.out, models, storage=storage, seed=seed, study=f"full-{seed}",
                                fitness={**base.fitness.model_dump(), "racing": {"enabled": False}, "elites": 0})
-        full, full_s = reuse(full_cfg, a.trials) if a.reuse_full else (None, 0.0)
+        full, full_s = reuse(full_cfg, a.trials) if a.reuse_full or a.reuse else (None, 0.0)
         if full is None:
             full, full_s = run(full_cfg, a.trials)
         full_items = trajectory(full)[-1][0]
@@ -159,7 +177,9 @@ def main() -> None:
         race_cfg = demo_config(a.out, models, storage=storage, seed=seed, study=f"racing-{tag}-{seed}",
                                fitness={**base.fitness.model_dump(), "racing": racing.model_dump(), "elites": 0},
                                budget={"trials": 100 * a.trials, "items": full_items})
-        raced, race_s = run(race_cfg, 100 * a.trials)
+        raced, race_s = reuse_racing(race_cfg, full_items) if a.reuse else (None, 0.0)
+        if raced is None:
+            raced, race_s = run(race_cfg, 100 * a.trials)
         path = trajectory(raced)
         race_test = heldout(best_trial(raced))
         match = next((used for used, inc in path if heldout(inc) >= full_test), None)
