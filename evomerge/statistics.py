@@ -178,7 +178,6 @@ def _compute_into(kind: str, path: Path, texts: list[str], max_length: int, devi
         tok.pad_token = tok.eos_token
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
     model.eval()
-    folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         encoded = [tok(t, truncation=True, max_length=max_length, return_tensors="pt")["input_ids"][0] for t in texts]

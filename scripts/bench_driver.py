@@ -31,7 +31,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from evomerge.demo.pipeline import demo_config  # noqa: E402
-from evomerge.demo.world import build_world, world_arg  # noqa: E402
+from evomerge.demo.world import add_world_config_option, build_world  # noqa: E402
 from evomerge.fitness import Score  # noqa: E402
 from evomerge.search import make_sampler  # noqa: E402
 from evomerge.stages import PsStage  # noqa: E402
@@ -79,9 +79,7 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=1000)
     ap.add_argument("--sampler", default="cmaes")
     ap.add_argument("--json", type=Path, default=None, help="also write the per-trial times here")
-    ap.add_argument("--world-config", type=world_arg, default=None, metavar="PRESET|JSON",
-                    help="world settings: a preset of evomerge.demo.world.PRESETS (v1: the world of earlier "
-                         "releases) or a JSON object of DEFAULT_CONFIG overrides")
+    add_world_config_option(ap)
     a = ap.parse_args()
     models = build_world(a.out, seed=0, config=a.world_config)
     db = a.out / "runs" / f"bench_driver_{a.sampler}.db"

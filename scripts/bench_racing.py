@@ -38,7 +38,7 @@ from scipy.stats import ttest_rel
 
 from evomerge.config import Fitness, FitnessTask
 from evomerge.demo.pipeline import demo_config
-from evomerge.demo.world import build_world, world_arg
+from evomerge.demo.world import add_world_config_option, build_world
 from evomerge.errors import ConfigError
 from evomerge.evaluate import LmEvalFitness
 from evomerge.racing import Items, decide, rung_sizes
@@ -75,11 +75,18 @@ def run(cfg, trials: int, items: int | None = None) -> tuple[optuna.Study, float
     return load_existing_study(result.study_name, cfg.storage_url), time.perf_counter() - t0
 
 
+def stored(cfg) -> optuna.Study | None:
+    """The study of ``cfg`` from an earlier run of this script (None: there is none)."""
+    try:
+        return load_existing_study(cfg.stage_study("ps"), cfg.storage_url)
+    except ConfigError:
+        return None
+
+
 def reuse(cfg, trials: int) -> tuple[optuna.Study | None, float]:
     """The full-evaluation study of an earlier run of this script, if it has exactly ``trials`` trials."""
-    try:
-        study = load_existing_study(cfg.stage_study("ps"), cfg.storage_url)
-    except ConfigError:  # no such study yet
+    study = stored(cfg)
+    if study is None:
         return None, 0.0
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     return (study, float("nan")) if len(done) == trials == len(study.trials) else (None, 0.0)
@@ -88,9 +95,8 @@ def reuse(cfg, trials: int) -> tuple[optuna.Study | None, float]:
 def reuse_racing(cfg, items: int) -> tuple[optuna.Study | None, float]:
     """The racing study of an earlier run of this script with the same seed and settings, if it
     finished: nothing running and at least ``items`` item evaluations spent (its budget)."""
-    try:
-        study = load_existing_study(cfg.stage_study("ps"), cfg.storage_url)
-    except ConfigError:
+    study = stored(cfg)
+    if study is None:
         return None, 0.0
     trials = study.get_trials(deepcopy=False)
     used = sum(int(t.user_attrs.get(ATTR_ITEM_COUNT) or 0) for t in trials)
@@ -138,9 +144,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--trials", type=int, default=40, help="trials of the full-evaluation run (baselines included)")
     ap.add_argument("--world-seed", type=int, default=0)
-    ap.add_argument("--world-config", type=world_arg, default=None, metavar="PRESET|JSON",
-                    help="world settings: a preset of evomerge.demo.world.PRESETS (v1: the world of earlier "
-                         "releases) or a JSON object of DEFAULT_CONFIG overrides")
+    add_world_config_option(ap)
     ap.add_argument("--confidence", type=float, default=None, help="racing.confidence (default: the config's)")
     ap.add_argument("--rungs", type=float, nargs="+", default=None, help="racing.rungs (default: the config's)")
     ap.add_argument("--against", choices=("incumbent", "generation"), default=None,
@@ -171,7 +175,8 @@ def main() -> None:
         full, full_s = reuse(full_cfg, a.trials) if a.reuse_full or a.reuse else (None, 0.0)
         if full is None:
             full, full_s = run(full_cfg, a.trials)
-        full_items = trajectory(full)[-1][0]
+        full_path = trajectory(full)
+        full_items = full_path[-1][0]
         full_best = best_trial(full)
         full_test = heldout(full_best)
         race_cfg = demo_config(a.out, models, storage=storage, seed=seed, study=f"racing-{tag}-{seed}",
@@ -183,7 +188,7 @@ def main() -> None:
         path = trajectory(raced)
         race_test = heldout(best_trial(raced))
         match = next((used for used, inc in path if heldout(inc) >= full_test), None)
-        curves["full"].append([(used, heldout(inc)) for used, inc in trajectory(full)])
+        curves["full"].append([(used, heldout(inc)) for used, inc in full_path])
         curves["racing"].append([(used, heldout(inc)) for used, inc in path])
         states = [t.state for t in raced.get_trials(deepcopy=False)]
         for i, v in enumerate(false_stops(full, racing.rungs, racing.confidence)):

@@ -33,7 +33,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from evomerge.demo.pipeline import demo_config  # noqa: E402
-from evomerge.demo.world import build_world, world_arg  # noqa: E402
+from evomerge.demo.world import add_world_config_option, build_world  # noqa: E402
 from evomerge.search import run_search  # noqa: E402
 
 
@@ -61,9 +61,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "evomerge_bench_workers",
                         help="Where the demo world and the studies go (the world is reused).")
     parser.add_argument("--json", type=Path, default=None, help="Also write the results here.")
-    parser.add_argument("--world-config", type=world_arg, default=None, metavar="PRESET|JSON",
-                        help="World settings: a preset of evomerge.demo.world.PRESETS (v1: the world of earlier "
-                             "releases) or a JSON object of DEFAULT_CONFIG overrides.")
+    add_world_config_option(parser)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     import optuna

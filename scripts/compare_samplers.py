@@ -28,7 +28,7 @@ from typing import Any
 from scipy import stats
 
 from evomerge.demo.pipeline import demo_config, score_on_test
-from evomerge.demo.world import PRESETS, build_world, world_arg
+from evomerge.demo.world import add_world_config_option, build_world
 from evomerge.engine import merge_to_dir
 from evomerge.export import build_trial_model, trial_recipe
 from evomerge.samplers import cma_state
@@ -92,8 +92,7 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=["cmaes", "tpe"])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--world-seed", type=int, default=0)
-    ap.add_argument("--world-config", type=world_arg, default=None, metavar="PRESET|JSON",
-                    help=f"world settings: a preset ({', '.join(PRESETS)}) or a JSON object of overrides")
+    add_world_config_option(ap)
     ap.add_argument("--tasks", nargs="+", default=["demo_target"])
     ap.add_argument("--score-mean", action="store_true", help="also score CMA-ES's final mean on test")
     ap.add_argument("--json", type=Path, default=None, help="default: <out>/compare_samplers.json")

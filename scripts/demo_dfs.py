@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from evomerge.demo.pipeline import DEMO_TASKS, demo_config, score_on_test
-from evomerge.demo.world import build_world, world_arg
+from evomerge.demo.world import add_world_config_option, build_world
 from evomerge.export import build_trial_model, trial_recipe
 from evomerge.search import run_search
 from evomerge.study import best_trial, load_existing_study, trial_fitness
@@ -32,9 +32,7 @@ def main() -> None:
     ap.add_argument("--sampler", default="cmaes")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--fresh", action="store_true", help="Start the dfs study over (the ps study is kept).")
-    ap.add_argument("--world-config", type=world_arg, default=None, metavar="PRESET|JSON",
-                    help="world settings: a preset of evomerge.demo.world.PRESETS (v1: the world of earlier "
-                         "releases) or a JSON object of DEFAULT_CONFIG overrides")
+    add_world_config_option(ap)
     a = ap.parse_args()
     models = build_world(a.out, seed=a.seed, config=a.world_config)
     cfg = demo_config(a.out, models, seed=a.seed, stages=["ps", "dfs"],

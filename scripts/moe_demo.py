@@ -22,7 +22,7 @@ from pathlib import Path
 from safetensors import safe_open
 
 from evomerge.demo.pipeline import demo_config, score_on_test
-from evomerge.demo.world import build_world, world_arg
+from evomerge.demo.world import add_world_config_option, build_world
 from evomerge.moe import save_moe, write_moe
 from evomerge.moe_config import MoEConfig
 from evomerge.moe_stage import ATTR_MOE, MoeStage
@@ -72,9 +72,7 @@ def main() -> None:
     ap.add_argument("--moe-trials", type=int, default=30)
     ap.add_argument("--candidates", choices=["parents", "top_ps"], default="parents")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--world-config", type=world_arg, default=None, metavar="PRESET|JSON",
-                    help="world settings: a preset of evomerge.demo.world.PRESETS (v1: the world of earlier "
-                         "releases) or a JSON object of DEFAULT_CONFIG overrides")
+    add_world_config_option(ap)
     a = ap.parse_args()
     models = build_world(a.out, seed=a.seed, config=a.world_config)
     tasks, work = a.out / "tasks", a.out / "moe"

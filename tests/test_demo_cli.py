@@ -119,10 +119,10 @@ def test_world_settings_rejects_anything_else_in_one_line_naming_the_option(valu
 def test_the_scripts_world_config_option_reads_the_same_values(capsys):
     import argparse
 
-    from evomerge.demo.world import world_arg
+    from evomerge.demo.world import add_world_config_option
 
     ap = argparse.ArgumentParser(prog="script")
-    ap.add_argument("--world-config", type=world_arg, default=None)
+    add_world_config_option(ap)
     assert ap.parse_args([]).world_config is None
     assert ap.parse_args(["--world-config", "v1"]).world_config == PRESETS["v1"]
     assert ap.parse_args(["--world-config", '{"batch": 8}']).world_config == {"batch": 8}

@@ -25,6 +25,7 @@ per specialist, where one weight per model does as well as a per-layer search).
 
 from __future__ import annotations
 
+import argparse
 import copy
 import hashlib
 import json
@@ -99,6 +100,7 @@ __all__ = [
     "MODEL_NAMES",
     "PRESETS",
     "WORLD_VERSION",
+    "add_world_config_option",
     "build_world",
     "world_arg",
     "world_config",
@@ -169,12 +171,19 @@ def world_settings(text: str | None, option: str = "--world") -> dict | None:
 def world_arg(text: str) -> dict | None:
     """:func:`world_settings` as an argparse ``type=`` (the scripts' ``--world-config``): a bad
     value becomes argparse's one-line usage error."""
-    import argparse
-
     try:
         return world_settings(text, option="")
     except ConfigError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_world_config_option(parser: argparse.ArgumentParser) -> None:
+    """The scripts' ``--world-config PRESET|JSON`` (parsed by :func:`world_arg`; default None, the
+    default world)."""
+    parser.add_argument("--world-config", type=world_arg, default=None, metavar="PRESET|JSON",
+                        help=f"world settings: a preset ({', '.join(PRESETS)}; v1: the world of earlier releases) "
+                             "or a JSON object of evomerge.demo.world.DEFAULT_CONFIG overrides; give each world "
+                             "its own --out")
 
 
 def _phases(cfg: dict, name: str) -> list[dict]:
